@@ -1,0 +1,155 @@
+//! What a gateway writes: validated user actions (and control requests) on the session's
+//! action subject, and start requests on its work subject. Used by both the socket and REST.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::message::PublishMessage;
+use bytes::Bytes;
+use serde_json::Value;
+use shared::event::{ActionError, UserAction};
+use shared::id::{SessionId, UserId};
+use shared::status::{self, SessionState};
+use shared::wire::{Control, HDR_CONTROL, HDR_USER, StartReason, StartRequest};
+use tracing::warn;
+
+use crate::app::{AppState, MAX_ACTION_BYTES};
+
+/// Why an action was not accepted. Every variant is the caller's to see.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendError {
+    #[error("action too large: {size} bytes; the limit is {limit} bytes (4 MiB)", limit = MAX_ACTION_BYTES)]
+    TooLarge { size: usize },
+    #[error("invalid action: {0}")]
+    Invalid(#[from] ActionError),
+    #[error("action not stored (JetStream): {0}; please retry")]
+    Unavailable(String),
+}
+
+/// Validates `payload` (an `oh_user_action` dict) and returns its canonical JSON.
+pub(crate) fn validate(payload: &Value) -> Result<Bytes, SendError> {
+    let raw = serde_json::to_vec(payload).map_err(|e| SendError::Unavailable(e.to_string()))?;
+    if raw.len() > MAX_ACTION_BYTES {
+        return Err(SendError::TooLarge { size: raw.len() });
+    }
+    UserAction::parse(payload)?;
+    Ok(Bytes::from(raw))
+}
+
+/// Publishes a validated action and waits for JetStream to store it. Returns the stream
+/// sequence. If no worker owns the session, a start request is queued too.
+pub(crate) async fn send(
+    state: &AppState,
+    sid: &SessionId,
+    uid: &UserId,
+    payload: Bytes,
+    msg_id: &str,
+) -> Result<u64, SendError> {
+    let mut headers = HeaderMap::new();
+    headers.insert(HDR_USER, uid.as_str());
+    let seq = publish(state, sid, payload, headers, msg_id).await?;
+    ensure_running(state, sid, uid).await;
+    Ok(seq)
+}
+
+/// Publishes a validated action without checking that the session runs (the caller queues
+/// the start itself, e.g. at creation).
+pub(crate) async fn send_stored_only(
+    state: &AppState,
+    sid: &SessionId,
+    uid: &UserId,
+    payload: Bytes,
+    msg_id: &str,
+) -> Result<u64, SendError> {
+    let mut headers = HeaderMap::new();
+    headers.insert(HDR_USER, uid.as_str());
+    publish(state, sid, payload, headers, msg_id).await
+}
+
+/// Publishes a control request (ordered with the user's actions).
+pub(crate) async fn send_control(
+    state: &AppState,
+    sid: &SessionId,
+    uid: &UserId,
+    ctl: Control,
+) -> Result<u64, SendError> {
+    let mut headers = HeaderMap::new();
+    headers.insert(HDR_USER, uid.as_str());
+    headers.insert(HDR_CONTROL, ctl.as_str());
+    let msg_id = uuid::Uuid::new_v4().simple().to_string();
+    publish(state, sid, Bytes::new(), headers, &msg_id).await
+}
+
+async fn publish(
+    state: &AppState,
+    sid: &SessionId,
+    payload: Bytes,
+    mut headers: HeaderMap,
+    msg_id: &str,
+) -> Result<u64, SendError> {
+    let started = std::time::Instant::now();
+    let payload = state
+        .store
+        .pack(sid, payload, &mut headers)
+        .await
+        .map_err(|e| SendError::Unavailable(e.to_string()))?;
+    let msg = PublishMessage::build()
+        .payload(payload)
+        .headers(headers)
+        .message_id(msg_id);
+    let subject = state.store.names.actions_subject(sid);
+    let res = match state.store.js.send_publish(subject, msg).await {
+        Ok(ack) => ack.await,
+        Err(e) => Err(e),
+    };
+    metrics::histogram!("oh_gateway_action_publish_seconds").record(started.elapsed());
+    match res {
+        Ok(ack) => Ok(ack.sequence),
+        Err(e) => {
+            metrics::counter!("oh_gateway_action_publish_failed_total").increment(1);
+            Err(SendError::Unavailable(e.to_string()))
+        }
+    }
+}
+
+/// Queues a start request unless a worker owns the session. Best effort: a failure is logged,
+/// the action itself is already stored and runs when the session next starts.
+pub(crate) async fn ensure_running(state: &AppState, sid: &SessionId, uid: &UserId) {
+    let mut redis = state.redis.clone();
+    match shared::ownership::owner(&mut redis, &state.store.names, sid).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            if let Err(e) = enqueue(state, sid, uid, StartReason::Start).await {
+                warn!(session_id = %sid, error = %e, "start request failed");
+            }
+        }
+        Err(e) => warn!(session_id = %sid, error = %e, "owner lookup failed"),
+    }
+}
+
+/// Marks the session queued and puts a start request in the work queue (at most one queued
+/// per session). Returns `false` if one was already queued.
+pub(crate) async fn enqueue(
+    state: &AppState,
+    sid: &SessionId,
+    uid: &UserId,
+    reason: StartReason,
+) -> Result<bool, shared::store::StoreError> {
+    let req = StartRequest::new(sid, uid, reason);
+    let queued = state.store.enqueue_start(&req).await?;
+    if queued {
+        let mut redis = state.redis.clone();
+        let res = status::write(
+            &mut redis,
+            &state.store.names,
+            sid,
+            status::Update {
+                state: Some(SessionState::Queued),
+                ..Default::default()
+            },
+        )
+        .await;
+        if let Err(e) = res {
+            warn!(session_id = %sid, error = %e, "status write failed");
+        }
+    }
+    Ok(queued)
+}

@@ -1,0 +1,86 @@
+//! Shared state and the assembled router: REST under `/api`, Socket.IO at `/socket.io`,
+//! `/healthz`, `/readyz`, `/metrics`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use metrics_exporter_prometheus::PrometheusHandle;
+use shared::config::AuthTokens;
+use shared::store::Store;
+use socketioxide::SocketIo;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+use crate::fanout::Fanout;
+
+/// Largest `oh_user_action` payload accepted (OpenHands' `max_http_buffer_size`).
+pub(crate) const MAX_ACTION_BYTES: usize = 4 * 1024 * 1024;
+
+pub(crate) struct Inner {
+    pub(crate) nats: async_nats::Client,
+    pub(crate) store: Store,
+    pub(crate) redis: redis::aio::ConnectionManager,
+    pub(crate) auth: AuthTokens,
+    pub(crate) fanout: Fanout,
+    pub(crate) metrics: PrometheusHandle,
+}
+
+/// State shared by every handler.
+#[derive(Clone)]
+pub(crate) struct AppState(pub(crate) Arc<Inner>);
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub(crate) fn new(
+        nats: async_nats::Client,
+        store: Store,
+        redis: redis::aio::ConnectionManager,
+        auth: AuthTokens,
+        metrics: PrometheusHandle,
+    ) -> Self {
+        let fanout = Fanout::new(nats.clone(), store.clone());
+        Self(Arc::new(Inner {
+            nats,
+            store,
+            redis,
+            auth,
+            fanout,
+            metrics,
+        }))
+    }
+}
+
+pub(crate) fn router(state: AppState, cancel: CancellationToken) -> Router {
+    let (sio_layer, io) = SocketIo::builder()
+        .with_state(state.clone())
+        // Polling payloads: room for a 4 MiB action plus framing; the handler refuses > 4 MiB
+        // with an error event, so the connection survives.
+        .max_payload(16 * 1024 * 1024)
+        .ws_max_message_size(16 * 1024 * 1024)
+        .ws_max_frame_size(16 * 1024 * 1024)
+        .max_buffer_size(1024)
+        .connect_timeout(Duration::from_secs(10))
+        .build_layer();
+    crate::socket::register(&io, cancel);
+    crate::http::routes()
+        .layer(DefaultBodyLimit::max(32 * 1024 * 1024))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+                let path = req
+                    .extensions()
+                    .get::<axum::extract::MatchedPath>()
+                    .map_or(req.uri().path(), |p| p.as_str());
+                tracing::info_span!("http", method = %req.method(), path = %path)
+            }),
+        )
+        .with_state(state)
+        .layer(sio_layer)
+}

@@ -1,0 +1,557 @@
+//! REST API with OpenHands shapes (protocol §7), plus health, readiness and metrics.
+//!
+//! Every error goes through [`ApiError`]: a client mistake is a 4xx with a clear JSON body and
+//! is not logged as an error; a server fault is a generic 500 (or 503 when a dependency is
+//! down), logged once with detail. A conversation of another user is indistinguishable from
+//! one that does not exist (404).
+
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::{StatusCode, request::Parts};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use shared::event::load_trajectory;
+use shared::id::{SessionId, UserId};
+use shared::status::{self, SessionState, Status};
+use shared::store::{ConversationMeta, StoreError};
+use shared::wire::{Control, StartReason};
+use tracing::{error, info, warn};
+
+use crate::actions;
+use crate::app::AppState;
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/conversations", post(create).get(list))
+        .route("/api/conversations/{id}", get(get_one).delete(delete_one))
+        .route("/api/conversations/{id}/events", get(events))
+        .route("/api/conversations/{id}/start", post(start))
+        .route("/api/conversations/{id}/stop", post(stop))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(|State(s): State<AppState>| async move { s.metrics.render() }),
+        )
+}
+
+/// The one error type of the REST boundary.
+#[derive(Debug)]
+pub(crate) enum ApiError {
+    Unauthorized,
+    NotFound,
+    BadRequest(String),
+    InvalidLimit,
+    Unprocessable(String),
+    Unavailable(String),
+    Internal(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Corrupt { .. } => ApiError::Internal(e.to_string()),
+            _ => ApiError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<redis::RedisError> for ApiError {
+    fn from(e: redis::RedisError) -> Self {
+        ApiError::Unavailable(format!("redis: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (code, body) = match self {
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, json!({"error": "Invalid token"})),
+            ApiError::NotFound => (
+                StatusCode::NOT_FOUND,
+                json!({"status": "error", "message": "Conversation not found", "msg_id": "CONVERSATION$NOT_FOUND"}),
+            ),
+            ApiError::BadRequest(m) => (
+                StatusCode::BAD_REQUEST,
+                json!({"status": "error", "message": m}),
+            ),
+            ApiError::InvalidLimit => (StatusCode::BAD_REQUEST, json!({"detail": "Invalid limit"})),
+            ApiError::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, json!({"detail": m})),
+            ApiError::Unavailable(detail) => {
+                warn!(detail, "dependency unavailable");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"status": "error", "message": "Service temporarily unavailable; please retry"}),
+                )
+            }
+            ApiError::Internal(detail) => {
+                error!(detail, "internal error");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"status": "error", "message": "Internal server error"}),
+                )
+            }
+        };
+        (code, Json(body)).into_response()
+    }
+}
+
+/// The authenticated caller.
+pub(crate) struct Caller(pub(crate) UserId);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        state
+            .auth
+            .user_for(token)
+            .map(Caller)
+            .ok_or(ApiError::Unauthorized)
+    }
+}
+
+fn parse_sid(id: &str) -> Result<SessionId, ApiError> {
+    SessionId::parse(id).map_err(|e| ApiError::BadRequest(format!("invalid conversation id: {e}")))
+}
+
+async fn meta_of(
+    state: &AppState,
+    uid: &UserId,
+    sid: &SessionId,
+) -> Result<ConversationMeta, ApiError> {
+    state
+        .store
+        .get_meta(uid, sid)
+        .await?
+        .ok_or(ApiError::NotFound)
+}
+
+fn now_utc() -> String {
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
+}
+
+// ---- create ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    repository: Option<String>,
+    git_provider: Option<String>,
+    selected_branch: Option<String>,
+    initial_user_msg: Option<String>,
+    image_urls: Option<Vec<String>>,
+    replay_json: Option<String>,
+    suggested_task: Option<Value>,
+    create_microagent: Option<Value>,
+    conversation_instructions: Option<String>,
+    mcp_config: Option<Value>,
+    conversation_id: Option<String>,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    Caller(uid): Caller,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: CreateBody = if body.is_empty() {
+        serde_json::from_str("{}").map_err(|e| ApiError::Internal(e.to_string()))?
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::Unprocessable(e.to_string()))?
+    };
+    if body.conversation_id.is_some() {
+        return Err(ApiError::BadRequest(
+            "conversation_id cannot be chosen by the client".into(),
+        ));
+    }
+    if body.replay_json.is_some() && (body.initial_user_msg.is_some() || body.image_urls.is_some())
+    {
+        return Err(ApiError::BadRequest(
+            "replay_json cannot be combined with initial_user_msg or image_urls".into(),
+        ));
+    }
+    let sid = SessionId::generate();
+    let initial = if body.initial_user_msg.is_some() || body.image_urls.is_some() {
+        let action = json!({"action": "message", "args": {
+            "content": body.initial_user_msg.clone().unwrap_or_default(),
+            "image_urls": body.image_urls.clone().unwrap_or_default(),
+        }});
+        Some(actions::validate(&action).map_err(|e| ApiError::BadRequest(e.to_string()))?)
+    } else {
+        None
+    };
+    let mut replay_blob = None;
+    if let Some(replay) = &body.replay_json {
+        let events = load_trajectory(replay.as_bytes())
+            .map_err(|e| ApiError::BadRequest(format!("invalid replay_json: {e}")))?;
+        let name = format!("replay.{sid}");
+        state.store.put_blob(&name, replay.as_bytes()).await?;
+        info!(session_id = %sid, events = events.len(), "replay trajectory stored");
+        replay_blob = Some(name);
+    }
+    let trigger = if body.suggested_task.is_some() {
+        "suggested_task"
+    } else if body.create_microagent.is_some() {
+        "microagent_management"
+    } else if state.auth.is_single_user() {
+        "gui"
+    } else {
+        "openhands_api"
+    };
+    let now = now_utc();
+    let meta = ConversationMeta {
+        conversation_id: sid.to_string(),
+        user_id: uid.to_string(),
+        title: format!(
+            "Conversation {}",
+            &sid.as_str()[..5.min(sid.as_str().len())]
+        ),
+        created_at: now.clone(),
+        last_updated_at: now,
+        trigger: trigger.to_owned(),
+        selected_repository: body.repository,
+        selected_branch: body.selected_branch,
+        git_provider: body.git_provider,
+        pr_number: Vec::new(),
+        conversation_instructions: body.conversation_instructions,
+        replay_blob,
+    };
+    let _ = (
+        &body.mcp_config,
+        &body.suggested_task,
+        &body.create_microagent,
+    ); // accepted, not used yet
+    state.store.put_meta(&uid, &meta).await?;
+    if let Some(payload) = initial {
+        let msg_id = format!("{sid}:initial");
+        actions::send_stored_only(&state, &sid, &uid, payload, &msg_id)
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    }
+    actions::enqueue(&state, &sid, &uid, StartReason::Create).await?;
+    metrics::counter!("oh_gateway_conversations_created_total").increment(1);
+    Ok(Json(json!({
+        "status": "ok",
+        "conversation_id": sid.to_string(),
+        "message": null,
+        "conversation_status": "STARTING",
+    }))
+    .into_response())
+}
+
+// ---- read ----
+
+async fn info(state: &AppState, meta: &ConversationMeta) -> Result<Value, ApiError> {
+    let sid =
+        SessionId::parse(&meta.conversation_id).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (mut r1, mut r2) = (state.redis.clone(), state.redis.clone());
+    let names = &state.store.names;
+    let (st, owner) = tokio::try_join!(
+        status::read(&mut r1, names, &sid),
+        shared::ownership::owner(&mut r2, names, &sid),
+    )?;
+    Ok(conversation_info(meta, &st, owner.as_deref()))
+}
+
+fn conversation_info(meta: &ConversationMeta, st: &Status, owner: Option<&str>) -> Value {
+    // The lease is authoritative for "running"; the status hash adds detail (and survives
+    // nothing: after Redis is emptied, a session without a lease reads as stopped).
+    let state = match (owner, st.state) {
+        (Some(_), _) => SessionState::Running,
+        (None, Some(SessionState::Running)) | (None, None) => SessionState::Stopped,
+        (None, Some(s)) => s,
+    };
+    let agent_state = st.agent_state.as_deref();
+    let (status, runtime_status) = match state {
+        SessionState::Queued => ("STARTING", Value::Null),
+        SessionState::Running if agent_state == Some("loading") || agent_state.is_none() => {
+            ("STARTING", json!("STATUS$STARTING_RUNTIME"))
+        }
+        SessionState::Running => ("RUNNING", json!("STATUS$READY")),
+        SessionState::Stopped => ("STOPPED", Value::Null),
+        SessionState::Error => ("ERROR", json!("STATUS$ERROR")),
+    };
+    let url = format!("/api/conversations/{}", meta.conversation_id);
+    json!({
+        "conversation_id": meta.conversation_id,
+        "title": meta.title,
+        "last_updated_at": meta.last_updated_at,
+        "status": status,
+        "runtime_status": runtime_status,
+        "selected_repository": meta.selected_repository,
+        "selected_branch": meta.selected_branch,
+        "git_provider": meta.git_provider,
+        "trigger": meta.trigger,
+        "num_connections": 0,
+        "url": if status == "STOPPED" { Value::Null } else { json!(url) },
+        "session_api_key": null,
+        "created_at": meta.created_at,
+        "pr_number": meta.pr_number,
+        "conversation_version": "V0",
+        "sub_conversation_ids": [],
+        "worker_id": owner,
+        "session_status": state.as_str(),
+        "agent_state": agent_state,
+        "reason": st.reason,
+    })
+}
+
+async fn get_one(
+    State(state): State<AppState>,
+    Caller(uid): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let sid = parse_sid(&id)?;
+    let meta = meta_of(&state, &uid, &sid).await?;
+    Ok(Json(info(&state, &meta).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<i64>,
+    page_id: Option<String>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Caller(uid): Caller,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::InvalidLimit);
+    }
+    let limit = usize::try_from(limit).unwrap_or(20);
+    let offset = match q.page_id.as_deref() {
+        None | Some("") => 0,
+        Some(p) => base64::engine::general_purpose::STANDARD
+            .decode(p)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.parse::<usize>().ok())
+            .ok_or_else(|| ApiError::BadRequest("invalid page_id".into()))?,
+    };
+    let mut all = state.store.list_meta(&uid).await?;
+    all.sort_by(|a, b| {
+        b.created_at
+            .cmp(&a.created_at)
+            .then(b.conversation_id.cmp(&a.conversation_id))
+    });
+    let page: Vec<&ConversationMeta> = all.iter().skip(offset).take(limit).collect();
+    let results = futures::future::try_join_all(page.iter().map(|m| info(&state, m))).await?;
+    let next = (offset + limit < all.len())
+        .then(|| base64::engine::general_purpose::STANDARD.encode((offset + limit).to_string()));
+    Ok(Json(json!({"results": results, "next_page_id": next})))
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    start_id: Option<String>,
+    end_id: Option<String>,
+    reverse: Option<String>,
+    limit: Option<String>,
+}
+
+fn parse_opt<T: std::str::FromStr>(v: Option<&str>, name: &str) -> Result<Option<T>, ApiError> {
+    match v {
+        None | Some("") => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| ApiError::Unprocessable(format!("{name} must be a non-negative integer"))),
+    }
+}
+
+async fn events(
+    State(state): State<AppState>,
+    Caller(uid): Caller,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let sid = parse_sid(&id)?;
+    meta_of(&state, &uid, &sid).await?;
+    let limit: i64 = match q.limit.as_deref() {
+        None | Some("") => 20,
+        Some(s) => s.parse().map_err(|_| ApiError::InvalidLimit)?,
+    };
+    if !(0..=100).contains(&limit) {
+        return Err(ApiError::InvalidLimit);
+    }
+    let limit = usize::try_from(limit).unwrap_or(20);
+    let start: u64 = parse_opt(q.start_id.as_deref(), "start_id")?.unwrap_or(0);
+    let end: Option<u64> = parse_opt(q.end_id.as_deref(), "end_id")?;
+    let reverse = matches!(q.reverse.as_deref(), Some("true" | "1" | "True"));
+    let Some(head) = state.store.last_event(&sid).await? else {
+        return Ok(events_body(&[], false));
+    };
+    let end = end.unwrap_or(head.id).min(head.id);
+    if start > end || limit == 0 {
+        return Ok(events_body(&[], start <= end));
+    }
+    let (events, has_more) = if reverse {
+        let lo = start.max(end.saturating_sub(limit as u64));
+        let want = usize::try_from(end - lo + 1).unwrap_or(limit + 1);
+        let mut evs = state.store.read_from(&sid, lo, want).await?;
+        evs.retain(|e| e.id <= end);
+        evs.reverse();
+        let more = evs.len() > limit;
+        evs.truncate(limit);
+        (evs, more)
+    } else {
+        let mut evs = state.store.read_from(&sid, start, limit + 1).await?;
+        evs.retain(|e| e.id <= end);
+        let more = evs.len() > limit;
+        evs.truncate(limit);
+        (evs, more)
+    };
+    let raws: Vec<Box<RawValue>> = events
+        .iter()
+        .filter_map(|e| std::str::from_utf8(&e.payload).ok())
+        .filter_map(|s| RawValue::from_string(s.to_owned()).ok())
+        .collect();
+    Ok(events_body(&raws, has_more))
+}
+
+fn events_body(events: &[Box<RawValue>], has_more: bool) -> Response {
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        events: &'a [Box<RawValue>],
+        has_more: bool,
+    }
+    Json(Body { events, has_more }).into_response()
+}
+
+// ---- lifecycle ----
+
+async fn start(
+    State(state): State<AppState>,
+    Caller(uid): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let sid = parse_sid(&id)?;
+    meta_of(&state, &uid, &sid).await?;
+    let mut redis = state.redis.clone();
+    let owner = shared::ownership::owner(&mut redis, &state.store.names, &sid).await?;
+    let status = if owner.is_some() {
+        "RUNNING"
+    } else {
+        actions::enqueue(&state, &sid, &uid, StartReason::Start).await?;
+        "STARTING"
+    };
+    Ok(Json(
+        json!({"status": "ok", "conversation_id": sid.to_string(), "message": null, "conversation_status": status}),
+    ))
+}
+
+/// Stops a session: a running one gets a stop request in its action stream (ordered after
+/// the user's actions); a queued one loses its start request.
+async fn stop_session(
+    state: &AppState,
+    uid: &UserId,
+    sid: &SessionId,
+) -> Result<Option<&'static str>, ApiError> {
+    let mut redis = state.redis.clone();
+    let names = &state.store.names;
+    if shared::ownership::owner(&mut redis, names, sid)
+        .await?
+        .is_some()
+    {
+        actions::send_control(state, sid, uid, Control::Stop)
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        return Ok(Some("RUNNING"));
+    }
+    let st = status::read(&mut redis, names, sid).await?;
+    if st.state == Some(SessionState::Queued) {
+        state
+            .store
+            .work()
+            .purge()
+            .filter(names.work_subject(sid))
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        status::write(
+            &mut redis,
+            names,
+            sid,
+            status::Update {
+                state: Some(SessionState::Stopped),
+                ..Default::default()
+            },
+        )
+        .await?;
+        return Ok(Some("STARTING"));
+    }
+    Ok(None)
+}
+
+async fn stop(
+    State(state): State<AppState>,
+    Caller(uid): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let sid = parse_sid(&id)?;
+    meta_of(&state, &uid, &sid).await?;
+    Ok(Json(match stop_session(&state, &uid, &sid).await? {
+        Some(before) => json!({"status": "ok", "conversation_id": sid.to_string(),
+            "message": "Conversation stopped successfully", "conversation_status": before}),
+        None => json!({"status": "ok", "conversation_id": sid.to_string(),
+            "message": "Conversation was not running", "conversation_status": "STOPPED"}),
+    }))
+}
+
+async fn delete_one(
+    State(state): State<AppState>,
+    Caller(uid): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let sid = parse_sid(&id)?;
+    if state.store.get_meta(&uid, &sid).await?.is_none() {
+        return Ok(Json(json!(false)));
+    }
+    state.store.delete_meta(&uid, &sid).await?;
+    if stop_session(&state, &uid, &sid).await? == Some("RUNNING") {
+        // Wait (bounded) for the owner to let go, so its last events are purged too.
+        let mut redis = state.redis.clone();
+        for _ in 0..50 {
+            if shared::ownership::owner(&mut redis, &state.store.names, &sid)
+                .await?
+                .is_none()
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    state.store.purge_session(&sid).await?;
+    let mut redis = state.redis.clone();
+    status::delete(&mut redis, &state.store.names, &sid).await?;
+    Ok(Json(json!(true)))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let nats_ok = state.nats.connection_state() == async_nats::connection::State::Connected;
+    let mut redis = state.redis.clone();
+    let redis_ok = redis::cmd("PING")
+        .query_async::<String>(&mut redis)
+        .await
+        .is_ok();
+    let code = if nats_ok && redis_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(json!({"nats": nats_ok, "redis": redis_ok}))).into_response()
+}

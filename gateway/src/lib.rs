@@ -1,0 +1,63 @@
+//! The gateway: holds client sockets (Socket.IO, OpenHands protocol) and the REST API.
+//! Stateless: every conversation's data lives in JetStream and Redis, so any gateway serves
+//! any conversation and a gateway can die at any moment without losing anything.
+//!
+//! Layout:
+//! - [`config`]: flags.
+//! - `app`: shared state and the assembled router.
+//! - `http`: REST handlers and `ApiError`.
+//! - `socket`: Socket.IO connect (auth, validation), `oh_user_action`, errors to the sender.
+//! - `replay`: per-socket forwarding: replay after `latest_event_id`, then live, merged by id.
+//! - `fanout`: one NATS subscription per session with local sockets, shared by them.
+//! - `actions`: validated user actions published to JetStream; start requests.
+
+mod actions;
+mod app;
+pub mod config;
+mod fanout;
+mod http;
+mod replay;
+mod socket;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use config::Args;
+
+/// Serves until `cancel` fires, then shuts down gracefully.
+///
+/// # Errors
+/// Startup failures (NATS, Redis, JetStream setup, bind).
+pub async fn run(
+    args: Args,
+    metrics: PrometheusHandle,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("gateway {}", args.gateway_addr))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(&args.broker.nats_url)
+        .await
+        .context("connect NATS")?;
+    let store = shared::store::Store::open(client.clone(), args.broker.names.clone())
+        .await
+        .context("JetStream setup")?;
+    let redis = shared::ownership::connect(&args.broker.redis_url)
+        .await
+        .context("connect Redis")?;
+    let state = app::AppState::new(client, store, redis, args.auth_tokens.clone(), metrics);
+    let router = app::router(state, cancel.clone());
+    let listener = tokio::net::TcpListener::bind(args.gateway_addr)
+        .await
+        .with_context(|| format!("bind {}", args.gateway_addr))?;
+    info!(addr = %args.gateway_addr, single_user = args.auth_tokens.is_single_user(), "gateway listening");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+        .context("serve")?;
+    info!("gateway stopped");
+    Ok(())
+}

@@ -1,0 +1,33 @@
+//! `gateway` binary: parse configuration, set up telemetry, serve until SIGINT/SIGTERM.
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: gateway::Args = shared::config::parse_or_exit();
+    shared::telemetry::init_tracing(args.broker.log_json);
+    let metrics = shared::telemetry::init_metrics().context("metrics")?;
+    let cancel = CancellationToken::new();
+    tokio::spawn(shutdown_signal(cancel.clone()));
+    gateway::run(args, metrics, cancel).await.context("gateway")
+}
+
+async fn shutdown_signal(cancel: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            let _ = ctrl_c.await; // only SIGINT is left to wait for
+            cancel.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutdown signal received");
+    cancel.cancel();
+}

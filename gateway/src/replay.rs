@@ -1,0 +1,236 @@
+//! Per-socket forwarding: replay of the events after `latest_event_id`, then live events,
+//! merged by id with no gap and no duplicate.
+//!
+//! Order of operations (the fix for OpenHands' race, protocol §2.6):
+//! 1. join the session's live feed (the NATS subscription is registered at the server);
+//! 2. read the head of the log;
+//! 3. replay `(latest_event_id, head]` with the replay rule (§2.5: skip null/recall actions,
+//!    only the last `agent_state_changed`, sent last);
+//! 4. forward live events with id > head in order (live rule, §3.3). A live event that skips
+//!    ids (dropped core-NATS message, lagging broadcast) first fills the gap from the log.
+//!
+//! Sends are bounded: socketioxide's per-socket buffer is finite; when it is full we wait for
+//! the client to drain it, and a client that stays full for [`STALL_LIMIT`] is disconnected
+//! (it resumes by replay), so a slow client never slows others or grows memory without bound.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::value::RawValue;
+use shared::event::{Event, ReplayClass};
+use shared::id::SessionId;
+use shared::store::StoredEvent;
+use socketioxide::extract::SocketRef;
+use socketioxide::{SendError, SocketError};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::app::AppState;
+use crate::fanout::Live;
+
+/// How long a client may leave its send buffer full before it is disconnected.
+pub(crate) const STALL_LIMIT: Duration = Duration::from_secs(10);
+const CHUNK: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error("client gone")]
+    Gone,
+    #[error("client too slow; disconnected")]
+    Slow,
+    #[error("event log unavailable: {0}")]
+    Store(#[from] shared::store::StoreError),
+}
+
+/// Runs until the socket disconnects or `cancel` fires.
+pub(crate) async fn forward(
+    state: AppState,
+    socket: SocketRef,
+    sid: SessionId,
+    latest: i64,
+    cancel: CancellationToken,
+) {
+    match run(&state, &socket, &sid, latest, &cancel).await {
+        Ok(()) | Err(ForwardError::Gone) => {}
+        Err(ForwardError::Slow) => {
+            metrics::counter!("oh_gateway_slow_client_disconnects_total").increment(1);
+            warn!("slow client disconnected");
+            let _ = socket.disconnect(); // already closing is fine
+        }
+        Err(e) => {
+            warn!(error = %e, "forwarding failed; disconnecting so the client resumes by replay");
+            let _ = socket.emit(
+                "oh_event",
+                &serde_json::json!({"error": true, "message": e.to_string()}),
+            ); // best effort: the socket is closed next anyway
+            let _ = socket.disconnect();
+        }
+    }
+}
+
+async fn run(
+    state: &AppState,
+    socket: &SocketRef,
+    sid: &SessionId,
+    latest: i64,
+    cancel: &CancellationToken,
+) -> Result<(), ForwardError> {
+    let (_topic, mut rx) = state
+        .fanout
+        .join(sid)
+        .await
+        .map_err(|e| ForwardError::Store(nats_err(e)))?;
+    let started = Instant::now();
+    let head = state.store.last_event(sid).await?;
+    let mut cursor = latest;
+    if let Some(head) = head
+        && i64::try_from(head.id).unwrap_or(i64::MAX) > latest
+    {
+        let from = u64::try_from(latest + 1).unwrap_or(0);
+        replay(state, socket, sid, from, head.id).await?;
+        cursor = i64::try_from(head.id).unwrap_or(i64::MAX);
+    }
+    metrics::histogram!("oh_gateway_replay_seconds").record(started.elapsed());
+    loop {
+        let live = tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            r = rx.recv() => r,
+        };
+        match live {
+            Ok(live) => {
+                let id = i64::try_from(live.id).unwrap_or(i64::MAX);
+                if id <= cursor {
+                    continue;
+                }
+                if id > cursor + 1 {
+                    let from = u64::try_from(cursor + 1).unwrap_or(0);
+                    fill(state, socket, sid, from, live.id - 1).await?;
+                }
+                send_live(socket, &live).await?;
+                cursor = id;
+            }
+            Err(RecvError::Lagged(n)) => {
+                debug!(n, "live feed lagged; filling from the log");
+                if let Some(head) = state.store.last_event(sid).await?
+                    && i64::try_from(head.id).unwrap_or(i64::MAX) > cursor
+                {
+                    let from = u64::try_from(cursor + 1).unwrap_or(0);
+                    fill(state, socket, sid, from, head.id).await?;
+                    cursor = i64::try_from(head.id).unwrap_or(i64::MAX);
+                }
+            }
+            Err(RecvError::Closed) => return Ok(()),
+        }
+    }
+}
+
+fn nats_err(e: async_nats::Error) -> shared::store::StoreError {
+    shared::store::StoreError::Nats {
+        op: "subscribe",
+        source: e,
+    }
+}
+
+/// Replays ids `from..=to` with the replay rule (§2.5).
+async fn replay(
+    state: &AppState,
+    socket: &SocketRef,
+    sid: &SessionId,
+    from: u64,
+    to: u64,
+) -> Result<(), ForwardError> {
+    let mut held_state: Option<Box<RawValue>> = None;
+    let mut next = from;
+    while next <= to {
+        let want = usize::try_from(to - next + 1).unwrap_or(CHUNK).min(CHUNK);
+        let batch = state.store.read_from(sid, next, want).await?;
+        if batch.is_empty() {
+            break;
+        }
+        for ev in &batch {
+            if ev.id > to {
+                break;
+            }
+            next = ev.id + 1;
+            let Some(raw) = raw_of(ev) else { continue };
+            match Event::from_json(&ev.payload).map(|e| e.replay_class()) {
+                Ok(ReplayClass::Skip) => {}
+                Ok(ReplayClass::State) => held_state = Some(raw),
+                Ok(ReplayClass::Emit) | Err(_) => send(socket, &raw).await?,
+            }
+        }
+    }
+    if let Some(raw) = held_state {
+        send(socket, &raw).await?;
+    }
+    Ok(())
+}
+
+/// Sends ids `from..=to` with the live rule (§3.3): a gap in the live feed.
+async fn fill(
+    state: &AppState,
+    socket: &SocketRef,
+    sid: &SessionId,
+    from: u64,
+    to: u64,
+) -> Result<(), ForwardError> {
+    let mut next = from;
+    while next <= to {
+        let want = usize::try_from(to - next + 1).unwrap_or(CHUNK).min(CHUNK);
+        let batch = state.store.read_from(sid, next, want).await?;
+        if batch.is_empty() {
+            break;
+        }
+        for ev in &batch {
+            if ev.id > to {
+                break;
+            }
+            next = ev.id + 1;
+            let live = match Event::from_json(&ev.payload) {
+                Ok(e) => e
+                    .live_copy()
+                    .and_then(|c| RawValue::from_string(c.to_json()).ok()),
+                Err(_) => raw_of(ev),
+            };
+            if let Some(raw) = live {
+                send(socket, &raw).await?;
+            }
+        }
+    }
+    metrics::counter!("oh_gateway_gap_fills_total").increment(1);
+    Ok(())
+}
+
+fn raw_of(ev: &StoredEvent) -> Option<Box<RawValue>> {
+    let s = std::str::from_utf8(&ev.payload).ok()?;
+    RawValue::from_string(s.to_owned()).ok()
+}
+
+async fn send_live(socket: &SocketRef, live: &Arc<Live>) -> Result<(), ForwardError> {
+    match &live.json {
+        Some(raw) => send(socket, raw).await,
+        None => Ok(()),
+    }
+}
+
+/// Emits one `oh_event`, waiting while the socket's buffer is full (bounded by [`STALL_LIMIT`]).
+async fn send(socket: &SocketRef, raw: &RawValue) -> Result<(), ForwardError> {
+    let mut stalled_since: Option<Instant> = None;
+    loop {
+        match socket.emit("oh_event", raw) {
+            Ok(()) => {
+                metrics::counter!("oh_gateway_events_sent_total").increment(1);
+                return Ok(());
+            }
+            Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                let since = *stalled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > STALL_LIMIT {
+                    return Err(ForwardError::Slow);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(_) => return Err(ForwardError::Gone),
+        }
+    }
+}

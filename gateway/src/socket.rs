@@ -1,0 +1,222 @@
+//! Socket.IO with OpenHands' connect semantics (protocol §2): query `conversation_id`
+//! (required) and `latest_event_id` (default -1); the user from `Authorization: Bearer` or the
+//! connect payload `auth: {token}`. Refusals are CONNECT_ERROR packets `{message}` sent by the
+//! connect middleware. Accepted sockets get the replay and then live events (`replay`).
+//!
+//! `oh_user_action` (and legacy `oh_action`) is validated, stored in JetStream, and only then
+//! acknowledged. Every error goes to the sender only, as `oh_event` `{error: true, message}`
+//! (and as the ack payload if the client asked for an ack).
+
+use serde_json::{Value, json};
+use shared::id::{SessionId, UserId};
+use shared::store::StoreError;
+use socketioxide::SocketIo;
+use socketioxide::extract::{AckSender, SocketRef, State, TryData};
+use socketioxide::handler::ConnectHandler;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info_span, warn};
+
+use crate::actions::{self, SendError};
+use crate::app::AppState;
+
+/// What the connect middleware learned, for the connect handler.
+#[derive(Clone)]
+struct Conn {
+    sid: SessionId,
+    uid: UserId,
+    latest: i64,
+    cancel: CancellationToken,
+}
+
+/// Why a connection was refused. The text is what the client sees as `err.message`.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("No conversation_id in query params")]
+    NoConversation,
+    #[error("Invalid conversation_id: {0}")]
+    BadConversation(shared::id::IdError),
+    #[error("latest_event_id must be an integer >= -1")]
+    BadCursor,
+    #[error("latest_event_id {latest} is beyond the newest event {head}")]
+    CursorAhead { latest: i64, head: i64 },
+    #[error("Invalid token")]
+    BadToken,
+    #[error("Conversation not found")]
+    NotFound,
+    #[error("Failed to access conversation events: {0}")]
+    Store(#[from] StoreError),
+}
+
+pub(crate) fn register(io: &SocketIo, cancel: CancellationToken) {
+    let handler = move |s: SocketRef, state: State<AppState>| {
+        let cancel = cancel.clone();
+        async move { on_connect(s, state, cancel) }
+    };
+    io.ns("/", handler.with(authorize));
+}
+
+fn query_params(s: &SocketRef) -> Vec<(String, String)> {
+    let q = s.req_parts().uri.query().unwrap_or("");
+    url_decode_pairs(q)
+}
+
+fn url_decode_pairs(q: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(q.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+fn bearer(s: &SocketRef, auth: Option<&Value>) -> Option<String> {
+    let header = s
+        .req_parts()
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned());
+    header.or_else(|| {
+        auth.and_then(|a| a.get("token"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    })
+}
+
+async fn authorize(
+    s: SocketRef,
+    State(state): State<AppState>,
+    TryData(auth): TryData<Value>,
+) -> Result<(), Refusal> {
+    let params = query_params(&s);
+    let get = |k: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    let uid = state
+        .auth
+        .user_for(bearer(&s, auth.as_ref().ok()).as_deref())
+        .ok_or(Refusal::BadToken)?;
+    let raw_sid = get("conversation_id")
+        .filter(|v| !v.is_empty())
+        .ok_or(Refusal::NoConversation)?;
+    let sid = SessionId::parse(raw_sid).map_err(Refusal::BadConversation)?;
+    let latest = match get("latest_event_id") {
+        None | Some("") => -1,
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= -1)
+            .ok_or(Refusal::BadCursor)?,
+    };
+    if state.store.get_meta(&uid, &sid).await?.is_none() {
+        metrics::counter!("oh_gateway_connect_refused_total", "reason" => "not_found").increment(1);
+        return Err(Refusal::NotFound);
+    }
+    if latest >= 0 {
+        let head = state
+            .store
+            .last_event(&sid)
+            .await?
+            .map_or(-1, |h| i64::try_from(h.id).unwrap_or(i64::MAX));
+        if latest > head {
+            return Err(Refusal::CursorAhead { latest, head });
+        }
+    }
+    s.extensions.insert(Conn {
+        sid,
+        uid,
+        latest,
+        cancel: CancellationToken::new(),
+    });
+    Ok(())
+}
+
+fn on_connect(s: SocketRef, State(state): State<AppState>, shutdown: CancellationToken) {
+    let Some(conn) = s.extensions.get::<Conn>() else {
+        // The middleware always inserts it before the handler runs.
+        let _ = s.disconnect();
+        return;
+    };
+    metrics::gauge!("oh_gateway_sockets").increment(1.0);
+    let span = info_span!("socket", session_id = %conn.sid, user_id = %conn.uid, sid = %s.id);
+    s.on("oh_user_action", on_action);
+    s.on("oh_action", on_action);
+    let cancel = conn.cancel.clone();
+    s.on_disconnect(on_disconnect);
+    let st = state.clone();
+    let (sid, uid) = (conn.sid.clone(), conn.uid.clone());
+    tokio::spawn(
+        async move {
+            // Connecting to a conversation that no worker runs resumes it.
+            actions::ensure_running(&st, &sid, &uid).await;
+        }
+        .instrument(span.clone()),
+    );
+    let sock = s.clone();
+    tokio::spawn(
+        async move {
+            tokio::select! {
+                () = crate::replay::forward(state, sock, conn.sid.clone(), conn.latest, cancel) => {}
+                () = shutdown.cancelled() => {}
+            }
+        }
+        .instrument(span),
+    );
+}
+
+async fn on_disconnect(s: SocketRef) {
+    if let Some(conn) = s.extensions.get::<Conn>() {
+        conn.cancel.cancel();
+    }
+    metrics::gauge!("oh_gateway_sockets").decrement(1.0);
+}
+
+async fn on_action(
+    s: SocketRef,
+    State(state): State<AppState>,
+    TryData(data): TryData<Value>,
+    ack: AckSender,
+) {
+    let Some(conn) = s.extensions.get::<Conn>() else {
+        return;
+    };
+    let span = info_span!("action", session_id = %conn.sid, user_id = %conn.uid, sid = %s.id);
+    let result = async {
+        let payload = data.map_err(|e| format!("invalid action: payload is not JSON ({e})"))?;
+        let raw = actions::validate(&payload).map_err(|e| e.to_string())?;
+        let msg_id = uuid::Uuid::new_v4().simple().to_string();
+        actions::send(&state, &conn.sid, &conn.uid, raw, &msg_id)
+            .await
+            .map_err(|e: SendError| e.to_string())
+    }
+    .instrument(span.clone())
+    .await;
+    match result {
+        Ok(seq) => {
+            metrics::counter!("oh_gateway_actions_total", "result" => "stored").increment(1);
+            let _ = ack.send(&json!({"success": true, "seq": seq})); // no ack requested is fine
+        }
+        Err(message) => {
+            metrics::counter!("oh_gateway_actions_total", "result" => "refused").increment(1);
+            span.in_scope(|| warn!(message, "action refused"));
+            let body = json!({"error": true, "message": message});
+            let _ = s.emit("oh_event", &body); // the sender may be gone; nothing else to tell
+            let _ = ack.send(&body);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_decoding() {
+        let p = url_decode_pairs("conversation_id=ab%2Fc&latest_event_id=-1&x=a+b&bad=%zz");
+        assert_eq!(p[0], ("conversation_id".into(), "ab/c".into()));
+        assert_eq!(p[1], ("latest_event_id".into(), "-1".into()));
+        assert_eq!(p[2], ("x".into(), "a b".into()));
+        assert_eq!(p[3], ("bad".into(), "%zz".into()));
+    }
+}

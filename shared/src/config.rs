@@ -1,0 +1,125 @@
+//! Configuration shared by both binaries: clap flags with environment fallbacks
+//! (flag > env > default), parsed into typed values once at startup.
+//!
+//! Bad configuration ends the process with one line naming the setting and exit code 2
+//! ([`parse_or_exit`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::id::UserId;
+use crate::names::Names;
+
+/// Where NATS and Redis are, and the namespace of every name in them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerArgs {
+    /// NATS server URL (JetStream enabled).
+    #[arg(long, env = "OH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Redis URL.
+    #[arg(long, env = "OH_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Prefix of every subject, stream, bucket and key (tests use one per test).
+    #[arg(long = "namespace", env = "OH_NAMESPACE", default_value = "oh", value_parser = parse_names)]
+    pub names: Names,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, env = "OH_LOG_JSON", default_value_t = false)]
+    pub log_json: bool,
+}
+
+fn parse_names(s: &str) -> Result<Names, String> {
+    Names::new(s).map_err(|e| e.to_string())
+}
+
+/// Bearer tokens and the users they stand for (`OH_AUTH_TOKENS=token=user,token2=user2`).
+/// Empty means single-user mode: every caller is user `local`.
+#[derive(Debug, Clone, Default)]
+pub struct AuthTokens(Arc<HashMap<String, UserId>>);
+
+impl AuthTokens {
+    /// Parses `token=user,token2=user2`. Empty string: single-user mode.
+    ///
+    /// # Errors
+    /// A message naming the bad entry.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut map = HashMap::new();
+        for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let Some((token, user)) = entry.split_once('=') else {
+                return Err("expected token=user entries separated by ','".to_owned());
+            };
+            let token = token.trim();
+            if token.len() < 8 {
+                return Err("tokens must be at least 8 characters".to_owned());
+            }
+            let user = UserId::parse(user.trim()).map_err(|e| e.to_string())?;
+            if map.insert(token.to_owned(), user).is_some() {
+                return Err("a token appears twice".to_owned());
+            }
+        }
+        Ok(Self(Arc::new(map)))
+    }
+
+    /// True when no tokens are configured (single-user mode).
+    pub fn is_single_user(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The user a presented token stands for. In single-user mode every caller (with or
+    /// without a token) is [`UserId::local`].
+    pub fn user_for(&self, token: Option<&str>) -> Option<UserId> {
+        if self.is_single_user() {
+            return Some(UserId::local());
+        }
+        token.and_then(|t| self.0.get(t).cloned())
+    }
+}
+
+/// clap value parser for [`AuthTokens`].
+///
+/// # Errors
+/// See [`AuthTokens::parse`].
+pub fn parse_auth_tokens(s: &str) -> Result<AuthTokens, String> {
+    AuthTokens::parse(s)
+}
+
+/// Parses the process arguments; on error prints one line naming the setting and exits with
+/// code 2 (help and version print normally and exit 0).
+pub fn parse_or_exit<T: clap::Parser>() -> T {
+    match T::try_parse() {
+        Ok(args) => args,
+        Err(err) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) {
+                // Printing help can only fail if stdout is gone; nothing left to report then.
+                let _ = err.print();
+                std::process::exit(0);
+            }
+            let text = err.to_string();
+            let line = text.lines().next().unwrap_or("invalid configuration");
+            eprintln!("{line} (flags also read their OH_* environment variable; see --help)");
+            std::process::exit(2);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_tokens_parse_and_refuse() {
+        let t = AuthTokens::parse("secret-aaa=alice, secret-bbb=bob").unwrap();
+        assert_eq!(t.user_for(Some("secret-aaa")).unwrap().as_str(), "alice");
+        assert_eq!(t.user_for(Some("nope")), None);
+        assert_eq!(t.user_for(None), None);
+        let single = AuthTokens::parse("").unwrap();
+        assert_eq!(single.user_for(None), Some(UserId::local()));
+        assert!(AuthTokens::parse("novalue").is_err());
+        assert!(AuthTokens::parse("short=bob").is_err());
+        assert!(AuthTokens::parse("secret-aaa=al.ice").is_err());
+        assert!(AuthTokens::parse("secret-aaa=a,secret-aaa=b").is_err());
+    }
+}

@@ -1,0 +1,24 @@
+//! What the gateway and the worker agree on.
+//!
+//! Layout:
+//! - [`event`]: the OpenHands event model (wire JSON). The only module that knows that shape.
+//! - [`id`]: validated identifiers ([`id::SessionId`], [`id::UserId`]); parse once at the boundary.
+//! - [`names`]: every NATS subject, stream, bucket and Redis key, derived from the namespace.
+//! - [`config`]: command-line/env configuration shared by both binaries.
+//! - [`wire`]: the messages that cross NATS between gateway and worker (start requests, headers).
+//! - [`store`]: JetStream setup and reads of a session's event log (replay seek, ranges, blobs).
+//! - [`ownership`]: the Redis lease protocol (acquire, renew, release by compare-and-set).
+//! - [`status`]: the live session status hash in Redis.
+//! - [`telemetry`]: tracing and Prometheus metrics setup.
+//!
+//! `shared` depends on neither binary; both depend on it.
+
+pub mod config;
+pub mod event;
+pub mod id;
+pub mod names;
+pub mod ownership;
+pub mod status;
+pub mod store;
+pub mod telemetry;
+pub mod wire;

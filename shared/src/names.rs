@@ -1,0 +1,155 @@
+//! Every NATS subject, JetStream stream/consumer/bucket name and Redis key, in one place,
+//! all derived from the namespace (`OH_NAMESPACE`, default `oh`), so that two deployments (or
+//! two tests) can share one NATS and one Redis without seeing each other.
+//!
+//! | what | name |
+//! |---|---|
+//! | events of a session (durable log) | stream `{ns}_events`, subject `{ns}.ev.{sid}` |
+//! | user actions not yet applied | stream `{ns}_actions` (work queue), subject `{ns}.act.{sid}`, durable consumer `act_{sid}` |
+//! | start/resume requests | stream `{ns}_work` (work queue, one per session at a time), subject `{ns}.work.{sid}`, consumer `workers` |
+//! | conversation metadata | KV bucket `{ns}_meta`, key `{uid}.{sid}` |
+//! | large payloads stored out of line | object store `{ns}_blobs` |
+//! | owner lease | Redis `{ns}:lease:{sid}` |
+//! | live status | Redis hash `{ns}:status:{sid}` |
+
+use crate::id::{IdError, SessionId, UserId};
+
+/// Why a namespace was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("namespace must be 1-32 characters of [a-z0-9_-]")]
+pub struct NamespaceError;
+
+/// All names of one deployment, derived from its namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    ns: String,
+}
+
+impl Names {
+    /// Builds the names for a namespace.
+    ///
+    /// # Errors
+    /// [`NamespaceError`] unless the namespace is 1-32 characters of `[a-z0-9_-]`.
+    pub fn new(ns: &str) -> Result<Self, NamespaceError> {
+        let ok = !ns.is_empty()
+            && ns.len() <= 32
+            && ns
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !ok {
+            return Err(NamespaceError);
+        }
+        Ok(Self { ns: ns.to_owned() })
+    }
+
+    /// The namespace itself.
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    /// Stream holding every session's events.
+    pub fn events_stream(&self) -> String {
+        format!("{}_events", self.ns)
+    }
+    /// Subject of one session's events.
+    pub fn events_subject(&self, sid: &SessionId) -> String {
+        format!("{}.ev.{sid}", self.ns)
+    }
+    /// Subjects of [`Self::events_stream`].
+    pub fn events_subjects(&self) -> String {
+        format!("{}.ev.*", self.ns)
+    }
+
+    /// Work-queue stream of user actions.
+    pub fn actions_stream(&self) -> String {
+        format!("{}_actions", self.ns)
+    }
+    /// Subject of one session's actions.
+    pub fn actions_subject(&self, sid: &SessionId) -> String {
+        format!("{}.act.{sid}", self.ns)
+    }
+    /// Subjects of [`Self::actions_stream`].
+    pub fn actions_subjects(&self) -> String {
+        format!("{}.act.*", self.ns)
+    }
+    /// Durable consumer through which the owner of a session reads its actions.
+    pub fn actions_consumer(&self, sid: &SessionId) -> String {
+        format!("act_{sid}")
+    }
+
+    /// Work-queue stream of start/resume requests.
+    pub fn work_stream(&self) -> String {
+        format!("{}_work", self.ns)
+    }
+    /// Subject of one session's start request.
+    pub fn work_subject(&self, sid: &SessionId) -> String {
+        format!("{}.work.{sid}", self.ns)
+    }
+    /// Subjects of [`Self::work_stream`].
+    pub fn work_subjects(&self) -> String {
+        format!("{}.work.*", self.ns)
+    }
+    /// The one pull consumer shared by all workers.
+    pub fn work_consumer(&self) -> &'static str {
+        "workers"
+    }
+    /// Parses the session id back out of a work subject.
+    ///
+    /// # Errors
+    /// [`IdError`] if the subject does not end in a valid session id.
+    pub fn session_of_work_subject(&self, subject: &str) -> Result<SessionId, IdError> {
+        let prefix = format!("{}.work.", self.ns);
+        SessionId::parse(subject.strip_prefix(&prefix).unwrap_or(""))
+    }
+
+    /// KV bucket of conversation metadata.
+    pub fn meta_bucket(&self) -> String {
+        format!("{}_meta", self.ns)
+    }
+    /// KV key of one conversation's metadata. The user is part of the key, so a lookup with
+    /// the caller's own user id can only ever find the caller's own conversations.
+    pub fn meta_key(&self, uid: &UserId, sid: &SessionId) -> String {
+        format!("{uid}.{sid}")
+    }
+    /// Subject filter (inside the KV stream) of all metadata keys of one user.
+    pub fn meta_user_filter(&self, uid: &UserId) -> String {
+        format!("$KV.{}.{uid}.*", self.meta_bucket())
+    }
+
+    /// Object store for payloads too large for one NATS message.
+    pub fn blob_bucket(&self) -> String {
+        format!("{}_blobs", self.ns)
+    }
+
+    /// Redis key of a session's owner lease.
+    pub fn lease_key(&self, sid: &SessionId) -> String {
+        format!("{}:lease:{sid}", self.ns)
+    }
+    /// Redis hash of a session's live status.
+    pub fn status_key(&self, sid: &SessionId) -> String {
+        format!("{}:status:{sid}", self.ns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_namespaced_and_round_trip() {
+        let n = Names::new("t1").unwrap();
+        let sid = SessionId::parse("abc123").unwrap();
+        let uid = UserId::parse("alice").unwrap();
+        assert_eq!(n.events_subject(&sid), "t1.ev.abc123");
+        assert_eq!(n.actions_subject(&sid), "t1.act.abc123");
+        assert_eq!(n.work_subject(&sid), "t1.work.abc123");
+        assert_eq!(n.meta_key(&uid, &sid), "alice.abc123");
+        assert_eq!(n.meta_user_filter(&uid), "$KV.t1_meta.alice.*");
+        assert_eq!(n.lease_key(&sid), "t1:lease:abc123");
+        assert_eq!(n.session_of_work_subject("t1.work.abc123").unwrap(), sid);
+        assert!(n.session_of_work_subject("t2.work.abc123").is_err());
+        for bad in ["", "A", "a.b", "a b", &"x".repeat(33)] {
+            assert_eq!(Names::new(bad), Err(NamespaceError), "{bad:?}");
+        }
+    }
+}

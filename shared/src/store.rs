@@ -1,0 +1,668 @@
+//! JetStream: stream/bucket setup, conversation metadata, reads of a session's event log, and
+//! payloads stored out of line.
+//!
+//! **Invariant:** a session's events are the messages of its subject `{ns}.ev.{sid}`, in stream
+//! order, with dense ids 0..n (header `Oh-Event-Id`). Only the owning worker appends
+//! (`worker::journal`); everyone may read.
+//!
+//! Replay seek ([`Store::seek`]) is a binary search over stream sequences with direct gets,
+//! bounded by the fact that ids are dense: `seq(k)` lies in
+//! `[first.seq + (k - first.id), last.seq - (last.id - k)]`, so a session written without
+//! interleaving costs O(1) look-ups and the worst case O(log n).
+//!
+//! Payloads larger than the server's `max_payload` (1 MB by default) go to the object store
+//! `{ns}_blobs`; the message then carries header `Oh-Blob` and an empty body ([`Store::pack`],
+//! [`Store::unpack`]). Nothing is refused silently for size.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, kv, object_store, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use crate::id::{SessionId, UserId};
+use crate::names::Names;
+use crate::wire::{HDR_APPLIED_ACTION, HDR_BLOB, HDR_EVENT_ID};
+
+/// Why a JetStream operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Creating or opening a stream, bucket or consumer failed.
+    #[error("JetStream setup of {what} failed: {source}")]
+    Setup {
+        /// Which object.
+        what: String,
+        /// Underlying error.
+        #[source]
+        source: async_nats::Error,
+    },
+    /// A read or write failed (NATS unreachable, timeout, ...).
+    #[error("JetStream {op} failed: {source}")]
+    Nats {
+        /// Which operation.
+        op: &'static str,
+        /// Underlying error.
+        #[source]
+        source: async_nats::Error,
+    },
+    /// Stored data that does not have the expected shape.
+    #[error("corrupt {what} in session {session}: {detail}")]
+    Corrupt {
+        /// What was read.
+        what: &'static str,
+        /// Which session.
+        session: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+fn nats(op: &'static str) -> impl FnOnce(async_nats::Error) -> StoreError {
+    move |source| StoreError::Nats { op, source }
+}
+
+fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> async_nats::Error {
+    Box::new(e)
+}
+
+/// Conversation metadata (durable, in the KV bucket). Field names follow OpenHands'
+/// `ConversationMetadata`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConversationMeta {
+    /// Conversation id.
+    pub conversation_id: String,
+    /// Owner.
+    pub user_id: String,
+    /// Title (default `Conversation <first 5 chars>`).
+    pub title: String,
+    /// Creation time, ISO 8601 UTC with `Z`.
+    pub created_at: String,
+    /// Last update, ISO 8601 UTC with `Z`.
+    pub last_updated_at: String,
+    /// How it was created (`gui`, `openhands_api`, ...).
+    pub trigger: String,
+    /// Repository, as given at creation.
+    #[serde(default)]
+    pub selected_repository: Option<String>,
+    /// Branch, as given at creation.
+    #[serde(default)]
+    pub selected_branch: Option<String>,
+    /// Git provider, as given at creation.
+    #[serde(default)]
+    pub git_provider: Option<String>,
+    /// PR numbers.
+    #[serde(default)]
+    pub pr_number: Vec<i64>,
+    /// Extra instructions given at creation.
+    #[serde(default)]
+    pub conversation_instructions: Option<String>,
+    /// Name of the blob holding the `replay_json` trajectory, if one was given.
+    #[serde(default)]
+    pub replay_blob: Option<String>,
+}
+
+/// One event read back from the log.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    /// Stream sequence (the fence value of the next append).
+    pub seq: u64,
+    /// Per-session event id.
+    pub id: u64,
+    /// Newest user-action sequence applied as of this event.
+    pub applied_action: u64,
+    /// The event JSON as stored (blob already resolved).
+    pub payload: Bytes,
+}
+
+/// Handles to every stream and bucket of one namespace.
+#[derive(Clone)]
+pub struct Store {
+    /// JetStream context.
+    pub js: jetstream::Context,
+    /// Names of the namespace.
+    pub names: Names,
+    events: stream::Stream,
+    actions: stream::Stream,
+    work: stream::Stream,
+    meta: kv::Store,
+    meta_stream: stream::Stream,
+    blobs: object_store::ObjectStore,
+    inline_limit: usize,
+}
+
+/// How long a published message may wait for its JetStream ack.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Store {
+    /// Creates (or opens) every stream and bucket of the namespace. Idempotent; both binaries
+    /// call it at startup.
+    ///
+    /// # Errors
+    /// [`StoreError::Setup`] naming what could not be created.
+    pub async fn open(client: async_nats::Client, names: Names) -> Result<Self, StoreError> {
+        let inline_limit = client
+            .server_info()
+            .max_payload
+            .saturating_sub(16 * 1024)
+            .max(1024);
+        let js = jetstream::ContextBuilder::new()
+            .timeout(ACK_TIMEOUT)
+            .build(client);
+        let setup = |what: &str| {
+            let what = what.to_owned();
+            move |e: async_nats::Error| StoreError::Setup { what, source: e }
+        };
+        let dup = Duration::from_secs(120);
+        let events = js
+            .get_or_create_stream(stream::Config {
+                name: names.events_stream(),
+                subjects: vec![names.events_subjects()],
+                storage: stream::StorageType::File,
+                allow_direct: true,
+                duplicate_window: dup,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| setup(&names.events_stream())(boxed(e)))?;
+        let actions = js
+            .get_or_create_stream(stream::Config {
+                name: names.actions_stream(),
+                subjects: vec![names.actions_subjects()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                allow_direct: true,
+                duplicate_window: dup,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| setup(&names.actions_stream())(boxed(e)))?;
+        let work = js
+            .get_or_create_stream(stream::Config {
+                name: names.work_stream(),
+                subjects: vec![names.work_subjects()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                max_messages_per_subject: 1,
+                discard: stream::DiscardPolicy::New,
+                discard_new_per_subject: true,
+                duplicate_window: dup,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| setup(&names.work_stream())(boxed(e)))?;
+        // Make sure the shared work consumer exists before anyone publishes.
+        work.get_or_create_consumer(
+            names.work_consumer(),
+            consumer::pull::Config {
+                durable_name: Some(names.work_consumer().to_owned()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 100_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| setup("work consumer")(boxed(e)))?;
+        let meta = match js.get_key_value(names.meta_bucket()).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: names.meta_bucket(),
+                    history: 1,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| setup(&names.meta_bucket())(boxed(e)))?,
+        };
+        let meta_stream = js
+            .get_stream(format!("KV_{}", names.meta_bucket()))
+            .await
+            .map_err(|e| setup("metadata stream")(boxed(e)))?;
+        let blobs = match js.get_object_store(names.blob_bucket()).await {
+            Ok(s) => s,
+            Err(_) => js
+                .create_object_store(object_store::Config {
+                    bucket: names.blob_bucket(),
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| setup(&names.blob_bucket())(boxed(e)))?,
+        };
+        Ok(Self {
+            js,
+            names,
+            events,
+            actions,
+            work,
+            meta,
+            meta_stream,
+            blobs,
+            inline_limit,
+        })
+    }
+
+    /// The actions stream (the worker creates per-session consumers on it).
+    pub fn actions(&self) -> &stream::Stream {
+        &self.actions
+    }
+    /// The work stream.
+    pub fn work(&self) -> &stream::Stream {
+        &self.work
+    }
+    /// The events stream.
+    pub fn events(&self) -> &stream::Stream {
+        &self.events
+    }
+    /// Largest payload sent inline; larger ones go to the blob store.
+    pub fn inline_limit(&self) -> usize {
+        self.inline_limit
+    }
+
+    // ---- metadata ----
+
+    /// Reads a conversation's metadata; `None` if it does not exist *for this user*.
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed or the stored value is corrupt.
+    pub async fn get_meta(
+        &self,
+        uid: &UserId,
+        sid: &SessionId,
+    ) -> Result<Option<ConversationMeta>, StoreError> {
+        let v = self
+            .meta
+            .get(self.names.meta_key(uid, sid))
+            .await
+            .map_err(|e| nats("metadata get")(boxed(e)))?;
+        match v {
+            None => Ok(None),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt {
+                        what: "metadata",
+                        session: sid.to_string(),
+                        detail: e.to_string(),
+                    })
+            }
+        }
+    }
+
+    /// Writes a conversation's metadata.
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed.
+    pub async fn put_meta(&self, uid: &UserId, meta: &ConversationMeta) -> Result<(), StoreError> {
+        let sid = SessionId::parse(&meta.conversation_id).map_err(|e| StoreError::Corrupt {
+            what: "metadata",
+            session: meta.conversation_id.clone(),
+            detail: e.to_string(),
+        })?;
+        let bytes = serde_json::to_vec(meta).map_err(|e| nats("metadata encode")(boxed(e)))?;
+        self.meta
+            .put(self.names.meta_key(uid, &sid), bytes.into())
+            .await
+            .map_err(|e| nats("metadata put")(boxed(e)))?;
+        Ok(())
+    }
+
+    /// Deletes a conversation's metadata.
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed.
+    pub async fn delete_meta(&self, uid: &UserId, sid: &SessionId) -> Result<(), StoreError> {
+        self.meta
+            .purge(self.names.meta_key(uid, sid))
+            .await
+            .map_err(|e| nats("metadata purge")(boxed(e)))
+    }
+
+    /// Every conversation of a user (unordered). Costs O(that user's conversations).
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed.
+    pub async fn list_meta(&self, uid: &UserId) -> Result<Vec<ConversationMeta>, StoreError> {
+        let mut subjects = self
+            .meta_stream
+            .info_with_subjects(self.names.meta_user_filter(uid))
+            .await
+            .map_err(|e| nats("metadata list")(boxed(e)))?;
+        let prefix = format!("$KV.{}.{uid}.", self.names.meta_bucket());
+        let mut out = Vec::new();
+        while let Some(item) = subjects.next().await {
+            let (subject, _) = item.map_err(|e| nats("metadata list")(boxed(e)))?;
+            let Some(Ok(sid)) = subject.strip_prefix(&prefix).map(SessionId::parse) else {
+                continue;
+            };
+            if let Some(meta) = self.get_meta(uid, &sid).await? {
+                out.push(meta);
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- event log ----
+
+    fn to_stored(&self, sid: &SessionId, m: &StoredParts) -> Result<(u64, u64), StoreError> {
+        let corrupt = |detail: &str| StoreError::Corrupt {
+            what: "event message",
+            session: sid.to_string(),
+            detail: detail.to_owned(),
+        };
+        let id = header_u64(&m.headers, HDR_EVENT_ID).ok_or_else(|| corrupt("no Oh-Event-Id"))?;
+        let applied = header_u64(&m.headers, HDR_APPLIED_ACTION).unwrap_or(0);
+        Ok((id, applied))
+    }
+
+    async fn direct(
+        &self,
+        sid: &SessionId,
+        which: Which,
+    ) -> Result<Option<StoredEvent>, StoreError> {
+        let subject = self.names.events_subject(sid);
+        let res = match which {
+            Which::First => self.events.direct_get_first_for_subject(subject).await,
+            Which::Last => self.events.direct_get_last_for_subject(subject).await,
+            Which::NextFrom(seq) => {
+                self.events
+                    .direct_get_next_for_subject(subject, Some(seq))
+                    .await
+            }
+        };
+        let msg = match res {
+            Ok(m) => m,
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(nats("event read")(boxed(e))),
+        };
+        let parts = StoredParts {
+            headers: msg.headers,
+        };
+        let (id, applied_action) = self.to_stored(sid, &parts)?;
+        let payload = self.unpack(&parts.headers, msg.payload).await?;
+        Ok(Some(StoredEvent {
+            seq: msg.sequence,
+            id,
+            applied_action,
+            payload,
+        }))
+    }
+
+    /// The newest event of a session, or `None` if it has none.
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed or the message is corrupt.
+    pub async fn last_event(&self, sid: &SessionId) -> Result<Option<StoredEvent>, StoreError> {
+        self.direct(sid, Which::Last).await
+    }
+
+    /// The stream sequence of event `id` of a session, `None` if there is no such event.
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed or the log is not dense.
+    pub async fn seek(&self, sid: &SessionId, id: u64) -> Result<Option<u64>, StoreError> {
+        let Some(first) = self.direct(sid, Which::First).await? else {
+            return Ok(None);
+        };
+        if id <= first.id {
+            return Ok(Some(first.seq));
+        }
+        let Some(last) = self.direct(sid, Which::Last).await? else {
+            return Ok(None);
+        };
+        if id > last.id {
+            return Ok(None);
+        }
+        let mut lo = first.seq + (id - first.id);
+        let mut hi = last.seq - (last.id - id);
+        while lo <= hi {
+            let mid = lo + (hi - lo) / 2;
+            let Some(m) = self.direct(sid, Which::NextFrom(mid)).await? else {
+                break;
+            };
+            match m.id.cmp(&id) {
+                std::cmp::Ordering::Equal => return Ok(Some(m.seq)),
+                std::cmp::Ordering::Less => lo = m.seq + 1,
+                std::cmp::Ordering::Greater => {
+                    if mid == 0 {
+                        break;
+                    }
+                    hi = mid - 1;
+                }
+            }
+        }
+        Err(StoreError::Corrupt {
+            what: "event log",
+            session: sid.to_string(),
+            detail: format!("event id {id} missing between {} and {}", first.id, last.id),
+        })
+    }
+
+    /// Reads up to `max` events of a session in id order, starting at id `from` (inclusive).
+    /// Short ranges use direct gets; long ones an ordered consumer (one round trip per batch).
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed or the log is corrupt.
+    pub async fn read_from(
+        &self,
+        sid: &SessionId,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut out = Vec::new();
+        if max == 0 {
+            return Ok(out);
+        }
+        let Some(start_seq) = self.seek(sid, from).await? else {
+            return Ok(out);
+        };
+        if max <= 64 {
+            let mut seq = start_seq;
+            while out.len() < max {
+                let Some(ev) = self.direct(sid, Which::NextFrom(seq)).await? else {
+                    break;
+                };
+                seq = ev.seq + 1;
+                out.push(ev);
+            }
+            return Ok(out);
+        }
+        let last_id = match self.last_event(sid).await? {
+            Some(l) => l.id,
+            None => return Ok(out),
+        };
+        let want = usize::try_from(last_id.saturating_sub(from) + 1)
+            .unwrap_or(usize::MAX)
+            .min(max);
+        let consumer = self
+            .events
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.names.events_subject(sid),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start_seq,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats("replay consumer")(boxed(e)))?;
+        let mut msgs = consumer
+            .messages()
+            .await
+            .map_err(|e| nats("replay consumer")(boxed(e)))?;
+        while out.len() < want {
+            let next = tokio::time::timeout(ACK_TIMEOUT, msgs.next())
+                .await
+                .map_err(|e| nats("replay read")(boxed(e)))?;
+            let Some(msg) = next else { break };
+            let msg = msg.map_err(|e| nats("replay read")(boxed(e)))?;
+            let seq = msg
+                .info()
+                .map(|i| i.stream_sequence)
+                .map_err(|e| nats("replay read")(e))?;
+            let headers = msg.headers.clone().unwrap_or_default();
+            let parts = StoredParts { headers };
+            let (id, applied_action) = self.to_stored(sid, &parts)?;
+            let payload = self.unpack(&parts.headers, msg.payload.clone()).await?;
+            out.push(StoredEvent {
+                seq,
+                id,
+                applied_action,
+                payload,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Decodes an event message received live (core subscription): its id and resolved payload.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the message is not an event message or its blob cannot be read.
+    pub async fn decode_live(
+        &self,
+        sid: &SessionId,
+        msg: &async_nats::Message,
+    ) -> Result<(u64, Bytes), StoreError> {
+        let headers = msg.headers.clone().unwrap_or_default();
+        let parts = StoredParts { headers };
+        let (id, _) = self.to_stored(sid, &parts)?;
+        let payload = self.unpack(&parts.headers, msg.payload.clone()).await?;
+        Ok((id, payload))
+    }
+
+    // ---- blobs ----
+
+    /// Prepares a payload for publishing: returns it unchanged if it fits in one message,
+    /// otherwise stores it in the blob store and returns an empty body plus the `Oh-Blob`
+    /// header to add.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the blob could not be stored.
+    pub async fn pack(
+        &self,
+        sid: &SessionId,
+        payload: Bytes,
+        headers: &mut HeaderMap,
+    ) -> Result<Bytes, StoreError> {
+        if payload.len() <= self.inline_limit {
+            return Ok(payload);
+        }
+        let name = format!("{sid}.{}", uuid::Uuid::new_v4().simple());
+        self.blobs
+            .put(name.as_str(), &mut payload.as_ref())
+            .await
+            .map_err(|e| nats("blob put")(boxed(e)))?;
+        headers.insert(HDR_BLOB, name.as_str());
+        Ok(Bytes::new())
+    }
+
+    /// Resolves a payload that may be stored out of line.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the blob is missing or unreadable.
+    pub async fn unpack(&self, headers: &HeaderMap, payload: Bytes) -> Result<Bytes, StoreError> {
+        let Some(name) = headers.get(HDR_BLOB) else {
+            return Ok(payload);
+        };
+        let mut obj = self
+            .blobs
+            .get(name.as_str())
+            .await
+            .map_err(|e| nats("blob get")(boxed(e)))?;
+        let mut buf = Vec::new();
+        obj.read_to_end(&mut buf)
+            .await
+            .map_err(|e| nats("blob read")(boxed(e)))?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// Stores a named blob (e.g. a `replay_json` trajectory).
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed.
+    pub async fn put_blob(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
+        let mut reader = data;
+        self.blobs
+            .put(name, &mut reader)
+            .await
+            .map_err(|e| nats("blob put")(boxed(e)))?;
+        Ok(())
+    }
+
+    /// Queues a start request for the session. Returns `false` if one is already queued (the
+    /// work stream keeps at most one per session: `discard_new_per_subject`).
+    ///
+    /// # Errors
+    /// [`StoreError`] if JetStream did not confirm the request.
+    pub async fn enqueue_start(&self, req: &crate::wire::StartRequest) -> Result<bool, StoreError> {
+        use async_nats::jetstream::context::PublishErrorKind;
+        let sid = SessionId::parse(&req.session_id).map_err(|e| StoreError::Corrupt {
+            what: "start request",
+            session: req.session_id.clone(),
+            detail: e.to_string(),
+        })?;
+        let res = match self
+            .js
+            .publish(self.names.work_subject(&sid), req.encode())
+            .await
+        {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.kind() == PublishErrorKind::Other
+                    && std::error::Error::source(&e)
+                        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+                        .is_some_and(|j| {
+                            j.error_code() == jetstream::ErrorCode::STREAM_STORE_FAILED
+                        }) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(nats("start request")(boxed(e))),
+        }
+    }
+
+    /// Deletes everything stored for a session: its events, pending actions and start request.
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed.
+    pub async fn purge_session(&self, sid: &SessionId) -> Result<(), StoreError> {
+        self.events
+            .purge()
+            .filter(self.names.events_subject(sid))
+            .await
+            .map_err(|e| nats("purge events")(boxed(e)))?;
+        self.actions
+            .purge()
+            .filter(self.names.actions_subject(sid))
+            .await
+            .map_err(|e| nats("purge actions")(boxed(e)))?;
+        self.work
+            .purge()
+            .filter(self.names.work_subject(sid))
+            .await
+            .map_err(|e| nats("purge work")(boxed(e)))?;
+        Ok(())
+    }
+}
+
+struct StoredParts {
+    headers: HeaderMap,
+}
+
+enum Which {
+    First,
+    Last,
+    NextFrom(u64),
+}
+
+/// Reads a numeric header.
+pub fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name).and_then(|v| v.as_str().parse().ok())
+}

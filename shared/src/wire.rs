@@ -1,0 +1,141 @@
+//! Messages that cross NATS between gateway and worker, other than the events themselves
+//! (whose JSON lives in [`crate::event`]).
+//!
+//! - A **start request** ([`StartRequest`], JSON) on the session's work subject asks any worker
+//!   with a free slot to run the session. At most one is queued per session.
+//! - A **user action** on the session's action subject carries the validated `oh_user_action`
+//!   JSON as its payload, with [`HDR_USER`] naming the user and `Nats-Msg-Id` for dedup. A
+//!   control request (stop) is an action message with [`HDR_CONTROL`] set and an empty payload.
+//! - Every **event** message carries [`HDR_EVENT_ID`] (its per-session id) and
+//!   [`HDR_APPLIED_ACTION`] (the stream sequence of the newest user action applied so far),
+//!   so the last event alone tells a new owner where the session stands.
+//! - A payload stored out of line carries [`HDR_BLOB`] (object name) and an empty body.
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::{SessionId, UserId};
+
+/// Header: per-session event id of an event message.
+pub const HDR_EVENT_ID: &str = "Oh-Event-Id";
+/// Header: stream sequence of the newest action applied when this event was appended.
+pub const HDR_APPLIED_ACTION: &str = "Oh-Applied-Action";
+/// Header: the user who sent an action.
+pub const HDR_USER: &str = "Oh-User";
+/// Header: a control request in the action stream (value: [`Control`] as a string).
+pub const HDR_CONTROL: &str = "Oh-Control";
+/// Header: the payload is stored in the blob object store under this name.
+pub const HDR_BLOB: &str = "Oh-Blob";
+
+/// Why a session should be started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartReason {
+    /// Created by `POST /api/conversations`.
+    Create,
+    /// `POST /api/conversations/{id}/start`, or a client connected/acted on a stopped session.
+    Start,
+    /// Its owner went away (failover, drain).
+    Resume,
+}
+
+/// A request, on the session's work subject, for some worker to run the session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartRequest {
+    /// The session to run.
+    pub session_id: SessionIdWire,
+    /// Its owner (locates the metadata).
+    pub user_id: UserIdWire,
+    /// Why.
+    pub reason: StartReason,
+    /// When it was enqueued (ms since the Unix epoch).
+    pub requested_at_ms: i64,
+}
+
+/// A [`SessionId`] as it travels in JSON (validated again on receipt).
+pub type SessionIdWire = String;
+/// A [`UserId`] as it travels in JSON (validated again on receipt).
+pub type UserIdWire = String;
+
+/// Why a wire message was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// Not the expected JSON.
+    #[error("malformed {what}: {source}")]
+    Json {
+        /// What was being decoded.
+        what: &'static str,
+        /// The decoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A field held an invalid id.
+    #[error("malformed {what}: {source}")]
+    Id {
+        /// What was being decoded.
+        what: &'static str,
+        /// The id error.
+        #[source]
+        source: crate::id::IdError,
+    },
+}
+
+impl StartRequest {
+    /// A new request stamped with the current time.
+    pub fn new(sid: &SessionId, uid: &UserId, reason: StartReason) -> Self {
+        Self {
+            session_id: sid.to_string(),
+            user_id: uid.to_string(),
+            reason,
+            requested_at_ms: chrono::Utc::now().timestamp_millis(),
+        }
+    }
+
+    /// Decodes and validates a request received from NATS.
+    ///
+    /// # Errors
+    /// [`WireError`] if the payload is not a valid start request.
+    pub fn decode(payload: &[u8]) -> Result<(Self, SessionId, UserId), WireError> {
+        let req: Self = serde_json::from_slice(payload).map_err(|source| WireError::Json {
+            what: "start request",
+            source,
+        })?;
+        let sid = SessionId::parse(&req.session_id).map_err(|source| WireError::Id {
+            what: "start request",
+            source,
+        })?;
+        let uid = UserId::parse(&req.user_id).map_err(|source| WireError::Id {
+            what: "start request",
+            source,
+        })?;
+        Ok((req, sid, uid))
+    }
+
+    /// The JSON payload.
+    pub fn encode(&self) -> bytes::Bytes {
+        // A struct of strings and integers always serializes.
+        bytes::Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+    }
+}
+
+/// Control requests carried in the action stream (ordered with the user's actions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Stop the session: agent `stopped`, runtime closed, lease released.
+    Stop,
+}
+
+impl Control {
+    /// Header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Control::Stop => "stop",
+        }
+    }
+    /// Parses a header value.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "stop" => Some(Control::Stop),
+            _ => None,
+        }
+    }
+}

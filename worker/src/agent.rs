@@ -1,0 +1,40 @@
+//! The agent behind a session. [`Agent`] is the seam the real (LLM-driven) agent will plug
+//! into; for now the only implementation is [`Echo`], a **test/demo agent** that answers every
+//! user message with `echo: <message>` and never calls an LLM or a runtime.
+
+use std::future::Future;
+
+use shared::event::{Event, Source};
+
+/// One agent: turns a user message into the agent's events.
+pub(crate) trait Agent: Send + 'static {
+    /// `agent_class` of the `system` event.
+    fn class(&self) -> &'static str;
+    /// The system prompt recorded in the session's first `system` event.
+    fn system_prompt(&self) -> String;
+    /// One turn for a user message: the events to append, in order.
+    fn on_message(&mut self, content: &str) -> impl Future<Output = Vec<Event>> + Send;
+}
+
+/// Test/demo agent: for each user message X, one agent `message` action `echo: X`.
+#[derive(Debug, Default)]
+pub(crate) struct Echo;
+
+impl Agent for Echo {
+    fn class(&self) -> &'static str {
+        "EchoAgent"
+    }
+
+    fn system_prompt(&self) -> String {
+        "You are the echo test agent: you repeat every user message, prefixed with 'echo: '."
+            .to_owned()
+    }
+
+    async fn on_message(&mut self, content: &str) -> Vec<Event> {
+        vec![Event::message(
+            Source::Agent,
+            &format!("echo: {content}"),
+            true,
+        )]
+    }
+}

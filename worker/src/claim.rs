@@ -1,0 +1,256 @@
+//! Claiming sessions: pull start requests from the shared work-queue consumer only while this
+//! worker has a free slot, then for each: read metadata, take the Redis lease, fence the log
+//! with a takeover record, bind the session's action consumer, start the session task, and
+//! only then ack the request. A failure before the ack NAKs it, so another worker (or we,
+//! later) retries; a crash before the ack lets JetStream redeliver it after `ack_wait`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer};
+use futures::StreamExt;
+use shared::event::{AgentState, Event};
+use shared::id::{SessionId, UserId};
+use shared::ownership;
+use shared::status::{self, SessionState};
+use shared::wire::{StartReason, StartRequest};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::Ctx;
+use crate::agent::Echo;
+use crate::journal::Journal;
+use crate::session::AgentSession;
+
+pub(crate) async fn pull_loop(ctx: Ctx, sessions: TaskTracker, cancel: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(ctx.args.max_sessions as usize));
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        // Capacity first: never pull work we cannot run.
+        let first = tokio::select! {
+            () = cancel.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let mut permits = vec![first];
+        while permits.len() < 32 {
+            match slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let batch = fetch(&ctx, permits.len()).await;
+        let msgs = match batch {
+            Ok(m) => {
+                backoff = Duration::from_millis(100);
+                m
+            }
+            Err(e) => {
+                warn!(error = %e, "fetching start requests failed");
+                drop(permits);
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        for msg in msgs {
+            let Some(permit) = permits.pop() else { break };
+            claim(&ctx, &sessions, &cancel, msg, permit).await;
+        }
+        // Unused permits go back to the pool here.
+    }
+}
+
+async fn fetch(ctx: &Ctx, n: usize) -> Result<Vec<jetstream::Message>, async_nats::Error> {
+    let consumer: consumer::PullConsumer = ctx
+        .store
+        .work()
+        .get_consumer(ctx.store.names.work_consumer())
+        .await?;
+    let mut batch = consumer
+        .fetch()
+        .max_messages(n)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await?;
+    let mut out = Vec::with_capacity(n);
+    while let Some(m) = batch.next().await {
+        out.push(m?);
+    }
+    Ok(out)
+}
+
+async fn claim(
+    ctx: &Ctx,
+    sessions: &TaskTracker,
+    cancel: &CancellationToken,
+    msg: jetstream::Message,
+    permit: OwnedSemaphorePermit,
+) {
+    let (req, sid, uid) = match StartRequest::decode(&msg.payload) {
+        Ok(x) => x,
+        Err(e) => {
+            warn!(error = %e, subject = %msg.subject, "dropping malformed start request");
+            let _ = msg.ack_with(AckKind::Term).await; // best effort: it would fail again anyway
+            return;
+        }
+    };
+    let span = info_span!("claim", session_id = %sid, user_id = %uid, worker_id = %ctx.worker_id);
+    match try_claim(ctx, sessions, cancel, &req, sid, uid, permit)
+        .instrument(span.clone())
+        .await
+    {
+        Ok(Claimed::Started) => {
+            metrics::counter!("oh_worker_claims_total", "result" => "started").increment(1);
+            if let Err(e) = msg.double_ack().await {
+                // The session runs; a redelivered request will find the lease taken and be acked.
+                warn!(parent: &span, error = %e, "ack of start request failed");
+            }
+        }
+        Ok(Claimed::Skip(why)) => {
+            debug!(parent: &span, why, "start request needs nothing");
+            metrics::counter!("oh_worker_claims_total", "result" => "skipped").increment(1);
+            let _ = msg.ack().await; // nothing to redo if this ack is lost
+        }
+        Ok(Claimed::Later) => {
+            metrics::counter!("oh_worker_claims_total", "result" => "later").increment(1);
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await; // redelivered after ack_wait otherwise
+        }
+        Err(e) => {
+            warn!(parent: &span, error = %e, "claim failed; request goes back to the queue");
+            metrics::counter!("oh_worker_claims_total", "result" => "failed").increment(1);
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                .await; // see above
+        }
+    }
+}
+
+enum Claimed {
+    Started,
+    Skip(&'static str),
+    Later,
+}
+
+async fn try_claim(
+    ctx: &Ctx,
+    sessions: &TaskTracker,
+    cancel: &CancellationToken,
+    req: &StartRequest,
+    sid: SessionId,
+    uid: UserId,
+    permit: OwnedSemaphorePermit,
+) -> anyhow::Result<Claimed> {
+    let store = &ctx.store;
+    let names = &store.names;
+    let Some(meta) = store.get_meta(&uid, &sid).await? else {
+        return Ok(Claimed::Skip("conversation deleted"));
+    };
+    let mut redis = ctx.redis.clone();
+    let Some(lease) =
+        ownership::acquire(&mut redis, names, &sid, &ctx.worker_id, ctx.args.lease_ttl).await?
+    else {
+        // Someone runs it. A resume request may have come before the old owner's lease
+        // expired: try again shortly; other requests are satisfied.
+        return Ok(if req.reason == StartReason::Resume {
+            Claimed::Later
+        } else {
+            Claimed::Skip("already running")
+        });
+    };
+    let claim_id = lease
+        .token
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let result = async {
+        let mut journal = Journal::open(store.clone(), sid.clone(), claim_id).await?;
+        let fresh = journal.is_empty();
+        let epoch = journal
+            .take_over(Event::agent_state_changed(AgentState::Loading, ""))
+            .await?;
+        let consumer_name = names.actions_consumer(&sid);
+        match store.actions().delete_consumer(&consumer_name).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e.kind()) => {}
+            Err(e) => return Err(anyhow::Error::new(e).context("delete old action consumer")),
+        }
+        let mut consumer: consumer::PullConsumer = store
+            .actions()
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(consumer_name),
+                filter_subject: names.actions_subject(&sid),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 1,
+                ..Default::default()
+            })
+            .await?;
+        let pending = consumer.info().await.map(|i| i.num_pending).unwrap_or(0);
+        let actions = consumer
+            .stream()
+            .max_messages_per_batch(1)
+            .messages()
+            .await?;
+        anyhow::Ok((journal, fresh, epoch, actions, pending))
+    }
+    .await;
+    let (journal, fresh, epoch, actions, pending) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = ownership::release(&mut redis, &lease).await; // expires by itself otherwise
+            return Err(e);
+        }
+    };
+    info!(epoch, fresh, pending, reason = ?req.reason, "claimed");
+    status::write(
+        &mut redis,
+        names,
+        &sid,
+        status::Update {
+            state: Some(SessionState::Running),
+            agent_state: Some(AgentState::Loading.as_str()),
+            worker_id: Some(ctx.worker_id.as_str()),
+            last_event_id: journal.last_id(),
+            reason: Some(""),
+        },
+    )
+    .await?;
+    let lost = CancellationToken::new();
+    ctx.leases.insert(sid.clone(), lease.clone(), lost.clone());
+    let session = AgentSession {
+        ctx: ctx.clone(),
+        sid: sid.clone(),
+        uid: uid.clone(),
+        meta,
+        journal,
+        lease,
+        agent: Echo,
+        agent_state: AgentState::Loading,
+    };
+    let span =
+        info_span!("session", session_id = %sid, user_id = %uid, worker_id = %ctx.worker_id, epoch);
+    let shutdown = cancel.clone();
+    sessions.spawn(
+        async move {
+            metrics::gauge!("oh_worker_sessions_active").increment(1.0);
+            session.run(actions, fresh, pending, lost, shutdown).await;
+            metrics::gauge!("oh_worker_sessions_active").decrement(1.0);
+            drop(permit);
+        }
+        .instrument(span),
+    );
+    Ok(Claimed::Started)
+}
+
+fn is_not_found(kind: &jetstream::stream::ConsumerErrorKind) -> bool {
+    matches!(kind, jetstream::stream::ConsumerErrorKind::JetStream(j)
+        if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND)
+}

@@ -1,0 +1,113 @@
+//! Renewal of every lease this worker holds.
+//!
+//! Every `ttl/3` each held lease is renewed by compare-and-`PEXPIRE` (never recreated). A lease
+//! that is no longer ours cancels its session at once. A lease whose renewal keeps failing
+//! (Redis unreachable) cancels its session once `2/3 ttl` have passed since the last renewal
+//! that was *sent* and succeeded, i.e. before the lease could have expired and been taken by
+//! another worker (self-fencing on the local monotonic clock).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures::StreamExt;
+use shared::id::SessionId;
+use shared::ownership::{self, Lease};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::Ctx;
+
+struct Held {
+    lease: Lease,
+    lost: CancellationToken,
+    renewed_at: Instant,
+}
+
+/// The leases held by this worker.
+#[derive(Clone, Default)]
+pub(crate) struct Registry(Arc<Mutex<HashMap<SessionId, Held>>>);
+
+impl Registry {
+    /// Starts renewing `lease`; `lost` is cancelled when it can no longer be trusted.
+    pub(crate) fn insert(&self, sid: SessionId, lease: Lease, lost: CancellationToken) {
+        let held = Held {
+            lease,
+            lost,
+            renewed_at: Instant::now(),
+        };
+        self.lock().insert(sid, held);
+    }
+
+    /// Stops renewing (before a release).
+    pub(crate) fn remove(&self, sid: &SessionId) {
+        self.lock().remove(sid);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Held>> {
+        // A poisoned lock only means another thread panicked while holding it; the map is
+        // still consistent (every operation on it is a single insert/remove).
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
+    let ttl = ctx.args.lease_ttl;
+    let mut tick = tokio::time::interval(ttl / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let held: Vec<(SessionId, Lease)> = ctx
+            .leases
+            .lock()
+            .iter()
+            .map(|(s, h)| (s.clone(), h.lease.clone()))
+            .collect();
+        let sent_at = Instant::now();
+        let results: Vec<(SessionId, redis::RedisResult<bool>)> = futures::stream::iter(held)
+            .map(|(sid, lease)| {
+                let mut conn = ctx.redis.clone();
+                async move {
+                    let r = ownership::renew(&mut conn, &lease, ttl).await;
+                    (sid, r)
+                }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        let mut map = ctx.leases.lock();
+        for (sid, res) in results {
+            match res {
+                Ok(true) => {
+                    if let Some(h) = map.get_mut(&sid) {
+                        h.renewed_at = sent_at;
+                    }
+                }
+                Ok(false) => {
+                    if let Some(h) = map.remove(&sid) {
+                        info!(session_id = %sid, "lease lost; stopping session");
+                        metrics::counter!("oh_worker_leases_lost_total").increment(1);
+                        h.lost.cancel();
+                    }
+                }
+                Err(e) => warn!(session_id = %sid, error = %e, "lease renewal failed"),
+            }
+        }
+        let limit = ttl * 2 / 3;
+        map.retain(|sid, h| {
+            if h.renewed_at.elapsed() >= limit {
+                warn!(session_id = %sid, "lease not renewed in time; self-fencing");
+                metrics::counter!("oh_worker_leases_lost_total").increment(1);
+                h.lost.cancel();
+                false
+            } else {
+                true
+            }
+        });
+    }
+}

@@ -1,0 +1,117 @@
+//! The worker: claims sessions from the JetStream work queue while it has free slots and runs
+//! one [`session`] task per claimed session.
+//!
+//! Layout:
+//! - [`config`]: the worker's flags.
+//! - `claim`: pulls start requests within capacity, takes the lease, fences the log, spawns.
+//! - `lease`: renews every held lease; a lost lease cancels its session.
+//! - `journal`: the fenced append to a session's event log.
+//! - `session`: `AgentSession`, one task per session, driven by user actions.
+//! - `agent`: the agent trait and the `echo` test/demo agent.
+
+mod agent;
+mod claim;
+pub mod config;
+mod journal;
+mod lease;
+mod session;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info};
+
+pub use config::Args;
+use shared::id::WorkerId;
+use shared::store::Store;
+
+/// Everything a session task needs, shared by all tasks of this worker.
+#[derive(Clone)]
+pub(crate) struct Ctx {
+    pub(crate) store: Store,
+    pub(crate) redis: redis::aio::ConnectionManager,
+    pub(crate) worker_id: WorkerId,
+    pub(crate) args: Arc<Args>,
+    pub(crate) leases: lease::Registry,
+}
+
+/// Runs the worker until `cancel` fires, then drains: stops pulling, hands every session back
+/// to the queue, and returns.
+///
+/// # Errors
+/// Startup failures (NATS, Redis, JetStream setup, metrics listener).
+pub async fn run(
+    args: Args,
+    metrics: PrometheusHandle,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let worker_id = args.worker_id.clone().unwrap_or_else(WorkerId::generate);
+    info!(worker_id = %worker_id, max_sessions = args.max_sessions, "worker starting");
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("worker {worker_id}"))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(&args.broker.nats_url)
+        .await
+        .context("connect NATS")?;
+    let store = Store::open(client, args.broker.names.clone())
+        .await
+        .context("JetStream setup")?;
+    let redis = shared::ownership::connect(&args.broker.redis_url)
+        .await
+        .context("connect Redis")?;
+    let ctx = Ctx {
+        store,
+        redis,
+        worker_id,
+        leases: lease::Registry::default(),
+        args: Arc::new(args),
+    };
+
+    let sessions = TaskTracker::new();
+    let mut core = JoinSet::new();
+    if let Some(addr) = ctx.args.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind metrics address {addr}"))?;
+        let app = axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let m = metrics.clone();
+                    async move { m.render() }
+                }),
+            )
+            .route("/healthz", axum::routing::get(|| async { "ok" }));
+        let c = cancel.clone();
+        core.spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(c.cancelled_owned())
+                .await; // a metrics endpoint failure is not worth stopping sessions for
+        });
+    }
+    core.spawn(lease::renew_loop(ctx.clone(), cancel.child_token()));
+    core.spawn(claim::pull_loop(
+        ctx.clone(),
+        sessions.clone(),
+        cancel.child_token(),
+    ));
+
+    tokio::select! {
+        () = cancel.cancelled() => info!("draining"),
+        Some(done) = core.join_next() => error!(?done, "core loop ended early"),
+    }
+    cancel.cancel();
+    sessions.close();
+    let drain = ctx.args.drain_timeout;
+    if tokio::time::timeout(drain, sessions.wait()).await.is_err() {
+        error!(left = sessions.len(), "drain timeout: abandoning sessions");
+    }
+    core.shutdown().await;
+    info!("worker stopped");
+    Ok(())
+}
