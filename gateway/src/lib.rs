@@ -3,7 +3,7 @@
 //! any conversation and a gateway can die at any moment without losing anything.
 //!
 //! Layout:
-//! - [`config`]: flags.
+//! - `config`: flags.
 //! - `app`: shared state and the assembled router.
 //! - `http`: REST handlers and `ApiError`.
 //! - `socket`: Socket.IO connect (auth, validation), `oh_user_action`, errors to the sender.

@@ -153,11 +153,10 @@ fn on_connect(s: SocketRef, State(state): State<AppState>, shutdown: Cancellatio
         }
         .instrument(span.clone()),
     );
-    let sock = s.clone();
     tokio::spawn(
         async move {
             tokio::select! {
-                () = crate::replay::forward(state, sock, conn.sid.clone(), conn.latest, cancel) => {}
+                () = crate::replay::forward(state, s, conn.sid.clone(), conn.latest, cancel) => {}
                 () = shutdown.cancelled() => {}
             }
         }

@@ -7,7 +7,7 @@
 //! | events of a session (durable log) | stream `{ns}_events`, subject `{ns}.ev.{sid}` |
 //! | user actions not yet applied | stream `{ns}_actions` (work queue), subject `{ns}.act.{sid}`, durable consumer `act_{sid}` |
 //! | start/resume requests | stream `{ns}_work` (work queue, one per session at a time), subject `{ns}.work.{sid}`, consumer `workers` |
-//! | conversation metadata | KV bucket `{ns}_meta`, key `{uid}.{sid}` |
+//! | conversation metadata | stream `{ns}_meta`, subject `{ns}.meta.{uid}.{sid}`, one message each |
 //! | large payloads stored out of line | object store `{ns}_blobs` |
 //! | owner lease | Redis `{ns}:lease:{sid}` |
 //! | live status | Redis hash `{ns}:status:{sid}` |
@@ -102,18 +102,26 @@ impl Names {
         SessionId::parse(subject.strip_prefix(&prefix).unwrap_or(""))
     }
 
-    /// KV bucket of conversation metadata.
+    /// Stream of conversation metadata (one message per conversation, last one wins).
     pub fn meta_bucket(&self) -> String {
         format!("{}_meta", self.ns)
     }
-    /// KV key of one conversation's metadata. The user is part of the key, so a lookup with
-    /// the caller's own user id can only ever find the caller's own conversations.
-    pub fn meta_key(&self, uid: &UserId, sid: &SessionId) -> String {
-        format!("{uid}.{sid}")
+    /// Subjects of [`Self::meta_bucket`].
+    pub fn meta_subjects(&self) -> String {
+        format!("{}.meta.*.*", self.ns)
     }
-    /// Subject filter (inside the KV stream) of all metadata keys of one user.
+    /// Subject of one conversation's metadata. The user is part of it, so a lookup with the
+    /// caller's own user id can only ever find the caller's own conversations.
+    pub fn meta_subject(&self, uid: &UserId, sid: &SessionId) -> String {
+        format!("{}.meta.{uid}.{sid}", self.ns)
+    }
+    /// Subject filter of all metadata of one user.
     pub fn meta_user_filter(&self, uid: &UserId) -> String {
-        format!("$KV.{}.{uid}.*", self.meta_bucket())
+        format!("{}.meta.{uid}.*", self.ns)
+    }
+    /// Prefix of [`Self::meta_subject`] for one user.
+    pub fn meta_user_prefix(&self, uid: &UserId) -> String {
+        format!("{}.meta.{uid}.", self.ns)
     }
 
     /// Object store for payloads too large for one NATS message.
@@ -143,8 +151,8 @@ mod tests {
         assert_eq!(n.events_subject(&sid), "t1.ev.abc123");
         assert_eq!(n.actions_subject(&sid), "t1.act.abc123");
         assert_eq!(n.work_subject(&sid), "t1.work.abc123");
-        assert_eq!(n.meta_key(&uid, &sid), "alice.abc123");
-        assert_eq!(n.meta_user_filter(&uid), "$KV.t1_meta.alice.*");
+        assert_eq!(n.meta_subject(&uid, &sid), "t1.meta.alice.abc123");
+        assert_eq!(n.meta_user_filter(&uid), "t1.meta.alice.*");
         assert_eq!(n.lease_key(&sid), "t1:lease:abc123");
         assert_eq!(n.session_of_work_subject("t1.work.abc123").unwrap(), sid);
         assert!(n.session_of_work_subject("t2.work.abc123").is_err());

@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, consumer, kv, object_store, stream};
+use async_nats::jetstream::{self, consumer, object_store, stream};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -127,8 +127,7 @@ pub struct Store {
     events: stream::Stream,
     actions: stream::Stream,
     work: stream::Stream,
-    meta: kv::Store,
-    meta_stream: stream::Stream,
+    meta: stream::Stream,
     blobs: object_store::ObjectStore,
     inline_limit: usize,
 }
@@ -206,22 +205,23 @@ impl Store {
         )
         .await
         .map_err(|e| setup("work consumer")(boxed(e)))?;
-        let meta = match js.get_key_value(names.meta_bucket()).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: names.meta_bucket(),
-                    history: 1,
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| setup(&names.meta_bucket())(boxed(e)))?,
-        };
-        let meta_stream = js
-            .get_stream(format!("KV_{}", names.meta_bucket()))
+        // Metadata: one message per conversation on `{ns}.meta.{uid}.{sid}` (last one wins).
+        // This is what a KV bucket is, built directly on a stream because async-nats' KV
+        // setup does not parse nats-server 2.9's replies.
+        let meta = js
+            .get_or_create_stream(stream::Config {
+                name: names.meta_bucket(),
+                subjects: vec![names.meta_subjects()],
+                storage: stream::StorageType::File,
+                max_messages_per_subject: 1,
+                allow_direct: true,
+                allow_rollup: true,
+                deny_delete: false,
+                duplicate_window: dup,
+                ..Default::default()
+            })
             .await
-            .map_err(|e| setup("metadata stream")(boxed(e)))?;
+            .map_err(|e| setup(&names.meta_bucket())(boxed(e)))?;
         let blobs = match js.get_object_store(names.blob_bucket()).await {
             Ok(s) => s,
             Err(_) => js
@@ -240,7 +240,6 @@ impl Store {
             actions,
             work,
             meta,
-            meta_stream,
             blobs,
             inline_limit,
         })
@@ -274,11 +273,16 @@ impl Store {
         uid: &UserId,
         sid: &SessionId,
     ) -> Result<Option<ConversationMeta>, StoreError> {
-        let v = self
+        let v = match self
             .meta
-            .get(self.names.meta_key(uid, sid))
+            .direct_get_last_for_subject(self.names.meta_subject(uid, sid))
             .await
-            .map_err(|e| nats("metadata get")(boxed(e)))?;
+        {
+            Ok(m) if m.payload.is_empty() => None,
+            Ok(m) => Some(m.payload),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => None,
+            Err(e) => return Err(nats("metadata get")(boxed(e))),
+        };
         match v {
             None => Ok(None),
             Some(bytes) => {
@@ -304,10 +308,12 @@ impl Store {
             detail: e.to_string(),
         })?;
         let bytes = serde_json::to_vec(meta).map_err(|e| nats("metadata encode")(boxed(e)))?;
-        self.meta
-            .put(self.names.meta_key(uid, &sid), bytes.into())
+        let ack = self
+            .js
+            .publish(self.names.meta_subject(uid, &sid), bytes.into())
             .await
             .map_err(|e| nats("metadata put")(boxed(e)))?;
+        ack.await.map_err(|e| nats("metadata put")(boxed(e)))?;
         Ok(())
     }
 
@@ -317,9 +323,11 @@ impl Store {
     /// [`StoreError`] if NATS failed.
     pub async fn delete_meta(&self, uid: &UserId, sid: &SessionId) -> Result<(), StoreError> {
         self.meta
-            .purge(self.names.meta_key(uid, sid))
+            .purge()
+            .filter(self.names.meta_subject(uid, sid))
             .await
-            .map_err(|e| nats("metadata purge")(boxed(e)))
+            .map_err(|e| nats("metadata purge")(boxed(e)))?;
+        Ok(())
     }
 
     /// Every conversation of a user (unordered). Costs O(that user's conversations).
@@ -328,11 +336,11 @@ impl Store {
     /// [`StoreError`] if NATS failed.
     pub async fn list_meta(&self, uid: &UserId) -> Result<Vec<ConversationMeta>, StoreError> {
         let mut subjects = self
-            .meta_stream
+            .meta
             .info_with_subjects(self.names.meta_user_filter(uid))
             .await
             .map_err(|e| nats("metadata list")(boxed(e)))?;
-        let prefix = format!("$KV.{}.{uid}.", self.names.meta_bucket());
+        let prefix = self.names.meta_user_prefix(uid);
         let mut out = Vec::new();
         while let Some(item) = subjects.next().await {
             let (subject, _) = item.map_err(|e| nats("metadata list")(boxed(e)))?;

@@ -33,7 +33,7 @@ impl Agent for Echo {
     async fn on_message(&mut self, content: &str) -> Vec<Event> {
         vec![Event::message(
             Source::Agent,
-            &format!("echo: {content}"),
+            format!("echo: {content}"),
             true,
         )]
     }

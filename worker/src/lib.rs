@@ -2,7 +2,7 @@
 //! one [`session`] task per claimed session.
 //!
 //! Layout:
-//! - [`config`]: the worker's flags.
+//! - `config`: the worker's flags.
 //! - `claim`: pulls start requests within capacity, takes the lease, fences the log, spawns.
 //! - `lease`: renews every held lease; a lost lease cancels its session.
 //! - `journal`: the fenced append to a session's event log.

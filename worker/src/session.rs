@@ -105,7 +105,7 @@ impl<A: Agent> AgentSession<A> {
     async fn start(&mut self, fresh: bool, pending: u64) -> Result<(), AppendError> {
         if fresh {
             let sys = Event::system(
-                &self.agent.system_prompt(),
+                self.agent.system_prompt(),
                 None,
                 self.agent.class(),
                 env!("CARGO_PKG_VERSION"),
@@ -164,7 +164,7 @@ impl<A: Agent> AgentSession<A> {
                 self.journal.mark_applied(seq);
                 self.journal
                     .append(Event::error_observation(
-                        &format!("Your action could not be read: {e}"),
+                        format!("Your action could not be read: {e}"),
                         "",
                     ))
                     .await?;
@@ -182,7 +182,7 @@ impl<A: Agent> AgentSession<A> {
                 warn!(seq, reason, "invalid action in the action stream");
                 self.journal
                     .append(Event::error_observation(
-                        &format!("Invalid action: {reason}"),
+                        format!("Invalid action: {reason}"),
                         "",
                     ))
                     .await?;

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing need on a Debian machine, skipping whatever is
+# already there: nats-server and redis-server (Debian packages), a C toolchain, Node.js/npm
+# (for the JavaScript socket.io-client compatibility test), and Rust via rustup.
+# Needs root (or sudo) only when something is missing.
+set -euo pipefail
+
+need=()
+command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-cli >/dev/null || need+=(redis-tools)
+command -v cc >/dev/null || need+=(build-essential)
+command -v curl >/dev/null || need+=(curl ca-certificates)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+if [ "${OH_SKIP_NODE:-0}" != 1 ]; then
+  command -v node >/dev/null || need+=(nodejs)
+  command -v npm >/dev/null || need+=(npm)
+fi
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+  # Debian starts packaged services on install; we run our own on chosen ports instead.
+  $SUDO systemctl disable --now nats-server redis-server >/dev/null 2>&1 || true
+fi
+
+if ! command -v cargo >/dev/null; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    :
+  else
+    echo "setup: installing Rust (rustup, stable)"
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component rustfmt,clippy
+  fi
+fi
