@@ -1,0 +1,481 @@
+//! End-to-end: the real `gateway` and `worker` binaries, the test's own nats-server and
+//! redis-server, real Socket.IO clients (our Rust client and the JavaScript socket.io-client).
+//! Issue 2's "must show" list, one test each.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use shared::event::{Event, replay_order};
+use tests::cluster::{Cluster, ClusterOpts, events_until, ids, is_echo, is_state};
+use tests::sio::SioError;
+
+const T: Duration = Duration::from_secs(30);
+
+async fn say(c: &tests::sio::SioClient, text: &str) -> Value {
+    let acks = c
+        .emit_with_ack(
+            "oh_user_action",
+            &json!({"action": "message", "args": {"content": text}}),
+            T,
+        )
+        .await
+        .expect("ack");
+    acks.into_iter().next().unwrap_or(Value::Null)
+}
+
+fn strictly_increasing(v: &[u64]) -> bool {
+    v.windows(2).all(|w| w[0] < w[1])
+}
+
+/// Invariant 1 across gateways: two clients on two gateways see the same live events,
+/// each exactly once and in order, and both get the echo of a message sent by either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inv1_two_gateways_two_workers_share_one_conversation() {
+    let c = Cluster::start(ClusterOpts::default()).await;
+    let sid = c.create(0, Some("hello"), None).await;
+    let mut a = c.connect(0, &sid, None, None).await.expect("connect a");
+    let mut b = c.connect(1, &sid, None, None).await.expect("connect b");
+    let mut got_a = events_until(&mut a, T, |e| is_echo(e, "hello")).await;
+    let mut got_b = events_until(&mut b, T, |e| is_echo(e, "hello")).await;
+    let echo_id = got_a.last().unwrap()["id"].as_u64().unwrap();
+    assert_eq!(got_b.last().unwrap()["id"].as_u64().unwrap(), echo_id);
+
+    let ack = say(&a, "from a").await;
+    assert_eq!(ack["success"], true, "ack: {ack}");
+    got_a.extend(events_until(&mut a, T, |e| is_echo(e, "from a")).await);
+    got_b.extend(events_until(&mut b, T, |e| is_echo(e, "from a")).await);
+    let ack = say(&b, "from b").await;
+    assert_eq!(ack["success"], true, "ack: {ack}");
+    got_a.extend(events_until(&mut a, T, |e| is_echo(e, "from b")).await);
+    got_b.extend(events_until(&mut b, T, |e| is_echo(e, "from b")).await);
+
+    for got in [&got_a, &got_b] {
+        let ids = ids(got);
+        assert!(
+            strictly_increasing(&ids),
+            "duplicate or reordered ids: {ids:?}"
+        );
+        // Each client saw both user messages (echoed back with source user) exactly once.
+        for text in ["from a", "from b"] {
+            let n = got
+                .iter()
+                .filter(|e| {
+                    e["source"] == "user"
+                        && e["action"] == "message"
+                        && e["args"]["content"] == text
+                })
+                .count();
+            assert_eq!(n, 1, "user message {text:?} seen {n} times");
+        }
+    }
+    // After the first echo both were live: they must have seen exactly the same events.
+    let live =
+        |got: &[Value]| -> Vec<u64> { ids(got).into_iter().filter(|i| *i > echo_id).collect() };
+    assert_eq!(live(&got_a), live(&got_b));
+    // And those are exactly the stored events after the echo that the live rule forwards.
+    let stored = c.all_events(0, &sid, None).await;
+    let expected: Vec<u64> = stored
+        .iter()
+        .filter_map(|v| Event::from_value(v.clone()).ok())
+        .filter(|e| e.id.is_some_and(|i| i > echo_id) && e.live_copy().is_some())
+        .filter_map(|e| e.id)
+        .filter(|i| *i <= *live(&got_a).last().unwrap())
+        .collect();
+    assert_eq!(live(&got_a), expected);
+    // Stored ids are 0..n with no gap.
+    let all = ids(&stored);
+    assert_eq!(all, (0..all.len() as u64).collect::<Vec<_>>());
+}
+
+/// Reconnect on the other gateway with `latest_event_id = k`: exactly the events after k (by
+/// the replay rule), in order, then live ones with no gap and no duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inv1_reconnect_with_latest_event_id_on_other_gateway() {
+    let c = Cluster::start(ClusterOpts::default()).await;
+    let sid = c.create(0, Some("one"), None).await;
+    let mut a = c.connect(0, &sid, None, None).await.expect("connect");
+    events_until(&mut a, T, |e| is_echo(e, "one")).await;
+    for t in ["two", "three"] {
+        say(&a, t).await;
+        events_until(&mut a, T, |e| is_echo(e, t)).await;
+    }
+    events_until(&mut a, T, |e| is_state(e, "awaiting_user_input")).await;
+    a.close().await;
+
+    let stored: Vec<Event> = c
+        .all_events(0, &sid, None)
+        .await
+        .into_iter()
+        .map(|v| Event::from_value(v).expect("stored event parses"))
+        .collect();
+    let k = stored
+        .iter()
+        .find(|e| {
+            e.action_type() == Some("message") && e.to_value()["args"]["content"] == "echo: two"
+        })
+        .and_then(|e| e.id)
+        .expect("echo two stored");
+    let after: Vec<Event> = stored
+        .iter()
+        .filter(|e| e.id.unwrap() > k)
+        .cloned()
+        .collect();
+    let expected: Vec<u64> = replay_order(&after).iter().map(|e| e.id.unwrap()).collect();
+    assert!(
+        expected.len() >= 3,
+        "test needs a real replay: {expected:?}"
+    );
+
+    let mut b = c
+        .connect(1, &sid, Some(k as i64), None)
+        .await
+        .expect("reconnect");
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        let (name, ev) = b.next_event(T).await.expect("replayed event");
+        if name == "oh_event" {
+            got.push(ev);
+        }
+    }
+    assert_eq!(ids(&got), expected, "replay after {k}");
+    // Nothing more is replayed.
+    assert!(matches!(
+        b.next_event(Duration::from_millis(500)).await,
+        Err(SioError::Timeout(_))
+    ));
+
+    // Then live events continue after the head, in order.
+    let head = stored.last().unwrap().id.unwrap();
+    say(&b, "four").await;
+    let live = events_until(&mut b, T, |e| is_state(e, "awaiting_user_input")).await;
+    let live_ids = ids(&live);
+    assert!(
+        live_ids[0] > head && strictly_increasing(&live_ids),
+        "live ids {live_ids:?} after head {head}"
+    );
+    assert!(live.iter().any(|e| is_echo(e, "four")));
+
+    // A cursor at the head replays nothing; beyond the head is refused with a clear message.
+    let mut at_head = c
+        .connect(0, &sid, Some(*live_ids.last().unwrap() as i64), None)
+        .await
+        .expect("at head");
+    assert!(matches!(
+        at_head.next_event(Duration::from_millis(500)).await,
+        Err(SioError::Timeout(_))
+    ));
+    match c.connect(0, &sid, Some(1_000_000), None).await {
+        Err(SioError::ConnectRefused { message, .. }) => {
+            assert!(message.contains("beyond"), "{message}")
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("cursor beyond the head was accepted"),
+    }
+}
+
+async fn statuses(c: &Cluster, sids: &[String]) -> Vec<(String, String, Option<String>)> {
+    let mut out = Vec::new();
+    for s in sids {
+        let v = c.info(0, s, None).await;
+        out.push((
+            s.clone(),
+            v["session_status"].as_str().unwrap_or("").to_owned(),
+            v["worker_id"].as_str().map(str::to_owned),
+        ));
+    }
+    out
+}
+
+fn count(st: &[(String, String, Option<String>)], state: &str) -> usize {
+    st.iter().filter(|(_, s, _)| s == state).count()
+}
+
+/// Capacity is explicit: 50 conversations on 2 workers x 10 slots: 20 run, 30 wait queued,
+/// none fails; stopping 5 running ones lets 5 queued ones start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_fifty_conversations_on_twenty_slots() {
+    let c = Cluster::start(ClusterOpts {
+        max_sessions: 10,
+        ..ClusterOpts::default()
+    })
+    .await;
+    let creates = (0..50).map(|i| c.create(i % 2, Some("hi"), None));
+    let sids: Vec<String> = futures::future::join_all(creates).await;
+    assert_eq!(sids.iter().collect::<BTreeSet<_>>().len(), 50);
+
+    let deadline = tokio::time::Instant::now() + T;
+    let mut st = statuses(&c, &sids).await;
+    while count(&st, "running") < 20 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        st = statuses(&c, &sids).await;
+    }
+    assert_eq!(count(&st, "running"), 20, "{st:?}{}", c.logs());
+    // It stays that way: no worker takes more than its slots.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let st = statuses(&c, &sids).await;
+    assert_eq!(count(&st, "running"), 20, "{st:?}");
+    assert_eq!(count(&st, "queued"), 30, "{st:?}");
+    for w in ["w0", "w1"] {
+        let n = st
+            .iter()
+            .filter(|(_, s, o)| s == "running" && o.as_deref() == Some(w))
+            .count();
+        assert_eq!(n, 10, "worker {w} runs {n}: {st:?}");
+    }
+    let queued_info = c
+        .info(
+            0,
+            &st.iter().find(|(_, s, _)| s == "queued").unwrap().0,
+            None,
+        )
+        .await;
+    assert_eq!(queued_info["status"], "STARTING");
+    assert_eq!(queued_info["worker_id"], Value::Null);
+
+    let to_stop: Vec<String> = st
+        .iter()
+        .filter(|(_, s, _)| s == "running")
+        .take(5)
+        .map(|(s, _, _)| s.clone())
+        .collect();
+    for s in &to_stop {
+        let (code, v) = c
+            .post(1, &format!("/api/conversations/{s}/stop"), &json!({}), None)
+            .await;
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["conversation_status"], "RUNNING");
+    }
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let st = statuses(&c, &sids).await;
+        let (r, q, s) = (
+            count(&st, "running"),
+            count(&st, "queued"),
+            count(&st, "stopped"),
+        );
+        if r == 20 && q == 25 && s == 5 {
+            for id in &to_stop {
+                assert!(st.iter().any(|(x, state, _)| x == id && state == "stopped"));
+            }
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "running {r} queued {q} stopped {s}: {st:?}{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A stopped conversation's log ends with agent_state_changed: stopped.
+    let evs = c.all_events(0, &to_stop[0], None).await;
+    assert!(is_state(evs.last().unwrap(), "stopped"), "{:?}", evs.last());
+}
+
+const ALICE: &str = "token-alice-1";
+const BOB: &str = "token-bob-22";
+
+/// Invariants 6 and 7: bad input gets a clear error to that client only; the process keeps
+/// serving; the session's events are unchanged; a user never sees another user's conversation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inv6_inv7_bad_input_and_foreign_conversations() {
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        auth_tokens: Some(format!("{ALICE}=alice,{BOB}=bob")),
+        ..ClusterOpts::default()
+    })
+    .await;
+    let sid = c.create(0, Some("hi"), Some(ALICE)).await;
+    c.wait_info(0, &sid, Some(ALICE), T, |v| {
+        v["agent_state"] == "awaiting_user_input"
+    })
+    .await;
+
+    let refused = |r: Result<tests::sio::SioClient, SioError>| match r {
+        Err(SioError::ConnectRefused { message, .. }) => message,
+        Err(e) => panic!("expected a refusal, got {e}"),
+        Ok(_) => panic!("expected a refusal, got a connection"),
+    };
+    // Socket refusals, each with a clear message.
+    let m = refused(
+        tests::sio::SioClient::connect(
+            tests::sio::ConnectOpts::new(c.url(0))
+                .header("Authorization", format!("Bearer {ALICE}")),
+        )
+        .await,
+    );
+    assert!(m.contains("conversation_id"), "{m}");
+    let unknown = uuid::Uuid::new_v4().simple().to_string();
+    assert_eq!(
+        refused(c.connect(0, &unknown, None, Some(ALICE)).await),
+        "Conversation not found"
+    );
+    assert_eq!(
+        refused(c.connect(0, &sid, None, Some(BOB)).await),
+        "Conversation not found"
+    );
+    assert_eq!(
+        refused(c.connect(0, &sid, None, None).await),
+        "Invalid token"
+    );
+    assert!(
+        refused(c.connect(0, "bad.id", None, Some(ALICE)).await)
+            .contains("Invalid conversation_id")
+    );
+    assert!(refused(c.connect(0, &sid, Some(-7), Some(ALICE)).await).contains("latest_event_id"));
+    let auth_in_payload = tests::sio::SioClient::connect(
+        tests::sio::ConnectOpts::new(c.url(0))
+            .query("conversation_id", &sid)
+            .auth(json!({"token": ALICE})),
+    )
+    .await;
+    assert!(auth_in_payload.is_ok(), "auth payload token refused");
+
+    // REST: another user's conversation does not exist for them.
+    let (code, _) = c
+        .get(0, &format!("/api/conversations/{sid}"), Some(BOB))
+        .await;
+    assert_eq!(code, 404);
+    let (code, _) = c
+        .get(0, &format!("/api/conversations/{sid}/events"), Some(BOB))
+        .await;
+    assert_eq!(code, 404);
+    let (code, _) = c
+        .post(
+            0,
+            &format!("/api/conversations/{sid}/stop"),
+            &json!({}),
+            Some(BOB),
+        )
+        .await;
+    assert_eq!(code, 404);
+    let (code, v) = c
+        .delete(0, &format!("/api/conversations/{sid}"), Some(BOB))
+        .await;
+    assert_eq!((code, v), (200, json!(false)));
+    let (code, _) = c.get(0, "/api/conversations", None).await;
+    assert_eq!(code, 401);
+    let (_, list) = c.get(0, "/api/conversations", Some(BOB)).await;
+    assert_eq!(list["results"], json!([]));
+    let (_, list) = c.get(0, "/api/conversations", Some(ALICE)).await;
+    assert_eq!(list["results"][0]["conversation_id"], sid);
+
+    let before = c.all_events(0, &sid, Some(ALICE)).await;
+    let mut a = c
+        .connect(0, &sid, Some(before.len() as i64 - 1), Some(ALICE))
+        .await
+        .expect("alice");
+    let mut other = c
+        .connect(0, &sid, Some(before.len() as i64 - 1), Some(ALICE))
+        .await
+        .expect("alice 2");
+    let huge = "x".repeat(4 * 1024 * 1024 + 10);
+    let cases: Vec<(Value, &str)> = vec![
+        (json!("just a string"), "object"),
+        (json!(42), "object"),
+        (json!({"action": "frobnicate", "args": {}}), "frobnicate"),
+        (
+            json!({"observation": "run", "content": "", "extras": {}}),
+            "action",
+        ),
+        (
+            json!({"id": 3, "action": "message", "args": {"content": "x"}}),
+            "id",
+        ),
+        (
+            json!({"action": "message", "args": {"content": 5}}),
+            "content",
+        ),
+        (
+            json!({"action": "message", "args": {"content": huge}}),
+            "4 MiB",
+        ),
+    ];
+    for (payload, needle) in cases {
+        let ack = a
+            .emit_with_ack("oh_user_action", &payload, T)
+            .await
+            .expect("ack of a bad action");
+        let ack = ack.into_iter().next().unwrap_or(Value::Null);
+        assert_eq!(ack["error"], true, "{ack}");
+        let msg = ack["message"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            msg.contains(needle),
+            "error {msg:?} should mention {needle:?}"
+        );
+        let (name, ev) = a.next_event(T).await.expect("error event");
+        assert_eq!((name.as_str(), &ev["error"]), ("oh_event", &json!(true)));
+        assert_eq!(ev["message"], ack["message"]);
+    }
+    // The legacy event name is validated the same way.
+    a.emit("oh_action", &json!([1, 2])).await.unwrap();
+    let (_, ev) = a.next_event(T).await.expect("error event");
+    assert_eq!(ev["error"], true);
+    // Errors went to the sender only.
+    assert!(matches!(
+        other.next_event(Duration::from_millis(300)).await,
+        Err(SioError::Timeout(_))
+    ));
+    // Nothing was stored.
+    assert_eq!(c.all_events(0, &sid, Some(ALICE)).await, before);
+
+    // The connection and the process keep serving: a large (2 MiB, out-of-line) message works.
+    let big = "y".repeat(2 * 1024 * 1024);
+    let ack = say(&a, &big).await;
+    assert_eq!(ack["success"], true);
+    let got = events_until(&mut a, T, |e| is_echo(e, &big)).await;
+    assert!(
+        got.iter()
+            .any(|e| e["source"] == "user" && e["args"]["content"] == big.as_str())
+    );
+    events_until(&mut other, T, |e| is_echo(e, &big)).await;
+    let after = c.all_events(0, &sid, Some(ALICE)).await;
+    assert_eq!(&after[..before.len()], &before[..]);
+}
+
+/// Wire compatibility: the JavaScript socket.io-client (what the OpenHands frontend uses)
+/// completes create -> connect -> message -> echo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compat_javascript_socketio_client_converses() {
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        ..ClusterOpts::default()
+    })
+    .await;
+    let sid = c.create(0, None, None).await;
+    let events = tests::js::run_js_converse(&c.url(0), &sid, "hi from js", None, T)
+        .await
+        .unwrap_or_else(|e| panic!("{e}{}", c.logs()));
+    assert!(
+        events.iter().any(|e| is_echo(e, "hi from js")),
+        "{events:#?}"
+    );
+    let idv = ids(&events);
+    assert!(strictly_increasing(&idv), "{idv:?}");
+}
+
+/// Bad configuration: one line naming the setting, exit code 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configuration_exits_2_naming_the_setting() {
+    let cases: [(&str, &str, &str, &str); 4] = [
+        ("gateway", "OH_AUTH_TOKENS", "no-equals-sign", "auth-tokens"),
+        ("gateway", "OH_NAMESPACE", "Bad.NS", "namespace"),
+        ("worker", "OH_MAX_SESSIONS", "0", "max-sessions"),
+        ("worker", "OH_LEASE_TTL_MS", "abc", "lease-ttl-ms"),
+    ];
+    for (bin, var, value, flag) in cases {
+        let out = tokio::process::Command::new(tests::proc::bin_path(bin))
+            .env(var, value)
+            .output()
+            .await
+            .expect("run binary");
+        assert_eq!(out.status.code(), Some(2), "{bin} {var}={value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{bin} {var}: {err}");
+        assert!(err.contains(flag), "{bin} {var}: {err}");
+    }
+}
