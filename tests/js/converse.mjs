@@ -2,7 +2,7 @@
 //
 // usage: node converse.mjs BASE_URL CONVERSATION_ID TEXT [TOKEN] [TIMEOUT_MS]
 //
-// Connects (websocket transport only, no reconnection) with query
+// Connects (websocket transport unless OH_JS_TRANSPORTS says otherwise, no reconnection) with query
 // {conversation_id, latest_event_id: -1} and, if TOKEN is non-empty, header
 // `Authorization: Bearer TOKEN`. After `connect` it emits oh_user_action
 // {"action":"message","args":{"content":TEXT}} and waits for an oh_event with source "agent",
@@ -26,7 +26,8 @@ const events = [];
 let finished = false;
 
 const opts = {
-  transports: ["websocket"],
+  // OH_JS_TRANSPORTS=polling (or "polling,websocket") exercises long-polling too.
+  transports: (process.env.OH_JS_TRANSPORTS || "websocket").split(","),
   query: { conversation_id: conversationId, latest_event_id: -1 },
   reconnection: false,
   timeout: timeoutMs,

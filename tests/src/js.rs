@@ -94,6 +94,19 @@ pub async fn run_js_converse(
     token: Option<&str>,
     timeout: Duration,
 ) -> Result<Vec<Value>, String> {
+    run_js_converse_over(base_url, conversation_id, text, token, timeout, "websocket").await
+}
+
+/// [`run_js_converse`] over the given socket.io-client `transports` (comma-separated, e.g.
+/// `polling` for long-polling only).
+pub async fn run_js_converse_over(
+    base_url: &str,
+    conversation_id: &str,
+    text: &str,
+    token: Option<&str>,
+    timeout: Duration,
+    transports: &str,
+) -> Result<Vec<Value>, String> {
     let dir = tokio::task::spawn_blocking(ensure_js_client)
         .await
         .map_err(|e| format!("installing socket.io-client: {e}"))?;
@@ -108,6 +121,7 @@ pub async fn run_js_converse(
             &timeout_ms,
         ])
         .current_dir(&dir)
+        .env("OH_JS_TRANSPORTS", transports)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();

@@ -1,0 +1,214 @@
+//! `shared::store` against a real nats-server: metadata, start-request dedup, the replay seek
+//! over interleaved sessions (short and long ranges), and payloads stored out of line.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+use shared::id::{SessionId, UserId};
+use shared::names::Names;
+use shared::store::{ConversationMeta, Store};
+use shared::wire::{HDR_EVENT_ID, StartReason, StartRequest};
+use tests::nats::NatsServer;
+
+async fn open(nats: &NatsServer) -> Store {
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    Store::open(client, Names::new("st").unwrap())
+        .await
+        .unwrap()
+}
+
+fn meta(sid: &SessionId, uid: &UserId, created: &str) -> ConversationMeta {
+    ConversationMeta {
+        conversation_id: sid.to_string(),
+        user_id: uid.to_string(),
+        title: "t".into(),
+        created_at: created.into(),
+        last_updated_at: created.into(),
+        trigger: "gui".into(),
+        selected_repository: None,
+        selected_branch: None,
+        git_provider: None,
+        pr_number: vec![],
+        conversation_instructions: None,
+        replay_blob: None,
+    }
+}
+
+#[tokio::test]
+async fn metadata_is_per_user_and_listable() {
+    let nats = NatsServer::start().await;
+    let store = open(&nats).await;
+    let (alice, bob) = (
+        UserId::parse("alice").unwrap(),
+        UserId::parse("bob").unwrap(),
+    );
+    let s1 = SessionId::generate();
+    let s2 = SessionId::generate();
+    store
+        .put_meta(&alice, &meta(&s1, &alice, "1"))
+        .await
+        .unwrap();
+    store
+        .put_meta(&alice, &meta(&s2, &alice, "2"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .get_meta(&alice, &s1)
+            .await
+            .unwrap()
+            .unwrap()
+            .conversation_id,
+        s1.to_string()
+    );
+    assert!(
+        store.get_meta(&bob, &s1).await.unwrap().is_none(),
+        "bob must not find alice's"
+    );
+    let mut listed: Vec<String> = store
+        .list_meta(&alice)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.conversation_id)
+        .collect();
+    listed.sort();
+    let mut want = vec![s1.to_string(), s2.to_string()];
+    want.sort();
+    assert_eq!(listed, want);
+    assert!(store.list_meta(&bob).await.unwrap().is_empty());
+    store.delete_meta(&alice, &s1).await.unwrap();
+    assert!(store.get_meta(&alice, &s1).await.unwrap().is_none());
+    assert_eq!(store.list_meta(&alice).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn at_most_one_start_request_is_queued_per_session() {
+    let nats = NatsServer::start().await;
+    let store = open(&nats).await;
+    let sid = SessionId::generate();
+    let uid = UserId::local();
+    let req = StartRequest::new(&sid, &uid, StartReason::Start);
+    assert!(store.enqueue_start(&req).await.unwrap());
+    assert!(
+        !store.enqueue_start(&req).await.unwrap(),
+        "second request must be refused"
+    );
+    // Once a worker has taken (acked) it, a new one can be queued at once.
+    let consumer: async_nats::jetstream::consumer::PullConsumer = store
+        .work()
+        .get_consumer(store.names.work_consumer())
+        .await
+        .unwrap();
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap();
+    let msg = batch.next().await.unwrap().unwrap();
+    let (decoded, dsid, _) = StartRequest::decode(&msg.payload).unwrap();
+    assert_eq!((decoded.reason, dsid), (StartReason::Start, sid.clone()));
+    msg.double_ack().await.unwrap();
+    assert!(store.enqueue_start(&req).await.unwrap());
+}
+
+async fn append(store: &Store, sid: &SessionId, id: u64, body: &str) {
+    let mut h = HeaderMap::new();
+    h.insert(HDR_EVENT_ID, id.to_string().as_str());
+    let payload = format!(
+        r#"{{"id":{id},"source":"agent","message":"{body}","action":"message","args":{{"content":"{body}"}}}}"#
+    );
+    store
+        .js
+        .publish_with_headers(store.names.events_subject(sid), h, payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn seek_and_read_over_interleaved_sessions() {
+    let nats = NatsServer::start().await;
+    let store = open(&nats).await;
+    let (a, b) = (SessionId::generate(), SessionId::generate());
+    // a: 0..300, interleaved with b in irregular runs, so sequences and ids diverge.
+    let (mut ia, mut ib) = (0u64, 0u64);
+    while ia < 300 {
+        for _ in 0..(ia % 7 + 1) {
+            append(&store, &a, ia, "a").await;
+            ia += 1;
+        }
+        for _ in 0..(ib % 5 + 2) {
+            append(&store, &b, ib, "b").await;
+            ib += 1;
+        }
+    }
+    for k in [0u64, 1, 2, 17, 64, 150, 299] {
+        let seq = store.seek(&a, k).await.unwrap().expect("seek");
+        let ev = &store.read_from(&a, k, 1).await.unwrap()[0];
+        assert_eq!((ev.id, ev.seq), (k, seq));
+    }
+    assert_eq!(store.seek(&a, ia).await.unwrap(), None, "beyond the head");
+    // Short range (direct gets) and long range (ordered consumer) return exactly the ids asked.
+    let short: Vec<u64> = store
+        .read_from(&a, 10, 20)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(short, (10..30).collect::<Vec<_>>());
+    let long: Vec<u64> = store
+        .read_from(&a, 5, 250)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(long, (5..255).collect::<Vec<_>>());
+    let tail: Vec<u64> = store
+        .read_from(&b, ib - 3, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(tail, (ib - 3..ib).collect::<Vec<_>>());
+    let last = store.last_event(&a).await.unwrap().unwrap();
+    assert_eq!(last.id, ia - 1);
+    assert!(
+        store
+            .last_event(&SessionId::generate())
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn payloads_over_max_payload_go_out_of_line_and_come_back() {
+    let nats = NatsServer::start().await;
+    let store = open(&nats).await;
+    let sid = SessionId::generate();
+    let big = Bytes::from(vec![b'z'; 3 * 1024 * 1024]);
+    let mut h = HeaderMap::new();
+    let body = store.pack(&sid, big.clone(), &mut h).await.unwrap();
+    assert!(body.is_empty());
+    assert!(h.get(shared::wire::HDR_BLOB).is_some());
+    assert_eq!(store.unpack(&h, body).await.unwrap(), big);
+    // Small payloads stay inline.
+    let mut h2 = HeaderMap::new();
+    let small = store
+        .pack(&sid, Bytes::from_static(b"{}"), &mut h2)
+        .await
+        .unwrap();
+    assert_eq!(&small[..], b"{}");
+    assert!(h2.get(shared::wire::HDR_BLOB).is_none());
+}
