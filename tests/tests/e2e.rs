@@ -479,3 +479,194 @@ async fn bad_configuration_exits_2_naming_the_setting() {
         assert!(err.contains(flag), "{bin} {var}: {err}");
     }
 }
+
+/// REST with OpenHands shapes: paged list, events (forward, reverse, limits), stop/start
+/// (resume on a worker with events continuing at the next id), delete, health and metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_list_events_lifecycle_delete() {
+    let mut c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        ..ClusterOpts::default()
+    })
+    .await;
+    let mut sids = Vec::new();
+    for i in 0..3 {
+        sids.push(c.create(0, Some(&format!("m{i}")), None).await);
+    }
+    let (code, page1) = c.get(0, "/api/conversations?limit=2", None).await;
+    assert_eq!(code, 200, "{page1}");
+    assert_eq!(page1["results"].as_array().unwrap().len(), 2);
+    let next = page1["next_page_id"]
+        .as_str()
+        .expect("next page")
+        .to_owned();
+    let (_, page2) = c
+        .get(
+            0,
+            &format!("/api/conversations?limit=2&page_id={next}"),
+            None,
+        )
+        .await;
+    assert_eq!(page2["results"].as_array().unwrap().len(), 1);
+    assert_eq!(page2["next_page_id"], Value::Null);
+    let mut listed: Vec<String> = page1["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(page2["results"].as_array().unwrap())
+        .map(|v| v["conversation_id"].as_str().unwrap().to_owned())
+        .collect();
+    // Newest first.
+    assert_eq!(listed, sids.iter().rev().cloned().collect::<Vec<_>>());
+    listed.sort();
+    let info = c
+        .wait_info(0, &sids[0], None, T, |v| {
+            v["agent_state"] == "awaiting_user_input"
+        })
+        .await;
+    for key in [
+        "conversation_id",
+        "title",
+        "last_updated_at",
+        "status",
+        "runtime_status",
+        "created_at",
+        "url",
+        "trigger",
+    ] {
+        assert!(info.get(key).is_some(), "missing {key}: {info}");
+    }
+    assert_eq!(
+        (info["status"].as_str(), info["runtime_status"].as_str()),
+        (Some("RUNNING"), Some("STATUS$READY"))
+    );
+    assert_eq!(info["conversation_version"], "V0");
+    assert_eq!(info["worker_id"], "w0");
+
+    let sid = &sids[0];
+    let all = c.all_events(0, sid, None).await;
+    let n = all.len() as u64;
+    assert!(n >= 6, "{all:#?}");
+    let (_, v) = c
+        .get(
+            0,
+            &format!("/api/conversations/{sid}/events?start_id=1&limit=2"),
+            None,
+        )
+        .await;
+    assert_eq!(ids(v["events"].as_array().unwrap()), vec![1, 2]);
+    assert_eq!(v["has_more"], true);
+    let (_, v) = c
+        .get(
+            0,
+            &format!("/api/conversations/{sid}/events?reverse=true&limit=3"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        ids(v["events"].as_array().unwrap()),
+        vec![n - 1, n - 2, n - 3]
+    );
+    assert_eq!(v["has_more"], true);
+    let (_, v) = c
+        .get(
+            0,
+            &format!("/api/conversations/{sid}/events?start_id=2&end_id=3&limit=100"),
+            None,
+        )
+        .await;
+    assert_eq!(ids(v["events"].as_array().unwrap()), vec![2, 3]);
+    assert_eq!(v["has_more"], false);
+    for bad in ["limit=101", "limit=-1", "limit=x"] {
+        let (code, v) = c
+            .get(0, &format!("/api/conversations/{sid}/events?{bad}"), None)
+            .await;
+        assert_eq!(
+            (code, v),
+            (400, json!({"detail": "Invalid limit"})),
+            "{bad}"
+        );
+    }
+    let (code, _) = c.get(0, "/api/conversations/not.an.id", None).await;
+    assert_eq!(code, 400);
+    let (code, v) = c
+        .post(0, "/api/conversations", &json!({"bogus": 1}), None)
+        .await;
+    assert_eq!(code, 422, "{v}");
+
+    // Stop, then start again: resumed with events continuing at the next id.
+    let (_, v) = c
+        .post(
+            0,
+            &format!("/api/conversations/{sid}/stop"),
+            &json!({}),
+            None,
+        )
+        .await;
+    assert_eq!(v["message"], "Conversation stopped successfully");
+    c.wait_info(0, sid, None, T, |v| {
+        v["status"] == "STOPPED" && v["worker_id"].is_null()
+    })
+    .await;
+    let (_, v) = c
+        .post(
+            0,
+            &format!("/api/conversations/{sid}/stop"),
+            &json!({}),
+            None,
+        )
+        .await;
+    assert_eq!(v["message"], "Conversation was not running");
+    let (_, v) = c
+        .post(
+            0,
+            &format!("/api/conversations/{sid}/start"),
+            &json!({}),
+            None,
+        )
+        .await;
+    assert_eq!(v["conversation_status"], "STARTING");
+    c.wait_info(0, sid, None, T, |v| {
+        v["agent_state"] == "awaiting_user_input"
+    })
+    .await;
+    let resumed = c.all_events(0, sid, None).await;
+    assert_eq!(ids(&resumed), (0..resumed.len() as u64).collect::<Vec<_>>());
+    assert!(is_state(&resumed[all.len()], "stopped"));
+    assert!(
+        is_state(&resumed[all.len() + 1], "loading"),
+        "takeover record after resume"
+    );
+    assert!(
+        !resumed[all.len()..].iter().any(|e| e["action"] == "system"),
+        "system only on first start"
+    );
+
+    // Delete: gone for good.
+    let (code, v) = c
+        .delete(0, &format!("/api/conversations/{sid}"), None)
+        .await;
+    assert_eq!((code, v), (200, json!(true)));
+    let (code, _) = c.get(0, &format!("/api/conversations/{sid}"), None).await;
+    assert_eq!(code, 404);
+    let (_, list) = c.get(0, "/api/conversations", None).await;
+    assert_eq!(list["results"].as_array().unwrap().len(), 2);
+
+    let (code, v) = c.get(0, "/readyz", None).await;
+    assert_eq!((code, v), (200, json!({"nats": true, "redis": true})));
+    let metrics = reqwest::get(format!("{}/metrics", c.url(0)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("oh_gateway_conversations_created_total 3"),
+        "{metrics}"
+    );
+    // Not ready while Redis is down.
+    c.redis.kill().await;
+    let (code, v) = c.get(0, "/readyz", None).await;
+    assert_eq!((code, v), (503, json!({"nats": true, "redis": false})));
+}
