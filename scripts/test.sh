@@ -14,4 +14,12 @@ echo "== build binaries"
 cargo build --workspace --bins
 echo "== tests"
 # Two cores: end-to-end tests each start NATS, Redis, gateways and workers; two at a time.
-cargo test --workspace -- --test-threads "${OH_TEST_THREADS:-2}"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --all-targets -- --test-threads "${OH_TEST_THREADS:-2}" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line over every test binary.
+awk '/^test result:/ {p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}' "$log"
+exit "$status"
