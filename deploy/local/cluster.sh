@@ -29,8 +29,11 @@ BASE_PORT=${OH_GATEWAY_PORT:-3000}
 hostport() { local u=${1#*://}; u=${u#*@}; echo "${u%%/*}"; }
 nats_js_up() {
   local hp; hp=$(hostport "$OH_NATS_URL")
-  local line
-  line=$(timeout 2 bash -c "exec 3<>/dev/tcp/${hp%:*}/${hp##*:}; head -c 4096 <&3 | head -n 1" 2>/dev/null || true)
+  local line=""
+  # The server greets every connection with one INFO line, which says whether JetStream is on.
+  { exec 3<>"/dev/tcp/${hp%:*}/${hp##*:}"; } 2>/dev/null || return 1
+  read -r -t 2 line <&3 || true
+  exec 3<&-
   [[ "$line" == INFO* && "$line" == *'"jetstream":true'* ]]
 }
 redis_up() {
