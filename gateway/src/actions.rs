@@ -20,18 +20,50 @@ pub(crate) enum SendError {
     TooLarge { size: usize },
     #[error("invalid action: {0}")]
     Invalid(#[from] ActionError),
+    #[error("invalid action: msg_id must be 1-64 characters of [A-Za-z0-9_-]")]
+    BadMsgId,
     #[error("action not stored (JetStream): {0}; please retry")]
     Unavailable(String),
 }
 
-/// Validates `payload` (an `oh_user_action` dict) and returns its canonical JSON.
-pub(crate) fn validate(payload: &Value) -> Result<Bytes, SendError> {
+/// A validated action, ready to publish.
+pub(crate) struct Validated {
+    /// The action JSON to store (without `msg_id`).
+    pub(crate) raw: Bytes,
+    /// The client's own id for this action, if it gave one: retries with the same id are
+    /// stored once (JetStream dedup window, 2 minutes).
+    pub(crate) client_msg_id: Option<String>,
+}
+
+/// Validates `payload` (an `oh_user_action` dict, optionally with a top-level `msg_id`).
+pub(crate) fn validate(payload: &Value) -> Result<Validated, SendError> {
     let raw = serde_json::to_vec(payload).map_err(|e| SendError::Unavailable(e.to_string()))?;
     if raw.len() > MAX_ACTION_BYTES {
         return Err(SendError::TooLarge { size: raw.len() });
     }
+    if let Some(obj) = payload.as_object()
+        && let Some(id) = obj.get("msg_id")
+    {
+        let id = id
+            .as_str()
+            .and_then(|s| shared::id::SessionId::parse(s).ok())
+            .ok_or(SendError::BadMsgId)?;
+        let mut stripped = obj.clone();
+        stripped.remove("msg_id");
+        let stripped = Value::Object(stripped);
+        UserAction::parse(&stripped)?;
+        let raw =
+            serde_json::to_vec(&stripped).map_err(|e| SendError::Unavailable(e.to_string()))?;
+        return Ok(Validated {
+            raw: Bytes::from(raw),
+            client_msg_id: Some(id.to_string()),
+        });
+    }
     UserAction::parse(payload)?;
-    Ok(Bytes::from(raw))
+    Ok(Validated {
+        raw: Bytes::from(raw),
+        client_msg_id: None,
+    })
 }
 
 /// Publishes a validated action and waits for JetStream to store it. Returns the stream

@@ -45,8 +45,9 @@ impl AppState {
         redis: redis::aio::ConnectionManager,
         auth: AuthTokens,
         metrics: PrometheusHandle,
+        gateway_id: &str,
     ) -> Self {
-        let fanout = Fanout::new(nats.clone(), store.clone());
+        let fanout = Fanout::new(nats.clone(), store.clone(), redis.clone(), gateway_id);
         Self(Arc::new(Inner {
             nats,
             store,

@@ -4,7 +4,12 @@
 //! The subscription task decodes each event once, computes its live copy (OpenHands' live
 //! filter, section 3.3), and broadcasts it. Sockets keep an `Arc<Topic>`; when the last one
 //! goes, the subscription ends. The broadcast is bounded: a socket that lags notices
-//! (`Lagged`) and fills the gap from the log, so nothing is lost.
+//! (`Lagged`) and fills the gap from the log, so nothing is lost. Core NATS delivery is at
+//! most once: after a reconnect to NATS every topic broadcasts [`Feed::Resync`], and sockets
+//! re-read the log's head for anything published while the connection was down.
+//!
+//! Presence: while a topic lives, this gateway is listed (with an expiry it refreshes) in
+//! `{ns}:presence:{sid}`, which the owning worker reads to passivate sessions nobody watches.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -25,14 +30,80 @@ pub(crate) struct Live {
     pub(crate) json: Option<Box<RawValue>>,
 }
 
+/// What a socket receives from its session's topic.
+#[derive(Debug, Clone)]
+pub(crate) enum Feed {
+    /// One live event.
+    Event(Arc<Live>),
+    /// Events may have been missed (NATS reconnect): re-read the log up to its head.
+    Resync,
+}
+
 pub(crate) struct Topic {
-    tx: broadcast::Sender<Arc<Live>>,
+    tx: broadcast::Sender<Feed>,
     task: tokio::task::JoinHandle<()>,
+    presence: Presence,
+    sid: SessionId,
 }
 
 impl Drop for Topic {
     fn drop(&mut self) {
         self.task.abort();
+        let presence = self.presence.clone();
+        let sid = self.sid.clone();
+        // Best effort: an entry left behind expires by itself.
+        tokio::spawn(async move { presence.leave(&sid).await });
+    }
+}
+
+/// This gateway's entries in the per-session presence sets.
+#[derive(Clone)]
+pub(crate) struct Presence {
+    redis: redis::aio::ConnectionManager,
+    names: shared::names::Names,
+    gateway_id: Arc<str>,
+}
+
+/// How long a presence entry lives without a refresh.
+const PRESENCE_TTL_MS: i64 = 15_000;
+/// How often live topics refresh their presence entries.
+pub(crate) const PRESENCE_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Presence {
+    async fn enter(&self, sids: &[SessionId]) {
+        if sids.is_empty() {
+            return;
+        }
+        let expiry = chrono::Utc::now().timestamp_millis() + PRESENCE_TTL_MS;
+        let mut pipe = redis::pipe();
+        for sid in sids {
+            let key = self.names.presence_key(sid);
+            pipe.cmd("ZADD")
+                .arg(&key)
+                .arg(expiry)
+                .arg(&*self.gateway_id)
+                .ignore();
+            pipe.cmd("PEXPIRE")
+                .arg(&key)
+                .arg(PRESENCE_TTL_MS * 2)
+                .ignore();
+        }
+        let mut conn = self.redis.clone();
+        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+            warn!(error = %e, "presence refresh failed");
+        }
+    }
+
+    async fn leave(&self, sid: &SessionId) {
+        let mut conn = self.redis.clone();
+        let res = redis::cmd("ZREM")
+            .arg(self.names.presence_key(sid))
+            .arg(&*self.gateway_id)
+            .query_async::<()>(&mut conn)
+            .await;
+        if let Err(e) = res {
+            warn!(session_id = %sid, error = %e, "presence removal failed; it will expire");
+        }
     }
 }
 
@@ -40,15 +111,64 @@ impl Drop for Topic {
 pub(crate) struct Fanout {
     nats: async_nats::Client,
     store: Store,
+    presence: Presence,
     topics: Arc<Mutex<HashMap<SessionId, Weak<Topic>>>>,
 }
 
 impl Fanout {
-    pub(crate) fn new(nats: async_nats::Client, store: Store) -> Self {
+    pub(crate) fn new(
+        nats: async_nats::Client,
+        store: Store,
+        redis: redis::aio::ConnectionManager,
+        gateway_id: &str,
+    ) -> Self {
+        let presence = Presence {
+            redis,
+            names: store.names.clone(),
+            gateway_id: Arc::from(gateway_id),
+        };
         Self {
             nats,
             store,
+            presence,
             topics: Arc::default(),
+        }
+    }
+
+    async fn live_topics(&self) -> Vec<Arc<Topic>> {
+        self.topics
+            .lock()
+            .await
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// Tells every socket to re-read the log (after a NATS reconnect).
+    pub(crate) async fn resync_all(&self) {
+        let topics = self.live_topics().await;
+        metrics::counter!("oh_gateway_resyncs_total").increment(topics.len() as u64);
+        for t in topics {
+            // No receiver: the topic is going away anyway.
+            let _ = t.tx.send(Feed::Resync);
+        }
+    }
+
+    /// Refreshes this gateway's presence on every session it has sockets for, forever.
+    pub(crate) async fn presence_loop(self, cancel: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(PRESENCE_REFRESH);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let sids: Vec<SessionId> = self
+                .live_topics()
+                .await
+                .iter()
+                .map(|t| t.sid.clone())
+                .collect();
+            self.presence.enter(&sids).await;
         }
     }
 
@@ -57,7 +177,7 @@ impl Fanout {
     pub(crate) async fn join(
         &self,
         sid: &SessionId,
-    ) -> Result<(Arc<Topic>, broadcast::Receiver<Arc<Live>>), async_nats::Error> {
+    ) -> Result<(Arc<Topic>, broadcast::Receiver<Feed>), async_nats::Error> {
         let mut topics = self.topics.lock().await;
         if let Some(t) = topics.get(sid).and_then(Weak::upgrade) {
             let rx = t.tx.subscribe();
@@ -73,10 +193,17 @@ impl Fanout {
             pump(self.store.clone(), sid.clone(), sub, tx.clone())
                 .instrument(info_span!("fanout", session_id = %sid)),
         );
-        let topic = Arc::new(Topic { tx, task });
+        let topic = Arc::new(Topic {
+            tx,
+            task,
+            presence: self.presence.clone(),
+            sid: sid.clone(),
+        });
         topics.retain(|_, w| w.strong_count() > 0);
         topics.insert(sid.clone(), Arc::downgrade(&topic));
         metrics::gauge!("oh_gateway_session_subscriptions").set(topics.len() as f64);
+        drop(topics);
+        self.presence.enter(std::slice::from_ref(sid)).await;
         Ok((topic, rx))
     }
 }
@@ -85,7 +212,7 @@ async fn pump(
     store: Store,
     sid: SessionId,
     mut sub: async_nats::Subscriber,
-    tx: broadcast::Sender<Arc<Live>>,
+    tx: broadcast::Sender<Feed>,
 ) {
     while let Some(msg) = sub.next().await {
         let (id, payload) = match store.decode_live(&sid, &msg).await {
@@ -108,6 +235,6 @@ async fn pump(
         };
         debug!(id, "live event");
         // No receiver means every socket left; the topic is about to be dropped.
-        let _ = tx.send(Arc::new(Live { id, json }));
+        let _ = tx.send(Feed::Event(Arc::new(Live { id, json })));
     }
 }

@@ -188,7 +188,11 @@ async fn create(
             "content": body.initial_user_msg.clone().unwrap_or_default(),
             "image_urls": body.image_urls.clone().unwrap_or_default(),
         }});
-        Some(actions::validate(&action).map_err(|e| ApiError::BadRequest(e.to_string()))?)
+        Some(
+            actions::validate(&action)
+                .map_err(|e| ApiError::BadRequest(e.to_string()))?
+                .raw,
+        )
     } else {
         None
     };
@@ -538,6 +542,7 @@ async fn delete_one(
     state.store.purge_session(&sid).await?;
     let mut redis = state.redis.clone();
     status::delete(&mut redis, &state.store.names, &sid).await?;
+    shared::ownership::unmark_should_run(&mut redis, &state.store.names, &uid, &sid).await?;
     Ok(Json(json!(true)))
 }
 

@@ -35,8 +35,19 @@ pub async fn run(
     metrics: PrometheusHandle,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    let gateway_id = format!("gw-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let (reconnected_tx, mut reconnected) = tokio::sync::mpsc::channel::<()>(1);
     let client = async_nats::ConnectOptions::new()
-        .name(format!("gateway {}", args.gateway_addr))
+        .name(format!("gateway {gateway_id} {}", args.gateway_addr))
+        .event_callback(move |ev| {
+            let tx = reconnected_tx.clone();
+            async move {
+                if matches!(ev, async_nats::Event::Connected) {
+                    // Full means a resync is already pending; one is enough.
+                    let _ = tx.try_send(());
+                }
+            }
+        })
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connect(&args.broker.nats_url)
@@ -48,12 +59,27 @@ pub async fn run(
     let redis = shared::ownership::connect(&args.broker.redis_url)
         .await
         .context("connect Redis")?;
-    let state = app::AppState::new(client, store, redis, args.auth_tokens.clone(), metrics);
+    let state = app::AppState::new(
+        client,
+        store,
+        redis,
+        args.auth_tokens.clone(),
+        metrics,
+        &gateway_id,
+    );
+    let fanout = state.fanout.clone();
+    tokio::spawn(fanout.clone().presence_loop(cancel.clone()));
+    tokio::spawn(async move {
+        while reconnected.recv().await.is_some() {
+            info!("NATS (re)connected; resyncing live sockets from the log");
+            fanout.resync_all().await;
+        }
+    });
     let router = app::router(state, cancel.clone());
     let listener = tokio::net::TcpListener::bind(args.gateway_addr)
         .await
         .with_context(|| format!("bind {}", args.gateway_addr))?;
-    info!(addr = %args.gateway_addr, single_user = args.auth_tokens.is_single_user(), "gateway listening");
+    info!(gateway_id, addr = %args.gateway_addr, single_user = args.auth_tokens.is_single_user(), "gateway listening");
     axum::serve(listener, router)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await

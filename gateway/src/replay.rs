@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::app::AppState;
-use crate::fanout::Live;
+use crate::fanout::{Feed, Live};
 
 /// How long a client may leave its send buffer full before it is disconnected.
 pub(crate) const STALL_LIMIT: Duration = Duration::from_secs(10);
@@ -98,7 +98,7 @@ async fn run(
             r = rx.recv() => r,
         };
         match live {
-            Ok(live) => {
+            Ok(Feed::Event(live)) => {
                 let id = i64::try_from(live.id).unwrap_or(i64::MAX);
                 if id <= cursor {
                     continue;
@@ -110,8 +110,8 @@ async fn run(
                 send_live(socket, &live).await?;
                 cursor = id;
             }
-            Err(RecvError::Lagged(n)) => {
-                debug!(n, "live feed lagged; filling from the log");
+            Ok(Feed::Resync) | Err(RecvError::Lagged(_)) => {
+                debug!("live feed may have missed events; filling from the log");
                 if let Some(head) = state.store.last_event(sid).await?
                     && i64::try_from(head.id).unwrap_or(i64::MAX) > cursor
                 {

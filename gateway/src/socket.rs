@@ -183,9 +183,12 @@ async fn on_action(
     let span = info_span!("action", session_id = %conn.sid, user_id = %conn.uid, sid = %s.id);
     let result = async {
         let payload = data.map_err(|e| format!("invalid action: payload is not JSON ({e})"))?;
-        let raw = actions::validate(&payload).map_err(|e| e.to_string())?;
-        let msg_id = uuid::Uuid::new_v4().simple().to_string();
-        actions::send(&state, &conn.sid, &conn.uid, raw, &msg_id)
+        let valid = actions::validate(&payload).map_err(|e| e.to_string())?;
+        let msg_id = match &valid.client_msg_id {
+            Some(id) => format!("{}:{}:{id}", conn.uid, conn.sid),
+            None => uuid::Uuid::new_v4().simple().to_string(),
+        };
+        actions::send(&state, &conn.sid, &conn.uid, valid.raw, &msg_id)
             .await
             .map_err(|e: SendError| e.to_string())
     }

@@ -8,6 +8,7 @@
 //! - [`wire`]: the messages that cross NATS between gateway and worker (start requests, headers).
 //! - [`store`]: JetStream setup and reads of a session's event log (replay seek, ranges, blobs).
 //! - [`ownership`]: the Redis lease protocol (acquire, renew, release by compare-and-set).
+//! - [`journal`]: the fenced append to a session's log (the other half of ownership).
 //! - [`status`]: the live session status hash in Redis.
 //! - [`telemetry`]: tracing and Prometheus metrics setup.
 //!
@@ -16,6 +17,7 @@
 pub mod config;
 pub mod event;
 pub mod id;
+pub mod journal;
 pub mod names;
 pub mod ownership;
 pub mod status;

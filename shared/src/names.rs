@@ -11,6 +11,10 @@
 //! | large payloads stored out of line | object store `{ns}_blobs` |
 //! | owner lease | Redis `{ns}:lease:{sid}` |
 //! | live status | Redis hash `{ns}:status:{sid}` |
+//! | sessions that should run (sweeper) | Redis set `{ns}:should_run` of `{sid}:{uid}` |
+//! | a user's running sessions | Redis sorted set `{ns}:user_running:{uid}` |
+//! | sweeper lock | Redis `{ns}:sweeper` |
+//! | gateways with sockets on a session | Redis sorted set `{ns}:presence:{sid}` |
 
 use crate::id::{IdError, SessionId, UserId};
 
@@ -132,6 +136,22 @@ impl Names {
     /// Redis key of a session's owner lease.
     pub fn lease_key(&self, sid: &SessionId) -> String {
         format!("{}:lease:{sid}", self.ns)
+    }
+    /// Redis set of `{sid}:{uid}` that should be running (the sweeper's work list).
+    pub fn should_run_key(&self) -> String {
+        format!("{}:should_run", self.ns)
+    }
+    /// Redis sorted set of a user's running sessions (score: expiry ms).
+    pub fn user_running_key(&self, uid: &UserId) -> String {
+        format!("{}:user_running:{uid}", self.ns)
+    }
+    /// Redis key of the sweeper's lock (one sweeper at a time across workers).
+    pub fn sweeper_key(&self) -> String {
+        format!("{}:sweeper", self.ns)
+    }
+    /// Redis sorted set of the gateways with sockets on a session (score: expiry ms).
+    pub fn presence_key(&self, sid: &SessionId) -> String {
+        format!("{}:presence:{sid}", self.ns)
     }
     /// Redis hash of a session's live status.
     pub fn status_key(&self, sid: &SessionId) -> String {

@@ -16,8 +16,25 @@ use crate::id::{SessionId, WorkerId};
 use crate::names::Names;
 
 const RENEW: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if not v then
+  return -1
+end
+return 0";
+
+/// Reserves one of a user's running-conversation slots, atomically across every worker:
+/// drop expired entries, then add (or refresh) this session if it is already counted or the
+/// user is under the limit. Scores are expiry times, refreshed by the holder's renew loop, so
+/// a crashed worker's entries free themselves.
+const RESERVE: &str = r"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZSCORE', KEYS[1], ARGV[3]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  return 1
 end
 return 0";
 
@@ -62,8 +79,19 @@ pub async fn acquire(
     Ok(set.map(|_| Lease { key, token }))
 }
 
-/// Extends the lease if it is still ours. `false` means it is lost (expired or taken): the
-/// holder must stop the session's side effects at once.
+/// What a renewal found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Still ours; extended.
+    Renewed,
+    /// Someone else holds it: stop the session's side effects at once.
+    Taken,
+    /// The key is gone (expired, or Redis lost its data). Never recreated by renew; the holder
+    /// may try [`reacquire`], which is safe because every append is fenced in the log.
+    Missing,
+}
+
+/// Extends the lease if it is still ours; never recreates a missing key.
 ///
 /// # Errors
 /// The Redis error if the script could not be run (the lease may or may not still be ours).
@@ -71,14 +99,118 @@ pub async fn renew(
     conn: &mut ConnectionManager,
     lease: &Lease,
     ttl: Duration,
-) -> redis::RedisResult<bool> {
+) -> redis::RedisResult<Renewal> {
     let n: i64 = redis::Script::new(RENEW)
         .key(&lease.key)
         .arg(&lease.token)
         .arg(ttl_ms(ttl))
         .invoke_async(conn)
         .await?;
+    Ok(match n {
+        1 => Renewal::Renewed,
+        -1 => Renewal::Missing,
+        _ => Renewal::Taken,
+    })
+}
+
+/// Takes a missing lease back with the same token (`SET NX PX`). `false` if someone else got
+/// it first.
+///
+/// # Errors
+/// The Redis error if the command could not be run.
+pub async fn reacquire(
+    conn: &mut ConnectionManager,
+    lease: &Lease,
+    ttl: Duration,
+) -> redis::RedisResult<bool> {
+    let set: Option<String> = redis::cmd("SET")
+        .arg(&lease.key)
+        .arg(&lease.token)
+        .arg("NX")
+        .arg("PX")
+        .arg(ttl_ms(ttl))
+        .query_async(conn)
+        .await?;
+    Ok(set.is_some())
+}
+
+/// Counts `sid` among `uid`'s running conversations if that keeps them at or under `limit`
+/// (exact across workers: one Lua script). `hold` is how long the entry lives unless
+/// refreshed (again by this call, from the renew loop). `false`: the user is at the limit.
+///
+/// # Errors
+/// The Redis error if the script could not be run.
+pub async fn reserve_user_slot(
+    conn: &mut ConnectionManager,
+    names: &Names,
+    uid: &crate::id::UserId,
+    sid: &SessionId,
+    limit: u32,
+    hold: Duration,
+) -> redis::RedisResult<bool> {
+    let now = chrono::Utc::now().timestamp_millis();
+    let hold_ms = i64::try_from(hold.as_millis()).unwrap_or(i64::MAX / 4);
+    let n: i64 = redis::Script::new(RESERVE)
+        .key(names.user_running_key(uid))
+        .arg(now)
+        .arg(now.saturating_add(hold_ms))
+        .arg(sid.as_str())
+        .arg(limit)
+        .arg(hold_ms.saturating_mul(4))
+        .invoke_async(conn)
+        .await?;
     Ok(n == 1)
+}
+
+/// Gives back a user slot (session ended).
+///
+/// # Errors
+/// The Redis error if the command could not be run.
+pub async fn release_user_slot(
+    conn: &mut ConnectionManager,
+    names: &Names,
+    uid: &crate::id::UserId,
+    sid: &SessionId,
+) -> redis::RedisResult<()> {
+    redis::cmd("ZREM")
+        .arg(names.user_running_key(uid))
+        .arg(sid.as_str())
+        .query_async(conn)
+        .await
+}
+
+/// Records that `sid` should be running (the sweeper resumes it if it loses its owner).
+///
+/// # Errors
+/// The Redis error if the command could not be run.
+pub async fn mark_should_run(
+    conn: &mut ConnectionManager,
+    names: &Names,
+    uid: &crate::id::UserId,
+    sid: &SessionId,
+) -> redis::RedisResult<()> {
+    redis::cmd("SADD")
+        .arg(names.should_run_key())
+        .arg(format!("{sid}:{uid}"))
+        .query_async(conn)
+        .await
+}
+
+/// Records that `sid` should no longer run (stopped, passivated, deleted).
+///
+/// # Errors
+/// The Redis error if the command could not be run.
+pub async fn unmark_should_run(
+    conn: &mut ConnectionManager,
+    names: &Names,
+    uid: &crate::id::UserId,
+    sid: &SessionId,
+) -> redis::RedisResult<()> {
+    redis::cmd("SREM")
+        .arg(names.should_run_key())
+        .arg(format!("{sid}:{uid}"))
+        .query_async(conn)
+        .await
 }
 
 /// Deletes the lease if it is still ours; `false` if it was not.

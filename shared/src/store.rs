@@ -25,7 +25,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::id::{SessionId, UserId};
 use crate::names::Names;
-use crate::wire::{HDR_APPLIED_ACTION, HDR_BLOB, HDR_EVENT_ID};
+use crate::wire::{HDR_AGENT_STATE, HDR_APPLIED_ACTION, HDR_BLOB, HDR_EPOCH, HDR_EVENT_ID};
 
 /// Why a JetStream operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +113,10 @@ pub struct StoredEvent {
     pub id: u64,
     /// Newest user-action sequence applied as of this event.
     pub applied_action: u64,
+    /// Writer's epoch (see [`crate::wire::HDR_EPOCH`]).
+    pub epoch: u64,
+    /// Agent state as of this event.
+    pub agent_state: Option<String>,
     /// The event JSON as stored (blob already resolved).
     pub payload: Bytes,
 }
@@ -356,15 +360,22 @@ impl Store {
 
     // ---- event log ----
 
-    fn to_stored(&self, sid: &SessionId, m: &StoredParts) -> Result<(u64, u64), StoreError> {
+    fn to_stored(&self, sid: &SessionId, m: &StoredParts) -> Result<Meta, StoreError> {
         let corrupt = |detail: &str| StoreError::Corrupt {
             what: "event message",
             session: sid.to_string(),
             detail: detail.to_owned(),
         };
         let id = header_u64(&m.headers, HDR_EVENT_ID).ok_or_else(|| corrupt("no Oh-Event-Id"))?;
-        let applied = header_u64(&m.headers, HDR_APPLIED_ACTION).unwrap_or(0);
-        Ok((id, applied))
+        Ok(Meta {
+            id,
+            applied_action: header_u64(&m.headers, HDR_APPLIED_ACTION).unwrap_or(0),
+            epoch: header_u64(&m.headers, HDR_EPOCH).unwrap_or(0),
+            agent_state: m
+                .headers
+                .get(HDR_AGENT_STATE)
+                .map(|v| v.as_str().to_owned()),
+        })
     }
 
     async fn direct(
@@ -390,14 +401,9 @@ impl Store {
         let parts = StoredParts {
             headers: msg.headers,
         };
-        let (id, applied_action) = self.to_stored(sid, &parts)?;
+        let meta = self.to_stored(sid, &parts)?;
         let payload = self.unpack(&parts.headers, msg.payload).await?;
-        Ok(Some(StoredEvent {
-            seq: msg.sequence,
-            id,
-            applied_action,
-            payload,
-        }))
+        Ok(Some(meta.into_event(msg.sequence, payload)))
     }
 
     /// The newest event of a session, or `None` if it has none.
@@ -513,14 +519,9 @@ impl Store {
                 .map_err(|e| nats("replay read")(e))?;
             let headers = msg.headers.clone().unwrap_or_default();
             let parts = StoredParts { headers };
-            let (id, applied_action) = self.to_stored(sid, &parts)?;
+            let meta = self.to_stored(sid, &parts)?;
             let payload = self.unpack(&parts.headers, msg.payload.clone()).await?;
-            out.push(StoredEvent {
-                seq,
-                id,
-                applied_action,
-                payload,
-            });
+            out.push(meta.into_event(seq, payload));
         }
         Ok(out)
     }
@@ -536,9 +537,9 @@ impl Store {
     ) -> Result<(u64, Bytes), StoreError> {
         let headers = msg.headers.clone().unwrap_or_default();
         let parts = StoredParts { headers };
-        let (id, _) = self.to_stored(sid, &parts)?;
+        let meta = self.to_stored(sid, &parts)?;
         let payload = self.unpack(&parts.headers, msg.payload.clone()).await?;
-        Ok((id, payload))
+        Ok((meta.id, payload))
     }
 
     // ---- blobs ----
@@ -662,6 +663,26 @@ impl Store {
 
 struct StoredParts {
     headers: HeaderMap,
+}
+
+struct Meta {
+    id: u64,
+    applied_action: u64,
+    epoch: u64,
+    agent_state: Option<String>,
+}
+
+impl Meta {
+    fn into_event(self, seq: u64, payload: Bytes) -> StoredEvent {
+        StoredEvent {
+            seq,
+            id: self.id,
+            applied_action: self.applied_action,
+            epoch: self.epoch,
+            agent_state: self.agent_state,
+            payload,
+        }
+    }
 }
 
 enum Which {

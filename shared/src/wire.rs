@@ -19,6 +19,12 @@ use crate::id::{SessionId, UserId};
 pub const HDR_EVENT_ID: &str = "Oh-Event-Id";
 /// Header: stream sequence of the newest action applied when this event was appended.
 pub const HDR_APPLIED_ACTION: &str = "Oh-Applied-Action";
+/// Header: the writer's epoch (stream sequence of its takeover record) on every event after
+/// the takeover; on the takeover record itself, the sequence it fences off.
+pub const HDR_EPOCH: &str = "Oh-Epoch";
+/// Header: the agent state as of this event (so the last event tells a new owner whether a
+/// turn was interrupted).
+pub const HDR_AGENT_STATE: &str = "Oh-Agent-State";
 /// Header: the user who sent an action.
 pub const HDR_USER: &str = "Oh-User";
 /// Header: a control request in the action stream (value: [`Control`] as a string).

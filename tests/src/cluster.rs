@@ -23,6 +23,8 @@ pub struct ClusterOpts {
     pub auth_tokens: Option<String>,
     /// `OH_LEASE_TTL_MS`.
     pub lease_ttl_ms: u64,
+    /// Extra environment of every worker (e.g. `OH_CLOSE_DELAY_S`, `OH_ECHO_FAULTS`).
+    pub worker_env: Vec<(&'static str, String)>,
 }
 
 impl Default for ClusterOpts {
@@ -33,6 +35,7 @@ impl Default for ClusterOpts {
             max_sessions: 100,
             auth_tokens: None,
             lease_ttl_ms: 3000,
+            worker_env: Vec::new(),
         }
     }
 }
@@ -116,9 +119,23 @@ impl Cluster {
         env.push(("OH_WORKER_ID", format!("w{i}")));
         env.push(("OH_MAX_SESSIONS", self.opts.max_sessions.to_string()));
         env.push(("OH_LEASE_TTL_MS", self.opts.lease_ttl_ms.to_string()));
+        env.push(("OH_DRAIN_TIMEOUT_S", "10".to_owned()));
+        env.extend(self.opts.worker_env.iter().cloned());
         let p = Proc::spawn(&format!("worker{i}"), &bin_path("worker"), &[], &env);
         self.workers.push(p);
         i
+    }
+
+    /// Index of the worker whose id (`w{i}`) is `id`.
+    pub fn worker_index(id: &str) -> usize {
+        id.trim_start_matches('w').parse().expect("worker id w<N>")
+    }
+
+    /// A direct handle on the deployment's JetStream data (for checks on the raw log).
+    pub async fn store(&self) -> shared::store::Store {
+        let client = async_nats::connect(self.nats.url()).await.expect("connect NATS");
+        let names = shared::names::Names::new(&self.namespace).expect("namespace");
+        shared::store::Store::open(client, names).await.expect("store")
     }
 
     /// Base URL of gateway `i`.

@@ -17,8 +17,12 @@ pub(crate) trait Agent: Send + 'static {
 }
 
 /// Test/demo agent: for each user message X, one agent `message` action `echo: X`.
+/// With `faults` on (`OH_ECHO_FAULTS`, tests only), the message `/crash` aborts the process in
+/// the middle of the step, like a poison input would.
 #[derive(Debug, Default)]
-pub(crate) struct Echo;
+pub(crate) struct Echo {
+    pub(crate) faults: bool,
+}
 
 impl Agent for Echo {
     fn class(&self) -> &'static str {
@@ -31,6 +35,10 @@ impl Agent for Echo {
     }
 
     async fn on_message(&mut self, content: &str) -> Vec<Event> {
+        if self.faults && content == "/crash" {
+            tracing::error!("echo agent fault hook: aborting the worker mid-step");
+            std::process::abort();
+        }
         vec![Event::message(
             Source::Agent,
             format!("echo: {content}"),

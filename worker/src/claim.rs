@@ -21,8 +21,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Ctx;
 use crate::agent::Echo;
-use crate::journal::Journal;
-use crate::session::AgentSession;
+use crate::session::{AgentSession, Start};
+use shared::journal::Journal;
+
+/// Reason recorded when a user is at `OH_MAX_CONVERSATIONS_PER_USER`.
+pub(crate) const TOO_MANY: &str = "AGENT_ERROR$TOO_MANY_CONVERSATIONS: too many conversations are running for this user; stop one and start this one again";
 
 pub(crate) async fn pull_loop(ctx: Ctx, sessions: TaskTracker, cancel: CancellationToken) {
     let slots = Arc::new(Semaphore::new(ctx.args.max_sessions as usize));
@@ -149,10 +152,11 @@ async fn try_claim(
 ) -> anyhow::Result<Claimed> {
     let store = &ctx.store;
     let names = &store.names;
+    let mut redis = ctx.redis.clone();
     let Some(meta) = store.get_meta(&uid, &sid).await? else {
+        ownership::unmark_should_run(&mut redis, names, &uid, &sid).await?;
         return Ok(Claimed::Skip("conversation deleted"));
     };
-    let mut redis = ctx.redis.clone();
     let Some(lease) =
         ownership::acquire(&mut redis, names, &sid, &ctx.worker_id, ctx.args.lease_ttl).await?
     else {
@@ -164,6 +168,29 @@ async fn try_claim(
             Claimed::Skip("already running")
         });
     };
+    if let Some(limit) = ctx.args.max_conversations_per_user {
+        let hold = ctx.args.lease_ttl * 3;
+        if !ownership::reserve_user_slot(&mut redis, names, &uid, &sid, limit, hold).await? {
+            let _ = ownership::release(&mut redis, &lease).await; // expires by itself otherwise
+            info!(
+                limit,
+                "user at the running-conversation limit; start refused"
+            );
+            status::write(
+                &mut redis,
+                names,
+                &sid,
+                status::Update {
+                    state: Some(SessionState::Error),
+                    worker_id: Some(""),
+                    reason: Some(TOO_MANY),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            return Ok(Claimed::Skip("user at the running-conversation limit"));
+        }
+    }
     let claim_id = lease
         .token
         .rsplit('/')
@@ -173,6 +200,8 @@ async fn try_claim(
     let result = async {
         let mut journal = Journal::open(store.clone(), sid.clone(), claim_id).await?;
         let fresh = journal.is_empty();
+        // The previous owner died in the middle of a turn if the log's state says running.
+        let interrupted = journal.agent_state() == Some(AgentState::Running.as_str());
         let epoch = journal
             .take_over(Event::agent_state_changed(AgentState::Loading, ""))
             .await?;
@@ -199,17 +228,21 @@ async fn try_claim(
             .max_messages_per_batch(1)
             .messages()
             .await?;
-        anyhow::Ok((journal, fresh, epoch, actions, pending))
+        anyhow::Ok((journal, fresh, interrupted, epoch, actions, pending))
     }
     .await;
-    let (journal, fresh, epoch, actions, pending) = match result {
+    let (journal, fresh, interrupted, epoch, actions, pending) = match result {
         Ok(x) => x,
         Err(e) => {
             let _ = ownership::release(&mut redis, &lease).await; // expires by itself otherwise
+            if ctx.args.max_conversations_per_user.is_some() {
+                let _ = ownership::release_user_slot(&mut redis, names, &uid, &sid).await; // expires too
+            }
             return Err(e);
         }
     };
-    info!(epoch, fresh, pending, reason = ?req.reason, "claimed");
+    info!(epoch, fresh, interrupted, pending, reason = ?req.reason, "claimed");
+    ownership::mark_should_run(&mut redis, names, &uid, &sid).await?;
     status::write(
         &mut redis,
         names,
@@ -224,7 +257,8 @@ async fn try_claim(
     )
     .await?;
     let lost = CancellationToken::new();
-    ctx.leases.insert(sid.clone(), lease.clone(), lost.clone());
+    ctx.leases
+        .insert(sid.clone(), uid.clone(), lease.clone(), lost.clone());
     let session = AgentSession {
         ctx: ctx.clone(),
         sid: sid.clone(),
@@ -232,7 +266,9 @@ async fn try_claim(
         meta,
         journal,
         lease,
-        agent: Echo,
+        agent: Echo {
+            faults: ctx.args.echo_faults,
+        },
         agent_state: AgentState::Loading,
     };
     let span =
@@ -241,7 +277,18 @@ async fn try_claim(
     sessions.spawn(
         async move {
             metrics::gauge!("oh_worker_sessions_active").increment(1.0);
-            session.run(actions, fresh, pending, lost, shutdown).await;
+            session
+                .run(
+                    actions,
+                    Start {
+                        fresh,
+                        interrupted,
+                        pending,
+                    },
+                    lost,
+                    shutdown,
+                )
+                .await;
             metrics::gauge!("oh_worker_sessions_active").decrement(1.0);
             drop(permit);
         }

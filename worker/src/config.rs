@@ -27,6 +27,19 @@ pub struct Args {
     /// How long a drain (SIGTERM) may take before sessions are abandoned, in seconds.
     #[arg(long = "drain-timeout-s", env = "OH_DRAIN_TIMEOUT_S", default_value = "30", value_parser = parse_secs)]
     pub drain_timeout: Duration,
+    /// Most running conversations per user (OpenHands' `max_concurrent_conversations`),
+    /// exact across workers. A start beyond it is refused: the session goes to `error` with
+    /// reason `AGENT_ERROR$TOO_MANY_CONVERSATIONS`. Unset: no limit.
+    #[arg(long, env = "OH_MAX_CONVERSATIONS_PER_USER", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_conversations_per_user: Option<u32>,
+    /// Seconds without any connected client (and the agent not running) after which a session
+    /// is passivated: state kept in the log, lease and slot released. 0 disables.
+    #[arg(long = "close-delay-s", env = "OH_CLOSE_DELAY_S", default_value = "300", value_parser = parse_secs)]
+    pub close_delay: Duration,
+    /// Test hook of the echo agent: a message `/crash` aborts the worker process mid-step
+    /// (to test failover and poison input). Never enable in production.
+    #[arg(long, env = "OH_ECHO_FAULTS", default_value_t = false)]
+    pub echo_faults: bool,
     /// Which agent runs sessions. `echo` is a test/demo agent that answers `echo: <message>`.
     #[arg(long, env = "OH_AGENT", default_value = "echo", value_parser = ["echo"])]
     pub agent: String,

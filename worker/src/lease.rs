@@ -11,14 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::StreamExt;
-use shared::id::SessionId;
-use shared::ownership::{self, Lease};
+use shared::id::{SessionId, UserId};
+use shared::ownership::{self, Lease, Renewal};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::Ctx;
 
 struct Held {
+    uid: UserId,
     lease: Lease,
     lost: CancellationToken,
     renewed_at: Instant,
@@ -30,8 +31,15 @@ pub(crate) struct Registry(Arc<Mutex<HashMap<SessionId, Held>>>);
 
 impl Registry {
     /// Starts renewing `lease`; `lost` is cancelled when it can no longer be trusted.
-    pub(crate) fn insert(&self, sid: SessionId, lease: Lease, lost: CancellationToken) {
+    pub(crate) fn insert(
+        &self,
+        sid: SessionId,
+        uid: UserId,
+        lease: Lease,
+        lost: CancellationToken,
+    ) {
         let held = Held {
+            uid,
             lease,
             lost,
             renewed_at: Instant::now(),
@@ -53,6 +61,54 @@ impl Registry {
     }
 }
 
+/// Renews one lease; a missing key (expired, or Redis restarted empty) is taken back with the
+/// same token when free, which is safe because the log fence, not Redis, guarantees a single
+/// writer. Also refreshes what Redis must know about a running session, so it is rebuilt
+/// after Redis loses its data: the should-run entry, the user's slot, the status.
+async fn renew_one(
+    ctx: &Ctx,
+    sid: &SessionId,
+    uid: &UserId,
+    lease: &Lease,
+) -> redis::RedisResult<bool> {
+    let mut conn = ctx.redis.clone();
+    let ttl = ctx.args.lease_ttl;
+    let ours = match ownership::renew(&mut conn, lease, ttl).await? {
+        Renewal::Renewed => true,
+        Renewal::Taken => false,
+        Renewal::Missing => {
+            let back = ownership::reacquire(&mut conn, lease, ttl).await?;
+            if back {
+                info!(session_id = %sid, "lease was missing (Redis emptied?); taken back");
+                let names = &ctx.store.names;
+                shared::status::write(
+                    &mut conn,
+                    names,
+                    sid,
+                    shared::status::Update {
+                        state: Some(shared::status::SessionState::Running),
+                        worker_id: Some(ctx.worker_id.as_str()),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            }
+            back
+        }
+    };
+    if ours {
+        let names = &ctx.store.names;
+        ownership::mark_should_run(&mut conn, names, uid, sid).await?;
+        if let Some(limit) = ctx.args.max_conversations_per_user {
+            // Refresh our entry; it cannot be refused because it is already counted, unless
+            // Redis lost it, in which case we count it again (we are running anyway).
+            let _ =
+                ownership::reserve_user_slot(&mut conn, names, uid, sid, limit, ttl * 3).await?;
+        }
+    }
+    Ok(ours)
+}
+
 pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
     let ttl = ctx.args.lease_ttl;
     let mut tick = tokio::time::interval(ttl / 3);
@@ -62,18 +118,18 @@ pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
             () = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let held: Vec<(SessionId, Lease)> = ctx
+        let held: Vec<(SessionId, UserId, Lease)> = ctx
             .leases
             .lock()
             .iter()
-            .map(|(s, h)| (s.clone(), h.lease.clone()))
+            .map(|(s, h)| (s.clone(), h.uid.clone(), h.lease.clone()))
             .collect();
         let sent_at = Instant::now();
         let results: Vec<(SessionId, redis::RedisResult<bool>)> = futures::stream::iter(held)
-            .map(|(sid, lease)| {
-                let mut conn = ctx.redis.clone();
+            .map(|(sid, uid, lease)| {
+                let ctx = ctx.clone();
                 async move {
-                    let r = ownership::renew(&mut conn, &lease, ttl).await;
+                    let r = renew_one(&ctx, &sid, &uid, &lease).await;
                     (sid, r)
                 }
             })

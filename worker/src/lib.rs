@@ -5,16 +5,16 @@
 //! - `config`: the worker's flags.
 //! - `claim`: pulls start requests within capacity, takes the lease, fences the log, spawns.
 //! - `lease`: renews every held lease; a lost lease cancels its session.
-//! - `journal`: the fenced append to a session's event log.
 //! - `session`: `AgentSession`, one task per session, driven by user actions.
+//! - `sweep`: queues a resume for sessions that should run but lost their owner.
 //! - `agent`: the agent trait and the `echo` test/demo agent.
 
 mod agent;
 mod claim;
 pub mod config;
-mod journal;
 mod lease;
 mod session;
+mod sweep;
 
 use std::sync::Arc;
 
@@ -95,6 +95,7 @@ pub async fn run(
         });
     }
     core.spawn(lease::renew_loop(ctx.clone(), cancel.child_token()));
+    core.spawn(sweep::sweep_loop(ctx.clone(), cancel.child_token()));
     core.spawn(claim::pull_loop(
         ctx.clone(),
         sessions.clone(),

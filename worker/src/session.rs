@@ -23,7 +23,7 @@ use tracing::{info, warn};
 
 use crate::Ctx;
 use crate::agent::Agent;
-use crate::journal::{AppendError, Journal};
+use shared::journal::{AppendError, Journal};
 
 pub(crate) struct AgentSession<A: Agent> {
     pub(crate) ctx: Ctx,
@@ -36,11 +36,23 @@ pub(crate) struct AgentSession<A: Agent> {
     pub(crate) agent_state: AgentState,
 }
 
+/// How a session task starts.
+pub(crate) struct Start {
+    /// The log was empty: first start ever.
+    pub(crate) fresh: bool,
+    /// The previous owner died in the middle of a turn.
+    pub(crate) interrupted: bool,
+    /// User actions already waiting.
+    pub(crate) pending: u64,
+}
+
 /// What can happen to a session.
 enum Input {
     Action(Box<jetstream::Message>),
     LeaseLost,
     Shutdown,
+    /// Time to check whether anyone still watches (passivation).
+    IdleCheck,
 }
 
 /// How a session task ends.
@@ -59,12 +71,19 @@ impl<A: Agent> AgentSession<A> {
     pub(crate) async fn run(
         mut self,
         mut actions: pull::Stream,
-        fresh: bool,
-        pending: u64,
+        start: Start,
         lost: CancellationToken,
         shutdown: CancellationToken,
     ) {
-        let end = match self.start(fresh, pending).await {
+        let close_delay = self.ctx.args.close_delay;
+        let check_every = (close_delay / 4).clamp(
+            std::time::Duration::from_millis(200),
+            std::time::Duration::from_secs(5),
+        );
+        let mut idle_tick = tokio::time::interval(check_every);
+        idle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_activity = std::time::Instant::now();
+        let end = match self.start(start).await {
             Err(e) => self.on_append_error(e),
             Ok(()) => loop {
                 // Cancel-safety: `lost`/`shutdown` are tokens; `actions.next()` is cancel-safe
@@ -73,6 +92,7 @@ impl<A: Agent> AgentSession<A> {
                     biased;
                     () = lost.cancelled() => Input::LeaseLost,
                     () = shutdown.cancelled() => Input::Shutdown,
+                    _ = idle_tick.tick(), if !close_delay.is_zero() => Input::IdleCheck,
                     m = actions.next() => match m {
                         Some(Ok(m)) => Input::Action(Box::new(m)),
                         Some(Err(e)) => {
@@ -89,20 +109,65 @@ impl<A: Agent> AgentSession<A> {
                 match input {
                     Input::LeaseLost => break End::Lost,
                     Input::Shutdown => break End::Handover,
-                    Input::Action(msg) => match self.on_action(*msg).await {
-                        Ok(None) => {}
-                        Ok(Some(end)) => break end,
-                        Err(e) => break self.on_append_error(e),
-                    },
+                    Input::IdleCheck => {
+                        if self.agent_state == AgentState::Running || self.watched().await {
+                            last_activity = std::time::Instant::now();
+                        } else if last_activity.elapsed() >= close_delay {
+                            info!(
+                                idle_s = last_activity.elapsed().as_secs(),
+                                "no client and agent idle; passivating"
+                            );
+                            metrics::counter!("oh_worker_passivations_total").increment(1);
+                            if let Err(e) = self.set_state(AgentState::Stopped).await {
+                                break self.on_append_error(e);
+                            }
+                            break End::Stopped;
+                        }
+                    }
+                    Input::Action(msg) => {
+                        last_activity = std::time::Instant::now();
+                        match self.on_action(*msg).await {
+                            Ok(None) => {}
+                            Ok(Some(end)) => break end,
+                            Err(e) => break self.on_append_error(e),
+                        }
+                    }
                 }
             },
         };
         self.finish(end).await;
     }
 
-    /// Lifecycle events after the takeover record: the `system` event on first start, then
+    /// Lifecycle events after the takeover record: the `system` event on first start; an
+    /// interrupted turn becomes an error observation and agent state `error` (the step is not
+    /// retried, so an input that crashes workers cannot crash-loop); then
     /// `awaiting_user_input` unless user actions are already waiting.
-    async fn start(&mut self, fresh: bool, pending: u64) -> Result<(), AppendError> {
+    async fn start(&mut self, start: Start) -> Result<(), AppendError> {
+        let Start {
+            fresh,
+            interrupted,
+            pending,
+        } = start;
+        if interrupted {
+            warn!("previous owner stopped in the middle of a turn; reporting it");
+            metrics::counter!("oh_worker_interrupted_turns_total").increment(1);
+            self.journal
+                .append(Event::error_observation(
+                    "The agent's step was interrupted because the worker running it stopped. \
+                     The step was not retried; send a message to continue.",
+                    "AGENT_ERROR$ERROR_ACTION_NOT_EXECUTED_ERROR",
+                ))
+                .await?;
+            self.journal
+                .append(Event::agent_state_changed(
+                    AgentState::Error,
+                    "interrupted: the worker running this step stopped",
+                ))
+                .await?;
+            self.agent_state = AgentState::Error;
+            self.publish_status().await;
+            return Ok(());
+        }
         if fresh {
             let sys = Event::system(
                 self.agent.system_prompt(),
@@ -198,6 +263,9 @@ impl<A: Agent> AgentSession<A> {
     async fn apply(&mut self, action: UserAction) -> Result<(), AppendError> {
         let message = action.as_message().map(str::to_owned);
         let new_state = action.as_change_agent_state();
+        if message.is_some() {
+            self.journal.note_state(AgentState::Running.as_str());
+        }
         self.journal
             .append(action.into_event(0, String::new()))
             .await?;
@@ -215,6 +283,31 @@ impl<A: Agent> AgentSession<A> {
             self.set_state(state).await?;
         }
         Ok(())
+    }
+
+    /// True if some gateway has a client connected to this session (presence entries that
+    /// have not expired).
+    async fn watched(&self) -> bool {
+        let mut conn = self.ctx.redis.clone();
+        let key = self.ctx.store.names.presence_key(&self.sid);
+        let now = chrono::Utc::now().timestamp_millis();
+        let res: redis::RedisResult<(i64, i64)> = redis::pipe()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(now)
+            .cmd("ZCARD")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await;
+        match res {
+            Ok((_, n)) => n > 0,
+            Err(e) => {
+                // Unknown: keep the session rather than passivate on a Redis hiccup.
+                warn!(error = %e, "presence check failed");
+                true
+            }
+        }
     }
 
     async fn set_state(&mut self, state: AgentState) -> Result<(), AppendError> {
@@ -266,6 +359,20 @@ impl<A: Agent> AgentSession<A> {
         }
         if let Err(e) = ownership::release(&mut redis, &self.lease).await {
             warn!(error = %e, "lease release failed; it will expire");
+        }
+        let slots = async {
+            if self.ctx.args.max_conversations_per_user.is_some() {
+                ownership::release_user_slot(&mut redis.clone(), names, &self.uid, &self.sid)
+                    .await?;
+            }
+            if matches!(end, End::Stopped) {
+                ownership::unmark_should_run(&mut redis.clone(), names, &self.uid, &self.sid)
+                    .await?;
+            }
+            redis::RedisResult::Ok(())
+        };
+        if let Err(e) = slots.await {
+            warn!(error = %e, "releasing the user slot failed; it will expire");
         }
         let state = match end {
             End::Stopped => SessionState::Stopped,

@@ -1,4 +1,5 @@
-//! The fenced append to a session's event log.
+//! The fenced append to a session's event log: the writing half of the ownership protocol
+//! (the lease is in [`crate::ownership`]).
 //!
 //! **Invariant:** every append carries `Nats-Expected-Last-Subject-Sequence` = the sequence of
 //! the previous event this owner saw, so after another worker's takeover record our next append
@@ -9,18 +10,18 @@
 
 use std::time::Duration;
 
+use crate::event::{Event, Source};
+use crate::id::SessionId;
+use crate::store::{Store, StoreError};
+use crate::wire::{HDR_AGENT_STATE, HDR_APPLIED_ACTION, HDR_EPOCH, HDR_EVENT_ID};
 use async_nats::HeaderMap;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
-use shared::event::{Event, Source};
-use shared::id::SessionId;
-use shared::store::{Store, StoreError};
-use shared::wire::{HDR_APPLIED_ACTION, HDR_EVENT_ID};
 use tracing::{debug, warn};
 
 /// Why an append failed.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum AppendError {
+pub enum AppendError {
     /// Another worker has taken the session over: stop at once, append nothing more.
     #[error("session {session}: fence {fence} is stale; another worker owns it")]
     Fenced { session: SessionId, fence: u64 },
@@ -41,7 +42,7 @@ pub(crate) enum AppendError {
 }
 
 /// The append side of one session's log, owned by the session task.
-pub(crate) struct Journal {
+pub struct Journal {
     store: Store,
     sid: SessionId,
     subject: String,
@@ -52,17 +53,15 @@ pub(crate) struct Journal {
     next_id: u64,
     /// Newest user action (stream sequence in the actions stream) applied so far.
     applied_action: u64,
-    /// The sequence of our takeover record: this owner's epoch.
+    /// The sequence of our takeover record: this owner's epoch (0 before the takeover).
     epoch: u64,
+    /// Agent state as of the last event (carried on every event in `Oh-Agent-State`).
+    agent_state: Option<String>,
 }
 
 impl Journal {
     /// Reads where the log stands.
-    pub(crate) async fn open(
-        store: Store,
-        sid: SessionId,
-        claim: String,
-    ) -> Result<Self, StoreError> {
+    pub async fn open(store: Store, sid: SessionId, claim: String) -> Result<Self, StoreError> {
         let last = store.last_event(&sid).await?;
         let subject = store.names.events_subject(&sid);
         Ok(Self {
@@ -72,46 +71,105 @@ impl Journal {
             last_seq: last.as_ref().map_or(0, |l| l.seq),
             next_id: last.as_ref().map_or(0, |l| l.id + 1),
             applied_action: last.as_ref().map_or(0, |l| l.applied_action),
+            agent_state: last.as_ref().and_then(|l| l.agent_state.clone()),
             epoch: 0,
             sid,
         })
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.next_id == 0
     }
-    pub(crate) fn applied_action(&self) -> u64 {
+    pub fn applied_action(&self) -> u64 {
         self.applied_action
     }
-    pub(crate) fn last_id(&self) -> Option<u64> {
+    pub fn last_id(&self) -> Option<u64> {
         self.next_id.checked_sub(1)
     }
 
-    /// Appends the takeover record (fencing every earlier owner); its sequence is the epoch.
-    pub(crate) async fn take_over(&mut self, record: Event) -> Result<u64, AppendError> {
-        self.append(record).await?;
-        self.epoch = self.last_seq;
-        Ok(self.epoch)
+    /// This owner's epoch: the stream sequence of its takeover record.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+    /// The agent state as of the newest event, as recorded in the log.
+    pub fn agent_state(&self) -> Option<&str> {
+        self.agent_state.as_deref()
+    }
+
+    /// Appends the takeover record, fencing every earlier owner; its sequence is the epoch.
+    /// If a stale owner slipped an append in between our read and our takeover, we re-read the
+    /// head and try again (we hold the lease, so the other writer is the zombie).
+    ///
+    /// # Errors
+    /// [`AppendError`] if the record cannot be stored.
+    pub async fn take_over(&mut self, record: Event) -> Result<u64, AppendError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            // The takeover record carries its own future sequence as epoch only after the
+            // fact; until then it announces the epoch it replaces.
+            match self.append(record.clone()).await {
+                Ok(_) => {
+                    self.epoch = self.last_seq;
+                    return Ok(self.epoch);
+                }
+                Err(AppendError::Fenced { .. }) if attempts < 5 => {
+                    let last = self.store.last_event(&self.sid).await.map_err(|source| {
+                        AppendError::Store {
+                            session: self.sid.clone(),
+                            source,
+                        }
+                    })?;
+                    self.last_seq = last.as_ref().map_or(0, |l| l.seq);
+                    self.next_id = last.as_ref().map_or(0, |l| l.id + 1);
+                    self.applied_action = last.as_ref().map_or(0, |l| l.applied_action);
+                    self.agent_state = last.as_ref().and_then(|l| l.agent_state.clone());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Records the controller's state for the headers of the next events, e.g. `running` as
+    /// soon as a user message is accepted, so that a crash before the `agent_state_changed`
+    /// event still reads as an interrupted turn to the next owner.
+    pub fn note_state(&mut self, state: &str) {
+        self.agent_state = Some(state.to_owned());
     }
 
     /// Marks user action `seq` as applied by the next append.
-    pub(crate) fn mark_applied(&mut self, seq: u64) {
+    pub fn mark_applied(&mut self, seq: u64) {
         self.applied_action = self.applied_action.max(seq);
     }
 
     /// Appends one event: assigns its id and timestamp (source defaults to environment),
     /// publishes it fenced, and returns its id.
-    pub(crate) async fn append(&mut self, mut ev: Event) -> Result<u64, AppendError> {
+    pub async fn append(&mut self, mut ev: Event) -> Result<u64, AppendError> {
         let id = self.next_id;
         ev.id = Some(id);
-        ev.timestamp = Some(shared::event::now_timestamp());
+        ev.timestamp = Some(crate::event::now_timestamp());
         if ev.source.is_none() {
             ev.source = Some(Source::Environment);
         }
+        let agent_state = ev
+            .agent_state()
+            .map(|s| s.as_str().to_owned())
+            .or_else(|| self.agent_state.clone());
         let payload = bytes::Bytes::from(ev.to_json());
         let mut headers = HeaderMap::new();
         headers.insert(HDR_EVENT_ID, id.to_string().as_str());
         headers.insert(HDR_APPLIED_ACTION, self.applied_action.to_string().as_str());
+        // The takeover record is written before its own sequence is known: it carries the
+        // sequence it fences off (`last_seq`); every later event carries the epoch itself.
+        let epoch = if self.epoch == 0 {
+            self.last_seq
+        } else {
+            self.epoch
+        };
+        headers.insert(HDR_EPOCH, epoch.to_string().as_str());
+        if let Some(state) = &agent_state {
+            headers.insert(HDR_AGENT_STATE, state.as_str());
+        }
         let payload = self
             .store
             .pack(&self.sid, payload, &mut headers)
@@ -146,6 +204,7 @@ impl Journal {
                     }
                     self.last_seq = ack.sequence;
                     self.next_id = id + 1;
+                    self.agent_state = agent_state;
                     metrics::counter!("oh_worker_events_appended_total").increment(1);
                     return Ok(id);
                 }
