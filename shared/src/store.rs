@@ -202,7 +202,10 @@ impl Store {
             consumer::pull::Config {
                 durable_name: Some(names.work_consumer().to_owned()),
                 ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
+                // A claim takes milliseconds; a request stuck with a dead worker comes back
+                // after this. Redelivery while a slow claim still runs is harmless: the
+                // second claimant finds the lease taken.
+                ack_wait: Duration::from_secs(5),
                 max_ack_pending: 100_000,
                 ..Default::default()
             },

@@ -133,9 +133,13 @@ impl Cluster {
 
     /// A direct handle on the deployment's JetStream data (for checks on the raw log).
     pub async fn store(&self) -> shared::store::Store {
-        let client = async_nats::connect(self.nats.url()).await.expect("connect NATS");
+        let client = async_nats::connect(self.nats.url())
+            .await
+            .expect("connect NATS");
         let names = shared::names::Names::new(&self.namespace).expect("namespace");
-        shared::store::Store::open(client, names).await.expect("store")
+        shared::store::Store::open(client, names)
+            .await
+            .expect("store")
     }
 
     /// Base URL of gateway `i`.

@@ -60,9 +60,18 @@ pub(crate) async fn pull_loop(ctx: Ctx, sessions: TaskTracker, cancel: Cancellat
                 continue;
             }
         };
+        if cancel.is_cancelled() {
+            // Draining: give back what this last fetch brought, for another worker at once
+            // (possibly our own sessions' resume requests).
+            for msg in msgs {
+                let _ = msg.ack_with(AckKind::Nak(None)).await; // else redelivered after ack_wait
+            }
+            return;
+        }
         for msg in msgs {
             let Some(permit) = permits.pop() else { break };
-            claim(&ctx, &sessions, &cancel, msg, permit).await;
+            let (ctx, tracker, cancel) = (ctx.clone(), sessions.clone(), cancel.clone());
+            sessions.spawn(async move { claim(&ctx, &tracker, &cancel, msg, permit).await });
         }
         // Unused permits go back to the pool here.
     }
@@ -223,9 +232,11 @@ async fn try_claim(
             })
             .await?;
         let pending = consumer.info().await.map(|i| i.num_pending).unwrap_or(0);
+        // Short pull expiry: after a NATS restart an outstanding pull is re-issued within it.
         let actions = consumer
             .stream()
             .max_messages_per_batch(1)
+            .expires(Duration::from_secs(5))
             .messages()
             .await?;
         anyhow::Ok((journal, fresh, interrupted, epoch, actions, pending))

@@ -1,0 +1,592 @@
+//! Fault tests (issue 4): real processes killed, paused, restarted; the invariants of
+//! DESIGN.md §6 checked on what clients received and on the raw log.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use shared::event::Event;
+use shared::id::SessionId;
+use tests::cluster::{Cluster, ClusterOpts, events_until, ids, is_echo, is_state};
+use tests::proc::{SIGCONT, SIGSTOP, SIGTERM};
+use tests::sio::{SioClient, SioError};
+
+const T: Duration = Duration::from_secs(30);
+const TTL_MS: u64 = 1500;
+
+fn opts() -> ClusterOpts {
+    ClusterOpts {
+        lease_ttl_ms: TTL_MS,
+        ..ClusterOpts::default()
+    }
+}
+
+/// Sends a message with a client msg id, retrying (same id) until JetStream stored it.
+async fn say_reliably(c: &SioClient, text: &str, msg_id: &str) {
+    let deadline = Instant::now() + T;
+    loop {
+        let payload = json!({"action": "message", "args": {"content": text}, "msg_id": msg_id});
+        match c
+            .emit_with_ack("oh_user_action", &payload, Duration::from_secs(8))
+            .await
+        {
+            Ok(acks) if acks.first().is_some_and(|a| a["success"] == true) => return,
+            Ok(acks) => assert!(Instant::now() < deadline, "never stored: {acks:?}"),
+            Err(e) => assert!(Instant::now() < deadline, "never stored: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn count_echoes(stored: &[Value], text: &str) -> usize {
+    stored.iter().filter(|e| is_echo(e, text)).count()
+}
+
+fn count_user(stored: &[Value], text: &str) -> usize {
+    stored
+        .iter()
+        .filter(|e| {
+            e["source"] == "user" && e["action"] == "message" && e["args"]["content"] == text
+        })
+        .count()
+}
+
+/// Checks the raw log: ids dense from 0, and epochs never go back (C3: after a takeover with
+/// epoch e, no event of an older epoch).
+async fn check_log(c: &Cluster, sid: &str) -> Vec<shared::store::StoredEvent> {
+    let store = c.store().await;
+    let sid = SessionId::parse(sid).unwrap();
+    let evs = store.read_from(&sid, 0, 100_000).await.unwrap();
+    let idv: Vec<u64> = evs.iter().map(|e| e.id).collect();
+    assert_eq!(
+        idv,
+        (0..evs.len() as u64).collect::<Vec<_>>(),
+        "ids not dense"
+    );
+    let mut epoch = 0;
+    for e in &evs {
+        let ev = Event::from_json(&e.payload).unwrap();
+        let takeover = ev.agent_state().is_some_and(|s| s.as_str() == "loading");
+        if takeover {
+            // A takeover record carries the sequence it fences off: at least the epoch so far.
+            assert!(
+                e.epoch >= epoch,
+                "takeover {} fences {} < current epoch {epoch}",
+                e.id,
+                e.epoch
+            );
+            epoch = e.seq;
+        } else {
+            assert_eq!(
+                e.epoch, epoch,
+                "event {} written under epoch {} after epoch {epoch} took over",
+                e.id, e.epoch
+            );
+        }
+    }
+    evs
+}
+
+/// Invariant 1 on one connection made with `latest_event_id = latest`: what the client
+/// received must be exactly OpenHands' replay of `(latest, h]` followed by the live-forwarded
+/// events of `(h, last]`, for some head `h` at connect time: no gap, no duplicate, in order.
+fn check_client(stored: &[Value], latest: i64, got: &[Value]) {
+    let events: Vec<Event> = stored
+        .iter()
+        .map(|v| Event::from_value(v.clone()).expect("stored event parses"))
+        .collect();
+    let got_ids = ids(got);
+    let last = got_ids.iter().copied().max().unwrap_or(0) as i64;
+    let after = |lo: i64, hi: i64| -> Vec<Event> {
+        events
+            .iter()
+            .filter(|e| e.id.is_some_and(|i| (i as i64) > lo && (i as i64) <= hi))
+            .cloned()
+            .collect()
+    };
+    for h in latest..=last {
+        let replay = after(latest, h);
+        let mut want: Vec<u64> = shared::event::replay_order(&replay)
+            .iter()
+            .filter_map(|e| e.id)
+            .collect();
+        want.extend(
+            after(h, last)
+                .iter()
+                .filter(|e| e.live_copy().is_some())
+                .filter_map(|e| e.id),
+        );
+        if want == got_ids {
+            return;
+        }
+    }
+    panic!("received ids {got_ids:?} are no replay-then-live sequence of the log after {latest}");
+}
+
+async fn owner(c: &Cluster, sid: &str) -> Option<String> {
+    c.info(0, sid, None).await["worker_id"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Invariant 4 (failover): kill -9 of the owner mid-conversation: the session runs on the
+/// other worker within lease_ttl + 2 s; messages sent during the outage are answered exactly
+/// once; the client sees no gap and no duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inv4_kill9_owner_fails_over_within_ttl_plus_2s() {
+    let mut c = Cluster::start(opts()).await;
+    let sid = c.create(0, Some("m0"), None).await;
+    let mut a = c.connect(0, &sid, None, None).await.unwrap();
+    let mut got = events_until(&mut a, T, |e| is_echo(e, "m0")).await;
+    got.extend(events_until(&mut a, T, |e| is_state(e, "awaiting_user_input")).await);
+    let old = owner(&c, &sid).await.expect("owned");
+    let old_i = Cluster::worker_index(&old);
+    c.workers[old_i].kill9().await;
+    let killed_at = Instant::now();
+    // Messages during the outage: stored by JetStream, answered after failover.
+    say_reliably(&a, "during 1", "d1").await;
+    say_reliably(&a, "during 2", "d2").await;
+    let new = loop {
+        if let Some(w) = owner(&c, &sid).await.filter(|w| *w != old) {
+            break w;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(20),
+            "no failover{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let took = killed_at.elapsed();
+    assert!(
+        took <= Duration::from_millis(TTL_MS) + Duration::from_secs(2),
+        "failover took {took:?} (ttl {TTL_MS} ms)"
+    );
+    got.extend(events_until(&mut a, T, |e| is_echo(e, "during 2")).await);
+    say_reliably(&a, "after", "a1").await;
+    got.extend(events_until(&mut a, T, |e| is_echo(e, "after")).await);
+    let stored = c.all_events(0, &sid, None).await;
+    for t in ["m0", "during 1", "during 2", "after"] {
+        assert_eq!(count_user(&stored, t), 1, "user message {t:?}");
+        assert_eq!(count_echoes(&stored, t), 1, "echo of {t:?}");
+    }
+    check_client(&stored, -1, &got);
+    check_log(&c, &sid).await;
+    assert_ne!(new, old);
+    eprintln!("failover took {took:?}");
+}
+
+/// Invariant 2 (zombie): SIGSTOP the owner past its lease; another worker takes over and
+/// appends; SIGCONT: the old owner appends nothing more (fenced) and drops the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inv2_paused_owner_is_fenced_after_takeover() {
+    let c = Cluster::start(opts()).await;
+    let sid = c.create(0, Some("m0"), None).await;
+    let mut a = c.connect(0, &sid, None, None).await.unwrap();
+    events_until(&mut a, T, |e| is_echo(e, "m0")).await;
+    events_until(&mut a, T, |e| is_state(e, "awaiting_user_input")).await;
+    let old = owner(&c, &sid).await.unwrap();
+    let zombie = &c.workers[Cluster::worker_index(&old)];
+    zombie.signal(SIGSTOP).unwrap();
+    // Sent while the owner is frozen: its pending pull may already hold it.
+    say_reliably(&a, "while frozen", "f1").await;
+    let deadline = Instant::now() + T;
+    while owner(&c, &sid).await.is_none_or(|w| w == old) {
+        assert!(Instant::now() < deadline, "no takeover{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    events_until(&mut a, T, |e| is_echo(e, "while frozen")).await;
+    zombie.signal(SIGCONT).unwrap();
+    tokio::time::sleep(Duration::from_millis(TTL_MS + 1000)).await;
+    say_reliably(&a, "after thaw", "f2").await;
+    events_until(&mut a, T, |e| is_echo(e, "after thaw")).await;
+    let evs = check_log(&c, &sid).await;
+    let stored = c.all_events(0, &sid, None).await;
+    for t in ["while frozen", "after thaw"] {
+        assert_eq!(count_user(&stored, t), 1, "{t}");
+        assert_eq!(count_echoes(&stored, t), 1, "{t}");
+    }
+    // The zombie let go: it is alive, it logged the loss, and it owns nothing.
+    let log = zombie.log();
+    assert!(
+        log.contains("fenced") || log.contains("lease lost") || log.contains("self-fencing"),
+        "{log}"
+    );
+    assert_ne!(owner(&c, &sid).await.as_deref(), Some(old.as_str()));
+    assert!(evs.len() >= 10);
+}
+
+/// Invariant 2 under contention: 50 concurrent claims of one session: exactly one lease
+/// holder; and of 50 concurrent takeovers of the log, only the last epoch can append.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inv2_fifty_concurrent_claims_one_owner_per_epoch() {
+    let nats = tests::nats::NatsServer::start().await;
+    let redis_srv = tests::redis::RedisServer::start().await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let names = shared::names::Names::new("claims").unwrap();
+    let store = shared::store::Store::open(client, names.clone())
+        .await
+        .unwrap();
+    let sid = SessionId::generate();
+    let conn = shared::ownership::connect(&redis_srv.url()).await.unwrap();
+    let ttl = Duration::from_secs(5);
+    let leases = futures::future::join_all((0..50).map(|i| {
+        let (mut conn, names, sid) = (conn.clone(), names.clone(), sid.clone());
+        async move {
+            let w = shared::id::WorkerId::parse(&format!("w{i}")).unwrap();
+            shared::ownership::acquire(&mut conn, &names, &sid, &w, ttl)
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    assert_eq!(
+        leases.iter().filter(|l| l.is_some()).count(),
+        1,
+        "exactly one lease holder"
+    );
+
+    let mut journals = futures::future::join_all((0..50).map(|i| {
+        let (store, sid) = (store.clone(), sid.clone());
+        async move {
+            let mut j = shared::journal::Journal::open(store, sid, format!("c{i}"))
+                .await
+                .unwrap();
+            let epoch = j
+                .take_over(Event::agent_state_changed(
+                    shared::event::AgentState::Loading,
+                    "",
+                ))
+                .await
+                .ok();
+            (j, epoch)
+        }
+    }))
+    .await;
+    let epochs: Vec<u64> = journals.iter().filter_map(|(_, e)| *e).collect();
+    let mut uniq = epochs.clone();
+    uniq.sort();
+    uniq.dedup();
+    assert_eq!(
+        uniq.len(),
+        epochs.len(),
+        "two claims got the same epoch: {epochs:?}"
+    );
+    // Now every claimant tries to append: only the holder of the newest epoch may.
+    let newest = *uniq.last().unwrap();
+    let mut ok = Vec::new();
+    for (j, e) in journals.iter_mut() {
+        let res = j
+            .append(Event::message(shared::event::Source::Agent, "x", false))
+            .await;
+        match res {
+            Ok(_) => ok.push(*e),
+            Err(shared::journal::AppendError::Fenced { .. }) => {}
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(ok, vec![Some(newest)], "only the newest epoch appends");
+    let evs = store.read_from(&sid, 0, 1000).await.unwrap();
+    assert_eq!(
+        evs.iter().map(|e| e.id).collect::<Vec<_>>(),
+        (0..evs.len() as u64).collect::<Vec<_>>()
+    );
+}
+
+/// Invariant 5: kill -9 of a gateway: its client resumes on the other gateway with no loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inv5_kill9_gateway_client_resumes_elsewhere() {
+    let mut c = Cluster::start(opts()).await;
+    let sid = c.create(0, Some("m0"), None).await;
+    let mut a = c.connect(0, &sid, None, None).await.unwrap();
+    let mut got = events_until(&mut a, T, |e| is_echo(e, "m0")).await;
+    say_reliably(&a, "before", "b1").await;
+    got.extend(events_until(&mut a, T, |e| is_echo(e, "before")).await);
+    c.gateways[0].kill9().await;
+    // The client notices and reconnects to the other gateway from its last id.
+    let deadline = Instant::now() + T;
+    loop {
+        match a.next_event(Duration::from_millis(200)).await {
+            Err(SioError::Disconnected) => break,
+            Ok((_, ev)) => got.push(ev),
+            Err(_) => assert!(Instant::now() < deadline, "never noticed the dead gateway"),
+        }
+    }
+    let last = ids(&got).into_iter().max().unwrap();
+    let mut b = c.connect(1, &sid, Some(last as i64), None).await.unwrap();
+    say_reliably(&b, "after", "a1").await;
+    let got2 = events_until(&mut b, T, |e| is_echo(e, "after")).await;
+    let stored = c.all_events(1, &sid, None).await;
+    check_client(&stored, -1, &got);
+    check_client(&stored, last as i64, &got2);
+    assert_eq!(count_echoes(&stored, "after"), 1);
+}
+
+/// Invariant 8: nats-server kill -9 and restart on the same store, then redis-server restart
+/// empty: the system recovers by itself; nothing acknowledged is lost; no duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inv8_nats_and_redis_restarts_recover_by_themselves() {
+    let mut c = Cluster::start(opts()).await;
+    let sid = c.create(0, Some("m0"), None).await;
+    let mut a = c.connect(0, &sid, None, None).await.unwrap();
+    let mut got = events_until(&mut a, T, |e| is_echo(e, "m0")).await;
+    say_reliably(&a, "one", "n1").await;
+    got.extend(events_until(&mut a, T, |e| is_echo(e, "one")).await);
+
+    c.nats.kill().await;
+    c.nats.restart().await;
+    say_reliably(&a, "after nats", "n2").await;
+    got.extend(events_until(&mut a, T, |e| is_echo(e, "after nats")).await);
+
+    c.redis.restart().await; // comes back empty
+    say_reliably(&a, "after redis", "n3").await;
+    got.extend(events_until(&mut a, T, |e| is_echo(e, "after redis")).await);
+    // Ownership and status are rebuilt within a lease period.
+    c.wait_info(0, &sid, None, T, |v| {
+        v["session_status"] == "running" && v["worker_id"].is_string()
+    })
+    .await;
+
+    let stored = c.all_events(0, &sid, None).await;
+    for t in ["m0", "one", "after nats", "after redis"] {
+        assert_eq!(count_user(&stored, t), 1, "{t}");
+        assert_eq!(count_echoes(&stored, t), 1, "{t}");
+    }
+    check_client(&stored, -1, &got);
+    check_log(&c, &sid).await;
+}
+
+/// Drain: SIGTERM of a worker under load, then a rolling restart of all workers one by one
+/// while clients keep talking: 0 lost, 0 duplicated, no client error; workers exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_rolling_restart_under_load_loses_nothing() {
+    let mut c = Cluster::start(opts()).await;
+    let n = 6;
+    let mut sids = Vec::new();
+    for _ in 0..n {
+        sids.push(c.create(0, None, None).await);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for (i, sid) in sids.iter().enumerate() {
+        let mut client = c.connect(i % 2, sid, None, None).await.unwrap();
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut sent = Vec::new();
+            let mut k = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let text = format!("c{i} m{k}");
+                say_reliably(&client, &text, &format!("c{i}m{k}")).await;
+                got.extend(events_until(&mut client, T, |e| is_echo(e, &text)).await);
+                sent.push(text);
+                k += 1;
+            }
+            let errors = got.iter().filter(|e| e.get("error").is_some()).count();
+            (sent, got, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Roll every worker: SIGTERM, it exits 0 after handing its sessions over, a new one starts.
+    for i in 0..2 {
+        c.workers[i].signal(SIGTERM).unwrap();
+        let status = c.workers[i]
+            .wait_exit(Duration::from_secs(15))
+            .await
+            .expect("drained in time");
+        assert!(status.success(), "worker {i} exit {status:?}{}", c.logs());
+        c.add_worker();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for (t, sid) in tasks.into_iter().zip(&sids) {
+        let (sent, got, errors) = t.await.unwrap();
+        assert_eq!(errors, 0, "client saw errors");
+        let stored = c.all_events(0, sid, None).await;
+        for text in &sent {
+            assert_eq!(count_user(&stored, text), 1, "{text}");
+            assert_eq!(count_echoes(&stored, text), 1, "{text}");
+        }
+        check_client(&stored, -1, &got);
+        check_log(&c, sid).await;
+        total += sent.len();
+    }
+    assert!(total >= 2 * n, "too little load to mean anything: {total}");
+    eprintln!("{total} messages through a rolling restart");
+}
+
+/// Idle passivation after OH_CLOSE_DELAY_S with no client, then resume on the next connect
+/// (on any worker) with the conversation intact; bad cursors get defined answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passivation_and_resume_with_state_intact() {
+    let c = Cluster::start(ClusterOpts {
+        worker_env: vec![("OH_CLOSE_DELAY_S", "1".to_owned())],
+        ..opts()
+    })
+    .await;
+    let sid = c.create(0, Some("m0"), None).await;
+    let mut a = c.connect(0, &sid, None, None).await.unwrap();
+    events_until(&mut a, T, |e| is_echo(e, "m0")).await;
+    // Connected: never passivated.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(c.info(0, &sid, None).await["session_status"], "running");
+    a.close().await;
+    let v = c
+        .wait_info(0, &sid, None, T, |v| v["session_status"] == "stopped")
+        .await;
+    assert_eq!(v["worker_id"], Value::Null);
+    let before = c.all_events(0, &sid, None).await;
+    assert!(is_state(before.last().unwrap(), "stopped"));
+    // Bad cursors: defined refusals, never a silent gap.
+    for bad in ["-2", "abc", "1.5"] {
+        let r = SioClient::connect(
+            tests::sio::ConnectOpts::new(c.url(1))
+                .query("conversation_id", &sid)
+                .query("latest_event_id", bad),
+        )
+        .await;
+        assert!(
+            matches!(r, Err(SioError::ConnectRefused { .. })),
+            "cursor {bad}"
+        );
+    }
+    // Connecting resumes it; history intact, ids continue, no second system event.
+    let mut b = c
+        .connect(1, &sid, Some(before.len() as i64 - 1), None)
+        .await
+        .unwrap();
+    c.wait_info(1, &sid, None, T, |v| {
+        v["agent_state"] == "awaiting_user_input"
+    })
+    .await;
+    say_reliably(&b, "back", "r1").await;
+    let got = events_until(&mut b, T, |e| is_echo(e, "back")).await;
+    assert!(ids(&got)[0] >= before.len() as u64);
+    let after = c.all_events(0, &sid, None).await;
+    assert_eq!(&after[..before.len()], &before[..]);
+    assert_eq!(after.iter().filter(|e| e["action"] == "system").count(), 1);
+    check_log(&c, &sid).await;
+}
+
+/// Poison input: a step that crashes its worker is not retried: the session ends the turn in
+/// `error` with a reason, on another worker, and nothing crash-loops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_step_ends_in_error_not_a_crash_loop() {
+    let c = Cluster::start(ClusterOpts {
+        worker_env: vec![("OH_ECHO_FAULTS", "true".to_owned())],
+        ..opts()
+    })
+    .await;
+    let sid = c.create(0, Some("m0"), None).await;
+    let mut a = c.connect(0, &sid, None, None).await.unwrap();
+    events_until(&mut a, T, |e| is_echo(e, "m0")).await;
+    say_reliably(&a, "/crash", "p1").await;
+    let got = events_until(&mut a, T, |e| is_state(e, "error")).await;
+    let state = got.last().unwrap();
+    assert!(
+        state["extras"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted"),
+        "{state}"
+    );
+    assert!(got.iter().any(|e| e["observation"] == "error"));
+    // One worker died; the other runs the session and keeps serving it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let alive = c
+        .workers
+        .iter()
+        .filter(|w| {
+            w.pid()
+                .is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+        })
+        .count();
+    assert!(alive >= 1);
+    say_reliably(&a, "still here", "p2").await;
+    events_until(&mut a, T, |e| is_echo(e, "still here")).await;
+    let stored = c.all_events(0, &sid, None).await;
+    assert_eq!(count_user(&stored, "/crash"), 1);
+    let errors = stored.iter().filter(|e| is_state(e, "error")).count();
+    assert_eq!(errors, 1, "the poison step was retried");
+}
+
+/// Per-user limit (OH_MAX_CONVERSATIONS_PER_USER), exact across workers: with a limit of 2,
+/// of 6 conversations started at once exactly 2 run; the others are refused with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_limit_is_exact_across_workers() {
+    let c = Cluster::start(ClusterOpts {
+        worker_env: vec![("OH_MAX_CONVERSATIONS_PER_USER", "2".to_owned())],
+        ..opts()
+    })
+    .await;
+    let sids: Vec<String> =
+        futures::future::join_all((0..6).map(|i| c.create(i % 2, None, None))).await;
+    let deadline = Instant::now() + T;
+    let mut states: BTreeMap<String, usize>;
+    loop {
+        states = BTreeMap::new();
+        for s in &sids {
+            let v = c.info(0, s, None).await;
+            *states
+                .entry(v["session_status"].as_str().unwrap_or("?").to_owned())
+                .or_default() += 1;
+        }
+        if states.get("queued").is_none() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{states:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(states.get("running"), Some(&2), "{states:?}");
+    assert_eq!(states.get("error"), Some(&4), "{states:?}");
+    let refused = sids.iter().find(|_| true).unwrap();
+    let mut reason = None;
+    for s in &sids {
+        let v = c.info(0, s, None).await;
+        if v["session_status"] == "error" {
+            reason = v["reason"].as_str().map(str::to_owned);
+        }
+    }
+    assert!(
+        reason
+            .unwrap_or_default()
+            .contains("TOO_MANY_CONVERSATIONS"),
+        "{refused}"
+    );
+}
+
+/// A client retrying an action with the same msg_id (e.g. after a timeout) is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_retries_with_same_msg_id_are_stored_once() {
+    let c = Cluster::start(ClusterOpts {
+        gateways: 2,
+        workers: 1,
+        ..opts()
+    })
+    .await;
+    let sid = c.create(0, None, None).await;
+    let a = c.connect(0, &sid, None, None).await.unwrap();
+    let mut b = c.connect(1, &sid, None, None).await.unwrap();
+    for _ in 0..3 {
+        say_reliably(&a, "once", "same-id").await;
+        say_reliably(&b, "once", "same-id").await; // even through another gateway
+    }
+    events_until(&mut b, T, |e| is_echo(e, "once")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stored = c.all_events(0, &sid, None).await;
+    assert_eq!(count_user(&stored, "once"), 1);
+    assert_eq!(count_echoes(&stored, "once"), 1);
+    let bad = a
+        .emit_with_ack(
+            "oh_user_action",
+            &json!({"action": "message", "args": {"content": "x"}, "msg_id": "a.b"}),
+            T,
+        )
+        .await
+        .unwrap();
+    assert_eq!(bad[0]["error"], true);
+}
