@@ -550,12 +550,8 @@ async fn per_user_limit_is_exact_across_workers() {
             reason = v["reason"].as_str().map(str::to_owned);
         }
     }
-    assert!(
-        reason
-            .unwrap_or_default()
-            .contains("TOO_MANY_CONVERSATIONS"),
-        "{refused}"
-    );
+    let reason = reason.unwrap_or_default();
+    assert!(reason.contains("TOO_MANY_CONVERSATIONS"), "{reason}");
 }
 
 /// A client retrying an action with the same msg_id (e.g. after a timeout) is stored once.
