@@ -7,6 +7,7 @@
 //! target), never a fixed sleep, and kills its processes on drop.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod check;
 pub mod cluster;
 pub mod js;
 pub mod nats;
