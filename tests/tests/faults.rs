@@ -244,7 +244,9 @@ async fn inv8_nats_and_redis_restarts_recover_by_themselves() {
     got.extend(events_until(&mut a, T, |e| is_echo(e, "after redis")).await);
     // Ownership and status are rebuilt within a lease period.
     c.wait_info(0, &sid, None, T, |v| {
-        v["session_status"] == "running" && v["worker_id"].is_string()
+        v["session_status"] == "running"
+            && v["worker_id"].is_string()
+            && v["agent_state"] == "awaiting_user_input"
     })
     .await;
 

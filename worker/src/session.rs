@@ -76,7 +76,14 @@ impl<A: Agent> AgentSession<A> {
         shutdown: CancellationToken,
     ) {
         let close_delay = self.ctx.args.close_delay;
-        let check_every = (close_delay / 4).clamp(
+        // The same tick refreshes the status hash, so it follows reality within a lease
+        // period even after Redis lost it.
+        let check_every = if close_delay.is_zero() {
+            self.ctx.args.lease_ttl
+        } else {
+            (close_delay / 4).min(self.ctx.args.lease_ttl)
+        }
+        .clamp(
             std::time::Duration::from_millis(200),
             std::time::Duration::from_secs(5),
         );
@@ -92,7 +99,7 @@ impl<A: Agent> AgentSession<A> {
                     biased;
                     () = lost.cancelled() => Input::LeaseLost,
                     () = shutdown.cancelled() => Input::Shutdown,
-                    _ = idle_tick.tick(), if !close_delay.is_zero() => Input::IdleCheck,
+                    _ = idle_tick.tick() => Input::IdleCheck,
                     m = actions.next() => match m {
                         Some(Ok(m)) => Input::Action(Box::new(m)),
                         Some(Err(e)) => {
@@ -110,6 +117,10 @@ impl<A: Agent> AgentSession<A> {
                     Input::LeaseLost => break End::Lost,
                     Input::Shutdown => break End::Handover,
                     Input::IdleCheck => {
+                        self.publish_full_status().await;
+                        if close_delay.is_zero() {
+                            continue;
+                        }
                         if self.agent_state == AgentState::Running || self.watched().await {
                             last_activity = std::time::Instant::now();
                         } else if last_activity.elapsed() >= close_delay {
@@ -333,6 +344,27 @@ impl<A: Agent> AgentSession<A> {
         .await;
         if let Err(e) = res {
             warn!(error = %e, "status update failed");
+        }
+    }
+
+    /// Rewrites every field of the status hash (it may have been lost with Redis).
+    async fn publish_full_status(&self) {
+        let mut redis = self.ctx.redis.clone();
+        let res = status::write(
+            &mut redis,
+            &self.ctx.store.names,
+            &self.sid,
+            status::Update {
+                state: Some(SessionState::Running),
+                worker_id: Some(self.ctx.worker_id.as_str()),
+                agent_state: Some(self.agent_state.as_str()),
+                last_event_id: self.journal.last_id(),
+                reason: None,
+            },
+        )
+        .await;
+        if let Err(e) = res {
+            warn!(error = %e, "status refresh failed");
         }
     }
 
