@@ -25,6 +25,8 @@ pub(crate) struct Inner {
     pub(crate) auth: AuthTokens,
     pub(crate) fanout: Fanout,
     pub(crate) metrics: PrometheusHandle,
+    /// How long a client may keep its send buffer full (see `replay`).
+    pub(crate) slow_client_timeout: Duration,
 }
 
 /// State shared by every handler.
@@ -46,6 +48,7 @@ impl AppState {
         auth: AuthTokens,
         metrics: PrometheusHandle,
         gateway_id: &str,
+        slow_client_timeout: Duration,
     ) -> Self {
         let fanout = Fanout::new(nats.clone(), store.clone(), redis.clone(), gateway_id);
         Self(Arc::new(Inner {
@@ -55,11 +58,12 @@ impl AppState {
             auth,
             fanout,
             metrics,
+            slow_client_timeout,
         }))
     }
 }
 
-pub(crate) fn router(state: AppState, cancel: CancellationToken) -> Router {
+pub(crate) fn router(state: AppState, socket_buffer: usize, cancel: CancellationToken) -> Router {
     let (sio_layer, io) = SocketIo::builder()
         .with_state(state.clone())
         // Polling payloads: room for a 4 MiB action plus framing; the handler refuses > 4 MiB
@@ -67,10 +71,16 @@ pub(crate) fn router(state: AppState, cancel: CancellationToken) -> Router {
         .max_payload(16 * 1024 * 1024)
         .ws_max_message_size(16 * 1024 * 1024)
         .ws_max_frame_size(16 * 1024 * 1024)
-        .max_buffer_size(1024)
+        .max_buffer_size(socket_buffer)
         .connect_timeout(Duration::from_secs(10))
         .build_layer();
-    crate::socket::register(&io, cancel);
+    crate::socket::register(&io, cancel.clone());
+    // On shutdown, close every socket (clients reconnect to another gateway and resume by
+    // replay), so the graceful HTTP shutdown is not held up by long-lived websockets.
+    tokio::spawn(async move {
+        cancel.cancelled().await;
+        io.close().await;
+    });
     crate::http::routes()
         .layer(DefaultBodyLimit::max(32 * 1024 * 1024))
         .layer(

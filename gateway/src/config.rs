@@ -1,6 +1,7 @@
 //! Gateway configuration (flags with `OH_*` environment fallbacks).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use shared::config::{AuthTokens, BrokerArgs, parse_auth_tokens};
 
@@ -19,4 +20,19 @@ pub struct Args {
     /// Bearer tokens: `token=user,token2=user2`. Unset or empty: single-user mode (user `local`).
     #[arg(long, env = "OH_AUTH_TOKENS", default_value = "", value_parser = parse_auth_tokens, hide_env_values = true)]
     pub auth_tokens: AuthTokens,
+    /// Packets a socket may have queued for sending; a client that keeps it full for
+    /// `OH_SLOW_CLIENT_TIMEOUT_MS` is disconnected (it resumes by replay).
+    #[arg(long, env = "OH_SOCKET_BUFFER", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(16..=1_000_000))]
+    pub socket_buffer: u32,
+    /// How long a client may leave its send buffer full before it is disconnected (ms).
+    #[arg(long = "slow-client-timeout-ms", env = "OH_SLOW_CLIENT_TIMEOUT_MS", default_value = "10000", value_parser = parse_ms)]
+    pub slow_client_timeout: Duration,
+}
+
+fn parse_ms(s: &str) -> Result<Duration, String> {
+    let ms: u64 = s.parse().map_err(|_| "expected milliseconds".to_owned())?;
+    if !(100..=600_000).contains(&ms) {
+        return Err("must be between 100 and 600000 ms".to_owned());
+    }
+    Ok(Duration::from_millis(ms))
 }

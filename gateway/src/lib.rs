@@ -66,6 +66,7 @@ pub async fn run(
         args.auth_tokens.clone(),
         metrics,
         &gateway_id,
+        args.slow_client_timeout,
     );
     let fanout = state.fanout.clone();
     tokio::spawn(fanout.clone().presence_loop(cancel.clone()));
@@ -75,7 +76,7 @@ pub async fn run(
             fanout.resync_all().await;
         }
     });
-    let router = app::router(state, cancel.clone());
+    let router = app::router(state, args.socket_buffer as usize, cancel.clone());
     let listener = tokio::net::TcpListener::bind(args.gateway_addr)
         .await
         .with_context(|| format!("bind {}", args.gateway_addr))?;

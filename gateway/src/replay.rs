@@ -10,7 +10,8 @@
 //!    ids (dropped core-NATS message, lagging broadcast) first fills the gap from the log.
 //!
 //! Sends are bounded: socketioxide's per-socket buffer is finite; when it is full we wait for
-//! the client to drain it, and a client that stays full for [`STALL_LIMIT`] is disconnected
+//! the client to drain it, and a client that stays full for `OH_SLOW_CLIENT_TIMEOUT_MS` is
+//! disconnected
 //! (it resumes by replay), so a slow client never slows others or grows memory without bound.
 
 use std::sync::Arc;
@@ -29,8 +30,6 @@ use tracing::{debug, warn};
 use crate::app::AppState;
 use crate::fanout::{Feed, Live};
 
-/// How long a client may leave its send buffer full before it is disconnected.
-pub(crate) const STALL_LIMIT: Duration = Duration::from_secs(10);
 const CHUNK: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +106,7 @@ async fn run(
                     let from = u64::try_from(cursor + 1).unwrap_or(0);
                     fill(state, socket, sid, from, live.id - 1).await?;
                 }
-                send_live(socket, &live).await?;
+                send_live(socket, &live, state.slow_client_timeout).await?;
                 cursor = id;
             }
             Ok(Feed::Resync) | Err(RecvError::Lagged(_)) => {
@@ -157,12 +156,14 @@ async fn replay(
             match Event::from_json(&ev.payload).map(|e| e.replay_class()) {
                 Ok(ReplayClass::Skip) => {}
                 Ok(ReplayClass::State) => held_state = Some(raw),
-                Ok(ReplayClass::Emit) | Err(_) => send(socket, &raw).await?,
+                Ok(ReplayClass::Emit) | Err(_) => {
+                    send(socket, &raw, state.slow_client_timeout).await?
+                }
             }
         }
     }
     if let Some(raw) = held_state {
-        send(socket, &raw).await?;
+        send(socket, &raw, state.slow_client_timeout).await?;
     }
     Ok(())
 }
@@ -194,7 +195,7 @@ async fn fill(
                 Err(_) => raw_of(ev),
             };
             if let Some(raw) = live {
-                send(socket, &raw).await?;
+                send(socket, &raw, state.slow_client_timeout).await?;
             }
         }
     }
@@ -207,15 +208,23 @@ fn raw_of(ev: &StoredEvent) -> Option<Box<RawValue>> {
     RawValue::from_string(s.to_owned()).ok()
 }
 
-async fn send_live(socket: &SocketRef, live: &Arc<Live>) -> Result<(), ForwardError> {
+async fn send_live(
+    socket: &SocketRef,
+    live: &Arc<Live>,
+    stall_limit: Duration,
+) -> Result<(), ForwardError> {
     match &live.json {
-        Some(raw) => send(socket, raw).await,
+        Some(raw) => send(socket, raw, stall_limit).await,
         None => Ok(()),
     }
 }
 
-/// Emits one `oh_event`, waiting while the socket's buffer is full (bounded by [`STALL_LIMIT`]).
-async fn send(socket: &SocketRef, raw: &RawValue) -> Result<(), ForwardError> {
+/// Emits one `oh_event`, waiting while the socket's buffer is full (at most `stall_limit`).
+async fn send(
+    socket: &SocketRef,
+    raw: &RawValue,
+    stall_limit: Duration,
+) -> Result<(), ForwardError> {
     let mut stalled_since: Option<Instant> = None;
     loop {
         match socket.emit("oh_event", raw) {
@@ -225,7 +234,7 @@ async fn send(socket: &SocketRef, raw: &RawValue) -> Result<(), ForwardError> {
             }
             Err(SendError::Socket(SocketError::InternalChannelFull)) => {
                 let since = *stalled_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > STALL_LIMIT {
+                if since.elapsed() > stall_limit {
                     return Err(ForwardError::Slow);
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;

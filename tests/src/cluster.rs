@@ -25,6 +25,8 @@ pub struct ClusterOpts {
     pub lease_ttl_ms: u64,
     /// Extra environment of every worker (e.g. `OH_CLOSE_DELAY_S`, `OH_ECHO_FAULTS`).
     pub worker_env: Vec<(&'static str, String)>,
+    /// Extra environment of every gateway (e.g. `OH_SOCKET_BUFFER`).
+    pub gateway_env: Vec<(&'static str, String)>,
 }
 
 impl Default for ClusterOpts {
@@ -36,6 +38,7 @@ impl Default for ClusterOpts {
             auth_tokens: None,
             lease_ttl_ms: 3000,
             worker_env: Vec::new(),
+            gateway_env: Vec::new(),
         }
     }
 }
@@ -100,6 +103,7 @@ impl Cluster {
         let port = free_port();
         let mut env = self.common_env();
         env.push(("OH_GATEWAY_ADDR", format!("127.0.0.1:{port}")));
+        env.extend(self.opts.gateway_env.iter().cloned());
         let i = self.gateways.len();
         let mut p = Proc::spawn(&format!("gateway{i}"), &bin_path("gateway"), &[], &env);
         p.wait_http_ok(
@@ -140,6 +144,11 @@ impl Cluster {
         shared::store::Store::open(client, names)
             .await
             .expect("store")
+    }
+
+    /// Port of gateway `i`.
+    pub fn gateway_port(&self, i: usize) -> u16 {
+        self.gateway_ports[i]
     }
 
     /// Base URL of gateway `i`.

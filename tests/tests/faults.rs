@@ -486,3 +486,152 @@ async fn client_retries_with_same_msg_id_are_stored_once() {
         .unwrap();
     assert_eq!(bad[0]["error"], true);
 }
+
+/// Rolling deploy of gateways: SIGTERM closes every socket and exits 0 promptly; the clients
+/// resume on the other gateway with no loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_sigterm_closes_sockets_and_clients_resume() {
+    let mut c = Cluster::start(opts()).await;
+    let sid = c.create(0, Some("m0"), None).await;
+    let mut a = c.connect(0, &sid, None, None).await.unwrap();
+    let got = events_until(&mut a, T, |e| is_echo(e, "m0")).await;
+    c.gateways[0].signal(SIGTERM).unwrap();
+    let status = c.gateways[0]
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("gateway exits");
+    assert!(status.success(), "{status:?}");
+    let mut got1 = got;
+    loop {
+        match a.next_event(T).await {
+            Ok((_, ev)) => got1.push(ev),
+            Err(SioError::Disconnected) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let last = ids(&got1).into_iter().max().unwrap();
+    let mut b = c.connect(1, &sid, Some(last as i64), None).await.unwrap();
+    say_reliably(&b, "after", "g1").await;
+    let got2 = events_until(&mut b, T, |e| is_echo(e, "after")).await;
+    let stored = c.all_events(1, &sid, None).await;
+    check_client(&stored, -1, &got1);
+    check_client(&stored, last as i64, &got2);
+}
+
+/// A slow client (stops reading) is disconnected at its buffer budget without slowing the
+/// others, and resumes by replay with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_client_is_disconnected_and_resumes_by_replay() {
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        gateway_env: vec![
+            ("OH_SOCKET_BUFFER", "32".to_owned()),
+            ("OH_SLOW_CLIENT_TIMEOUT_MS", "500".to_owned()),
+        ],
+        ..opts()
+    })
+    .await;
+    let sid = c.create(0, None, None).await;
+    c.wait_info(0, &sid, None, T, |v| {
+        v["agent_state"] == "awaiting_user_input"
+    })
+    .await;
+    // A client that stops reading: a raw websocket with a tiny receive window.
+    let mut slow = RawSlowClient::connect(c.gateway_port(0), &sid).await;
+    let mut fast = c.connect(0, &sid, None, None).await.unwrap();
+    let big = "z".repeat(256 * 1024);
+    let started = Instant::now();
+    let mut fast_got = Vec::new();
+    for k in 0..60 {
+        let text = format!("{k} {big}");
+        say_reliably(&fast, &text, &format!("s{k}")).await;
+        fast_got.extend(events_until(&mut fast, T, |e| is_echo(e, &text)).await);
+    }
+    // The fast client was not held back by the slow one (generous bound: 60 turns).
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    // The slow client reads what it had, then finds itself disconnected.
+    let slow_got = slow.drain_until_closed(T).await;
+    let stored = c.all_events(0, &sid, None).await;
+    assert!(
+        ids(&slow_got).len() < stored.len(),
+        "the slow client got everything: not slow"
+    );
+    let last = ids(&slow_got).into_iter().max().map_or(-1, |m| m as i64);
+    let mut again = c.connect(0, &sid, Some(last), None).await.unwrap();
+    let rest = events_until(&mut again, T, |e| is_state(e, "awaiting_user_input")).await;
+    check_client(&stored, -1, &slow_got);
+    check_client(&stored, last, &rest);
+    check_client(&stored, -1, &fast_got);
+    let metrics = reqwest::get(format!("{}/metrics", c.url(0)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("oh_gateway_slow_client_disconnects_total 1"),
+        "{metrics}"
+    );
+}
+
+/// A Socket.IO client over a raw websocket whose TCP receive buffer is tiny, so that when it
+/// stops reading the server's send queue fills quickly.
+struct RawSlowClient {
+    ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+}
+
+impl RawSlowClient {
+    async fn connect(port: u16, sid: &str) -> Self {
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let stream = sock.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        let url = format!(
+            "ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket&conversation_id={sid}"
+        );
+        let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+        let open = ws.next().await.unwrap().unwrap();
+        assert!(open.to_text().unwrap().starts_with('0'), "{open:?}");
+        ws.send(Message::text("40")).await.unwrap();
+        loop {
+            let m = ws.next().await.unwrap().unwrap();
+            if m.to_text().unwrap_or("").starts_with("40") {
+                return RawSlowClient { ws };
+            }
+        }
+    }
+
+    /// Reads everything until the server closes the connection; returns the `oh_event`s.
+    async fn drain_until_closed(&mut self, timeout: Duration) -> Vec<Value> {
+        use futures::StreamExt;
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.ws.next()).await {
+                Err(_) => panic!("the slow client was never disconnected"),
+                Ok(None) | Ok(Some(Err(_))) => return got,
+                Ok(Some(Ok(m))) => {
+                    if m.is_close() {
+                        return got;
+                    }
+                    let text = m.to_text().unwrap_or("");
+                    if let Some(body) = text.strip_prefix("42") {
+                        let v: Value = serde_json::from_str(body).unwrap();
+                        if v[0] == "oh_event" {
+                            got.push(v[1].clone());
+                        }
+                    } else if text == "41" {
+                        return got;
+                    }
+                }
+            }
+        }
+    }
+}
