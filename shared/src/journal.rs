@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::event::{Event, Source};
 use crate::id::SessionId;
 use crate::store::{Store, StoreError};
-use crate::wire::{HDR_AGENT_STATE, HDR_APPLIED_ACTION, HDR_EPOCH, HDR_EVENT_ID};
+use crate::wire::{HDR_AGENT_STATE, HDR_APPLIED_ACTION, HDR_EPOCH, HDR_EVENT_ID, HDR_INTERRUPTS};
 use async_nats::HeaderMap;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
@@ -57,6 +57,9 @@ pub struct Journal {
     epoch: u64,
     /// Agent state as of the last event (carried on every event in `Oh-Agent-State`).
     agent_state: Option<String>,
+    /// Takeovers in the middle of the current turn without a completed step since
+    /// (`Oh-Interrupts`); bounds how often an input that crashes workers is retried.
+    interrupts: u32,
 }
 
 impl Journal {
@@ -72,6 +75,7 @@ impl Journal {
             next_id: last.as_ref().map_or(0, |l| l.id + 1),
             applied_action: last.as_ref().map_or(0, |l| l.applied_action),
             agent_state: last.as_ref().and_then(|l| l.agent_state.clone()),
+            interrupts: last.as_ref().map_or(0, |l| l.interrupts),
             epoch: 0,
             sid,
         })
@@ -124,6 +128,7 @@ impl Journal {
                     self.next_id = last.as_ref().map_or(0, |l| l.id + 1);
                     self.applied_action = last.as_ref().map_or(0, |l| l.applied_action);
                     self.agent_state = last.as_ref().and_then(|l| l.agent_state.clone());
+                    self.interrupts = last.as_ref().map_or(0, |l| l.interrupts);
                 }
                 Err(e) => return Err(e),
             }
@@ -137,14 +142,28 @@ impl Journal {
         self.agent_state = Some(state.to_owned());
     }
 
+    /// Interruptions of the current turn so far, as recorded in the log.
+    pub fn interrupts(&self) -> u32 {
+        self.interrupts
+    }
+
+    /// Sets the interruption count carried by the next events (0 once a step completes).
+    pub fn set_interrupts(&mut self, n: u32) {
+        self.interrupts = n;
+    }
+
     /// Marks user action `seq` as applied by the next append.
     pub fn mark_applied(&mut self, seq: u64) {
         self.applied_action = self.applied_action.max(seq);
     }
 
     /// Appends one event: assigns its id and timestamp (source defaults to environment),
-    /// publishes it fenced, and returns its id.
-    pub async fn append(&mut self, mut ev: Event) -> Result<u64, AppendError> {
+    /// publishes it fenced, and returns it as stored.
+    ///
+    /// # Errors
+    /// [`AppendError::Fenced`] if another worker took over; other variants if JetStream did
+    /// not store it.
+    pub async fn append(&mut self, mut ev: Event) -> Result<Event, AppendError> {
         let id = self.next_id;
         ev.id = Some(id);
         ev.timestamp = Some(crate::event::now_timestamp());
@@ -169,6 +188,9 @@ impl Journal {
         headers.insert(HDR_EPOCH, epoch.to_string().as_str());
         if let Some(state) = &agent_state {
             headers.insert(HDR_AGENT_STATE, state.as_str());
+        }
+        if self.interrupts > 0 {
+            headers.insert(HDR_INTERRUPTS, self.interrupts.to_string().as_str());
         }
         let payload = self
             .store
@@ -206,7 +228,7 @@ impl Journal {
                     self.next_id = id + 1;
                     self.agent_state = agent_state;
                     metrics::counter!("oh_worker_events_appended_total").increment(1);
-                    return Ok(id);
+                    return Ok(ev);
                 }
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                     return Err(AppendError::Fenced {

@@ -25,7 +25,9 @@ use tokio::io::AsyncReadExt;
 
 use crate::id::{SessionId, UserId};
 use crate::names::Names;
-use crate::wire::{HDR_AGENT_STATE, HDR_APPLIED_ACTION, HDR_BLOB, HDR_EPOCH, HDR_EVENT_ID};
+use crate::wire::{
+    HDR_AGENT_STATE, HDR_APPLIED_ACTION, HDR_BLOB, HDR_EPOCH, HDR_EVENT_ID, HDR_INTERRUPTS,
+};
 
 /// Why a JetStream operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +119,8 @@ pub struct StoredEvent {
     pub epoch: u64,
     /// Agent state as of this event.
     pub agent_state: Option<String>,
+    /// Interruptions of the current turn (see [`crate::wire::HDR_INTERRUPTS`]).
+    pub interrupts: u32,
     /// The event JSON as stored (blob already resolved).
     pub payload: Bytes,
 }
@@ -378,6 +382,9 @@ impl Store {
                 .headers
                 .get(HDR_AGENT_STATE)
                 .map(|v| v.as_str().to_owned()),
+            interrupts: header_u64(&m.headers, HDR_INTERRUPTS)
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0),
         })
     }
 
@@ -673,6 +680,7 @@ struct Meta {
     applied_action: u64,
     epoch: u64,
     agent_state: Option<String>,
+    interrupts: u32,
 }
 
 impl Meta {
@@ -683,6 +691,7 @@ impl Meta {
             applied_action: self.applied_action,
             epoch: self.epoch,
             agent_state: self.agent_state,
+            interrupts: self.interrupts,
             payload,
         }
     }

@@ -25,6 +25,9 @@ pub const HDR_EPOCH: &str = "Oh-Epoch";
 /// Header: the agent state as of this event (so the last event tells a new owner whether a
 /// turn was interrupted).
 pub const HDR_AGENT_STATE: &str = "Oh-Agent-State";
+/// Header: how many times the current turn was interrupted (its owner died mid-turn) without
+/// a completed step since; absent means 0.
+pub const HDR_INTERRUPTS: &str = "Oh-Interrupts";
 /// Header: the user who sent an action.
 pub const HDR_USER: &str = "Oh-User";
 /// Header: a control request in the action stream (value: [`Control`] as a string).

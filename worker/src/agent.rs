@@ -1,24 +1,51 @@
-//! The agent behind a session. [`Agent`] is the seam the real (LLM-driven) agent will plug
-//! into; for now the only implementation is [`Echo`], a **test/demo agent** that answers every
-//! user message with `echo: <message>` and never calls an LLM or a runtime.
+//! The agent behind a session: given the conversation so far, it decides the next events.
+//! [`Agent`] is the seam; [`AgentImpl`] is the closed set of implementations (enum dispatch,
+//! because an async trait method is not object-safe).
+//!
+//! - [`Echo`]: a **test/demo agent** that answers every user message with `echo: <message>`
+//!   and never calls an LLM or a runtime.
 
 use std::future::Future;
 
 use shared::event::{Event, Source};
+use tokio_util::sync::CancellationToken;
 
-/// One agent: turns a user message into the agent's events.
+/// Why a step produced no events.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StepError {
+    /// Stop or pause from the user, or shutdown.
+    #[error("cancelled")]
+    Cancelled,
+    /// The step failed for good; the turn ends in `error` with this reason.
+    #[error("{reason}")]
+    Failed {
+        /// Shown to the user as `agent_state_changed.extras.reason`.
+        reason: String,
+    },
+}
+
+/// One agent.
 pub(crate) trait Agent: Send + 'static {
     /// `agent_class` of the `system` event.
     fn class(&self) -> &'static str;
     /// The system prompt recorded in the session's first `system` event.
     fn system_prompt(&self) -> String;
-    /// One turn for a user message: the events to append, in order.
-    fn on_message(&mut self, content: &str) -> impl Future<Output = Vec<Event>> + Send;
+    /// Tool schemas recorded in the `system` event.
+    fn tools(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// The next events of the current turn, given every event so far. Empty: nothing to do
+    /// (the turn ends waiting for the user). Must return soon after `cancel` fires.
+    fn step(
+        &mut self,
+        history: &[Event],
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = Result<Vec<Event>, StepError>> + Send;
 }
 
-/// Test/demo agent: for each user message X, one agent `message` action `echo: X`.
-/// With `faults` on (`OH_ECHO_FAULTS`, tests only), the message `/crash` aborts the process in
-/// the middle of the step, like a poison input would.
+/// Test/demo agent: for each user message X not yet answered, one agent `message` action
+/// `echo: X` (waiting for the user). With `faults` on (`OH_ECHO_FAULTS`, tests only), the
+/// message `/crash` aborts the process in the middle of the step, like a poison input would.
 #[derive(Debug, Default)]
 pub(crate) struct Echo {
     pub(crate) faults: bool,
@@ -34,15 +61,67 @@ impl Agent for Echo {
             .to_owned()
     }
 
-    async fn on_message(&mut self, content: &str) -> Vec<Event> {
-        if self.faults && content == "/crash" {
-            tracing::error!("echo agent fault hook: aborting the worker mid-step");
-            std::process::abort();
+    async fn step(
+        &mut self,
+        history: &[Event],
+        _cancel: &CancellationToken,
+    ) -> Result<Vec<Event>, StepError> {
+        let unanswered: Vec<&Event> = history
+            .iter()
+            .rev()
+            .take_while(|e| {
+                !(e.source == Some(Source::Agent) && e.action_type() == Some("message"))
+            })
+            .filter(|e| e.source == Some(Source::User) && e.action_type() == Some("message"))
+            .collect();
+        let mut out = Vec::new();
+        for user in unanswered.into_iter().rev() {
+            let content = user.to_value()["args"]["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if self.faults && content == "/crash" {
+                tracing::error!("echo agent fault hook: aborting the worker mid-step");
+                std::process::abort();
+            }
+            out.push(Event::message(
+                Source::Agent,
+                format!("echo: {content}"),
+                true,
+            ));
         }
-        vec![Event::message(
-            Source::Agent,
-            format!("echo: {content}"),
-            true,
-        )]
+        Ok(out)
+    }
+}
+
+/// The agents a session can run.
+pub(crate) enum AgentImpl {
+    Echo(Echo),
+}
+
+impl AgentImpl {
+    pub(crate) fn class(&self) -> &'static str {
+        match self {
+            AgentImpl::Echo(a) => a.class(),
+        }
+    }
+    pub(crate) fn system_prompt(&self) -> String {
+        match self {
+            AgentImpl::Echo(a) => a.system_prompt(),
+        }
+    }
+    pub(crate) fn tools(&self) -> Option<serde_json::Value> {
+        match self {
+            AgentImpl::Echo(a) => a.tools(),
+        }
+    }
+    pub(crate) async fn step(
+        &mut self,
+        history: &[Event],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Event>, StepError> {
+        match self {
+            AgentImpl::Echo(a) => a.step(history, cancel).await,
+        }
     }
 }

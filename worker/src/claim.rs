@@ -20,7 +20,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Ctx;
-use crate::agent::Echo;
+use crate::agent::{AgentImpl, Echo};
+use crate::controller::Controller;
 use crate::session::{AgentSession, Start};
 use shared::journal::Journal;
 
@@ -239,10 +240,25 @@ async fn try_claim(
             .expires(Duration::from_secs(5))
             .messages()
             .await?;
-        anyhow::Ok((journal, fresh, interrupted, epoch, actions, pending))
+        // The conversation so far, for the agent (events are the state: see ARCHITECTURE.md).
+        let history: Vec<Event> = store
+            .read_from(&sid, 0, usize::MAX)
+            .await?
+            .iter()
+            .filter_map(|e| Event::from_json(&e.payload).ok())
+            .collect();
+        anyhow::Ok((
+            journal,
+            fresh,
+            interrupted,
+            epoch,
+            actions,
+            pending,
+            history,
+        ))
     }
     .await;
-    let (journal, fresh, interrupted, epoch, actions, pending) = match result {
+    let (journal, fresh, interrupted, epoch, actions, pending, history) = match result {
         Ok(x) => x,
         Err(e) => {
             let _ = ownership::release(&mut redis, &lease).await; // expires by itself otherwise
@@ -270,18 +286,23 @@ async fn try_claim(
     let lost = CancellationToken::new();
     ctx.leases
         .insert(sid.clone(), uid.clone(), lease.clone(), lost.clone());
-    let session = AgentSession {
-        ctx: ctx.clone(),
-        sid: sid.clone(),
-        uid: uid.clone(),
+    let ctrl = Controller {
+        agent: AgentImpl::Echo(Echo {
+            faults: ctx.args.echo_faults,
+        }),
+        history,
+        iterations: 0,
+        max_iterations: ctx.args.max_iterations,
+    };
+    let session = AgentSession::new(
+        ctx.clone(),
+        (sid.clone(), uid.clone()),
         meta,
         journal,
         lease,
-        agent: Echo {
-            faults: ctx.args.echo_faults,
-        },
-        agent_state: AgentState::Loading,
-    };
+        ctrl,
+        AgentState::Loading,
+    );
     let span =
         info_span!("session", session_id = %sid, user_id = %uid, worker_id = %ctx.worker_id, epoch);
     let shutdown = cancel.clone();

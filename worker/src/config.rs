@@ -40,6 +40,9 @@ pub struct Args {
     /// (to test failover and poison input). Never enable in production.
     #[arg(long, env = "OH_ECHO_FAULTS", default_value_t = false)]
     pub echo_faults: bool,
+    /// Most steps (LLM call plus action) in one turn before it ends in `error`.
+    #[arg(long, env = "OH_MAX_ITERATIONS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_iterations: u32,
     /// Which agent runs sessions. `echo` is a test/demo agent that answers `echo: <message>`.
     #[arg(long, env = "OH_AGENT", default_value = "echo", value_parser = ["echo"])]
     pub agent: String,

@@ -7,10 +7,12 @@
 //! - `lease`: renews every held lease; a lost lease cancels its session.
 //! - `session`: `AgentSession`, one task per session, driven by user actions.
 //! - `sweep`: queues a resume for sessions that should run but lost their owner.
+//! - `controller`: the steps of a turn (think, act) as futures that own the controller.
 //! - `agent`: the agent trait and the `echo` test/demo agent.
 
 mod agent;
 mod claim;
+mod controller;
 pub mod config;
 mod lease;
 mod session;

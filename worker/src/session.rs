@@ -1,18 +1,27 @@
 //! `AgentSession`: one task owns one session while this worker holds its lease.
 //!
 //! The task is a `select!` loop over a closed set of inputs ([`Input`]): a user action from the
-//! session's durable action consumer, lease lost, or worker shutdown. Every input is handled to
-//! completion before the next is taken, so events of one turn are contiguous.
+//! session's durable action consumer, a step of the current turn finishing, lease lost, worker
+//! shutdown, or the idle tick. A turn is a chain of steps (`controller`): think (the agent
+//! decides) and act (the runtime executes); each step runs as a future that owns the
+//! controller, so user actions keep being read meanwhile: a message joins the conversation, a
+//! stop or pause cancels the step at once.
 //!
-//! **Invariant (exactly once):** an action is acked only after all its events are appended, and
+//! **Invariant (exactly once):** an action is acked only after its events are appended, and
 //! every event carries the sequence of the newest applied action (`Oh-Applied-Action`). A new
 //! owner reads that from the last event and acks, without applying, any redelivered action at
 //! or below it.
+//!
+//! **Interrupted turns:** a new owner that finds the log's agent state `running` continues the
+//! turn (a runnable action left without observation gets an error observation first). The
+//! interruption count travels in the log (`Oh-Interrupts`) and is reset by every completed
+//! step; at [`MAX_TURN_INTERRUPTS`] the turn ends in `error` instead, so an input that crashes
+//! workers cannot crash-loop.
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use serde_json::Value;
-use shared::event::{AgentState, Event, UserAction};
+use shared::event::{AgentState, Event, Source, UserAction};
 use shared::id::{SessionId, UserId};
 use shared::ownership::{self, Lease};
 use shared::status::{self, SessionState};
@@ -22,18 +31,35 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::Ctx;
-use crate::agent::Agent;
+use crate::agent::StepError;
+use crate::controller::{Busy, Controller, Step, is_runnable};
 use shared::journal::{AppendError, Journal};
 
-pub(crate) struct AgentSession<A: Agent> {
+/// The interruption of a turn that ends it in `error` rather than continuing it.
+pub(crate) const MAX_TURN_INTERRUPTS: u32 = 2;
+
+pub(crate) struct AgentSession {
     pub(crate) ctx: Ctx,
     pub(crate) sid: SessionId,
     pub(crate) uid: UserId,
     pub(crate) meta: ConversationMeta,
     pub(crate) journal: Journal,
     pub(crate) lease: Lease,
-    pub(crate) agent: A,
+    /// The controller while no step runs (`None` exactly while `turn` is `Some`).
+    pub(crate) ctrl: Option<Controller>,
     pub(crate) agent_state: AgentState,
+    turn: Option<Turn>,
+    /// Events appended while a step ran; handed to the controller when it comes back.
+    inbox: Vec<Event>,
+    /// The runnable action whose observation is still due.
+    pending: Option<Event>,
+    /// Shutdown requested: finish the current step, then hand over.
+    draining: bool,
+}
+
+struct Turn {
+    fut: Busy,
+    cancel: CancellationToken,
 }
 
 /// How a session task starts.
@@ -49,15 +75,16 @@ pub(crate) struct Start {
 /// What can happen to a session.
 enum Input {
     Action(Box<jetstream::Message>),
+    StepDone(Box<(Controller, Step)>),
     LeaseLost,
     Shutdown,
-    /// Time to check whether anyone still watches (passivation).
+    /// Time to refresh the status and check whether anyone still watches (passivation).
     IdleCheck,
 }
 
 /// How a session task ends.
 enum End {
-    /// Stopped on request: status `stopped`, lease released.
+    /// Stopped on request or passivated: status `stopped`, lease released.
     Stopped,
     /// Worker shutting down: lease released, resume enqueued for another worker.
     Handover,
@@ -67,7 +94,32 @@ enum End {
     Failed,
 }
 
-impl<A: Agent> AgentSession<A> {
+impl AgentSession {
+    pub(crate) fn new(
+        ctx: Ctx,
+        ids: (SessionId, UserId),
+        meta: ConversationMeta,
+        journal: Journal,
+        lease: Lease,
+        ctrl: Controller,
+        agent_state: AgentState,
+    ) -> Self {
+        Self {
+            ctx,
+            sid: ids.0,
+            uid: ids.1,
+            meta,
+            journal,
+            lease,
+            ctrl: Some(ctrl),
+            agent_state,
+            turn: None,
+            inbox: Vec::new(),
+            pending: None,
+            draining: false,
+        }
+    }
+
     pub(crate) async fn run(
         mut self,
         mut actions: pull::Stream,
@@ -90,17 +142,26 @@ impl<A: Agent> AgentSession<A> {
         let mut idle_tick = tokio::time::interval(check_every);
         idle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_activity = std::time::Instant::now();
+        let mut shutdown_seen = false;
         let end = match self.start(start).await {
             Err(e) => self.on_append_error(e),
             Ok(()) => loop {
                 // Cancel-safety: `lost`/`shutdown` are tokens; `actions.next()` is cancel-safe
-                // (a message not yet returned stays in the consumer and is redelivered).
+                // (a message not yet returned stays in the consumer and is redelivered); the
+                // step future is kept in `self.turn` and polled again next time.
+                let turn = &mut self.turn;
                 let input = tokio::select! {
                     biased;
                     () = lost.cancelled() => Input::LeaseLost,
-                    () = shutdown.cancelled() => Input::Shutdown,
+                    () = shutdown.cancelled(), if !shutdown_seen => Input::Shutdown,
+                    out = async {
+                        match turn.as_mut() {
+                            Some(t) => (&mut t.fut).await,
+                            None => std::future::pending().await,
+                        }
+                    } => Input::StepDone(Box::new(out)),
                     _ = idle_tick.tick() => Input::IdleCheck,
-                    m = actions.next() => match m {
+                    m = actions.next(), if !self.draining => match m {
                         Some(Ok(m)) => Input::Action(Box::new(m)),
                         Some(Err(e)) => {
                             warn!(error = %e, "action consumer error");
@@ -115,10 +176,36 @@ impl<A: Agent> AgentSession<A> {
                 };
                 match input {
                     Input::LeaseLost => break End::Lost,
-                    Input::Shutdown => break End::Handover,
+                    Input::Shutdown => {
+                        shutdown_seen = true;
+                        self.draining = true;
+                        if self.turn.is_none() {
+                            break End::Handover;
+                        }
+                        info!("draining: finishing the current step before handing over");
+                    }
+                    Input::StepDone(out) => {
+                        self.turn = None;
+                        let (ctrl, step) = *out;
+                        last_activity = std::time::Instant::now();
+                        match self.on_step(ctrl, step).await {
+                            Ok(()) => {}
+                            Err(e) => break self.on_append_error(e),
+                        }
+                        if self.draining && self.turn.is_some() {
+                            // At a step boundary: stop here, the next owner continues.
+                            if let Some(t) = self.turn.take() {
+                                t.cancel.cancel();
+                            }
+                            break End::Handover;
+                        }
+                        if self.draining {
+                            break End::Handover;
+                        }
+                    }
                     Input::IdleCheck => {
                         self.publish_full_status().await;
-                        if close_delay.is_zero() {
+                        if close_delay.is_zero() || self.turn.is_some() {
                             continue;
                         }
                         if self.agent_state == AgentState::Running || self.watched().await {
@@ -129,7 +216,7 @@ impl<A: Agent> AgentSession<A> {
                                 "no client and agent idle; passivating"
                             );
                             metrics::counter!("oh_worker_passivations_total").increment(1);
-                            if let Err(e) = self.set_state(AgentState::Stopped).await {
+                            if let Err(e) = self.set_state(AgentState::Stopped, "").await {
                                 break self.on_append_error(e);
                             }
                             break End::Stopped;
@@ -146,12 +233,25 @@ impl<A: Agent> AgentSession<A> {
                 }
             },
         };
+        if let Some(t) = self.turn.take() {
+            // Ending with a step in flight (lease lost, fenced): stop it; nothing is appended.
+            t.cancel.cancel();
+        }
         self.finish(end).await;
     }
 
+    /// Appends an event and records it in the conversation the controller sees.
+    async fn append(&mut self, ev: Event) -> Result<Event, AppendError> {
+        let stored = self.journal.append(ev).await?;
+        match self.ctrl.as_mut() {
+            Some(c) => c.history.push(stored.clone()),
+            None => self.inbox.push(stored.clone()),
+        }
+        Ok(stored)
+    }
+
     /// Lifecycle events after the takeover record: the `system` event on first start; an
-    /// interrupted turn becomes an error observation and agent state `error` (the step is not
-    /// retried, so an input that crashes workers cannot crash-loop); then
+    /// interrupted turn is continued (or ends in `error` if interrupted too often); otherwise
     /// `awaiting_user_input` unless user actions are already waiting.
     async fn start(&mut self, start: Start) -> Result<(), AppendError> {
         let Start {
@@ -160,44 +260,198 @@ impl<A: Agent> AgentSession<A> {
             pending,
         } = start;
         if interrupted {
-            warn!("previous owner stopped in the middle of a turn; reporting it");
+            let n = self.journal.interrupts() + 1;
             metrics::counter!("oh_worker_interrupted_turns_total").increment(1);
-            self.journal
-                .append(Event::error_observation(
-                    "The agent's step was interrupted because the worker running it stopped. \
-                     The step was not retried; send a message to continue.",
+            if let Some(action) = self.unanswered_action() {
+                let mut obs = Event::error_observation(
+                    "The worker running this action stopped before it finished; its result is \
+                     unknown and it was not run again.",
+                    "AGENT_ERROR$ERROR_ACTION_NOT_EXECUTED_ERROR",
+                );
+                obs.cause = action.id.and_then(|i| i64::try_from(i).ok());
+                self.append(obs).await?;
+            }
+            if n >= MAX_TURN_INTERRUPTS {
+                warn!(
+                    interrupts = n,
+                    "turn interrupted too often; ending it in error"
+                );
+                self.append(Event::error_observation(
+                    format!(
+                        "The agent's turn was interrupted {n} times (its worker stopped each \
+                         time); it was not retried again. Send a message to continue."
+                    ),
                     "AGENT_ERROR$ERROR_ACTION_NOT_EXECUTED_ERROR",
                 ))
                 .await?;
-            self.journal
-                .append(Event::agent_state_changed(
-                    AgentState::Error,
-                    "interrupted: the worker running this step stopped",
+                self.end_turn_error(&format!(
+                    "interrupted {n} times: the worker running this turn stopped each time"
                 ))
                 .await?;
-            self.agent_state = AgentState::Error;
+            } else {
+                warn!(
+                    interrupts = n,
+                    "previous owner stopped mid-turn; continuing the turn"
+                );
+                self.journal.set_interrupts(n);
+                self.set_state(AgentState::Running, "").await?;
+                self.schedule_think();
+            }
             self.publish_status().await;
             return Ok(());
         }
         if fresh {
-            let sys = Event::system(
-                self.agent.system_prompt(),
-                None,
-                self.agent.class(),
-                env!("CARGO_PKG_VERSION"),
-            );
-            let mut sys = sys;
-            sys.source = Some(shared::event::Source::Agent);
-            self.journal.append(sys).await?;
+            let (prompt, tools, class) = match self.ctrl.as_ref() {
+                Some(c) => (c.agent.system_prompt(), c.agent.tools(), c.agent.class()),
+                None => (String::new(), None, "unknown"),
+            };
+            let mut sys = Event::system(prompt, tools, class, env!("CARGO_PKG_VERSION"));
+            sys.source = Some(Source::Agent);
+            self.append(sys).await?;
         }
         if pending == 0 {
-            self.journal
-                .append(Event::change_agent_state(AgentState::AwaitingUserInput))
+            self.append(Event::change_agent_state(AgentState::AwaitingUserInput))
                 .await?;
-            self.set_state(AgentState::AwaitingUserInput).await?;
+            self.set_state(AgentState::AwaitingUserInput, "").await?;
         }
         self.publish_status().await;
         Ok(())
+    }
+
+    /// The newest runnable action in the conversation that has no observation yet.
+    fn unanswered_action(&self) -> Option<Event> {
+        let history = &self.ctrl.as_ref()?.history;
+        let action = history.iter().rev().find(|e| is_runnable(e))?;
+        let id = i64::try_from(action.id?).ok()?;
+        let answered = history
+            .iter()
+            .any(|e| e.cause == Some(id) && e.observation_type().is_some());
+        (!answered).then(|| action.clone())
+    }
+
+    fn schedule_think(&mut self) {
+        let Some(ctrl) = self.ctrl.take() else {
+            return; // a step already runs
+        };
+        let cancel = CancellationToken::new();
+        self.turn = Some(Turn {
+            fut: ctrl.think(cancel.clone()),
+            cancel,
+        });
+    }
+
+    fn schedule_act(&mut self, action: Event) {
+        let Some(ctrl) = self.ctrl.take() else {
+            return;
+        };
+        let cancel = CancellationToken::new();
+        self.turn = Some(Turn {
+            fut: ctrl.act(action, cancel.clone()),
+            cancel,
+        });
+    }
+
+    /// Cancels the running step (if any) and waits for it to hand the controller back; the
+    /// pending action gets an error observation.
+    async fn interrupt_turn(&mut self) -> Result<(), AppendError> {
+        if let Some(t) = self.turn.take() {
+            t.cancel.cancel();
+            let (mut ctrl, _) = t.fut.await;
+            ctrl.history.append(&mut self.inbox);
+            self.ctrl = Some(ctrl);
+        }
+        if let Some(action) = self.pending.take() {
+            let mut obs = Event::error_observation(
+                "Stop button pressed. The action has not been executed.",
+                "AGENT_ERROR$ERROR_ACTION_NOT_EXECUTED_STOPPED",
+            );
+            obs.cause = action.id.and_then(|i| i64::try_from(i).ok());
+            self.append(obs).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_step(&mut self, mut ctrl: Controller, step: Step) -> Result<(), AppendError> {
+        ctrl.history.append(&mut self.inbox);
+        self.ctrl = Some(ctrl);
+        match step {
+            Step::Think(Err(StepError::Cancelled)) => {}
+            Step::Think(Err(StepError::Failed { reason })) => {
+                warn!(reason, "agent step failed");
+                self.end_turn_error(&reason).await?;
+            }
+            Step::Think(Ok(events)) => {
+                let mut last = None;
+                for ev in events {
+                    last = Some(self.append(ev).await?);
+                }
+                match last {
+                    None => self.end_turn(AgentState::AwaitingUserInput).await?,
+                    Some(ev) if ev.action_type() == Some("finish") => {
+                        self.end_turn(AgentState::Finished).await?;
+                    }
+                    Some(ev) if ev.action_type() == Some("reject") => {
+                        self.end_turn(AgentState::Rejected).await?;
+                    }
+                    Some(ev)
+                        if ev.action_type() == Some("message")
+                            && ev.source == Some(Source::Agent) =>
+                    {
+                        self.end_turn(AgentState::AwaitingUserInput).await?;
+                    }
+                    Some(ev) if is_runnable(&ev) => {
+                        self.pending = Some(ev.clone());
+                        self.schedule_act(ev);
+                    }
+                    Some(_) => self.step_done().await?,
+                }
+            }
+            Step::Acted(observations) => {
+                for obs in observations {
+                    self.append(obs).await?;
+                }
+                self.pending = None;
+                self.step_done().await?;
+            }
+        }
+        self.publish_status().await;
+        Ok(())
+    }
+
+    /// A step completed: count it, then think again (or stop at the iteration limit).
+    async fn step_done(&mut self) -> Result<(), AppendError> {
+        self.journal.set_interrupts(0);
+        let Some(ctrl) = self.ctrl.as_mut() else {
+            return Ok(());
+        };
+        ctrl.iterations += 1;
+        if ctrl.iterations >= ctrl.max_iterations {
+            let max = ctrl.max_iterations;
+            return self
+                .end_turn_error(&format!(
+                    "RuntimeError: Agent reached maximum iteration in this turn. Current \
+                     iteration: {max}, max iteration: {max}"
+                ))
+                .await;
+        }
+        self.schedule_think();
+        Ok(())
+    }
+
+    async fn end_turn(&mut self, state: AgentState) -> Result<(), AppendError> {
+        self.journal.set_interrupts(0);
+        if let Some(c) = self.ctrl.as_mut() {
+            c.iterations = 0;
+        }
+        self.set_state(state, "").await
+    }
+
+    async fn end_turn_error(&mut self, reason: &str) -> Result<(), AppendError> {
+        self.journal.set_interrupts(0);
+        if let Some(c) = self.ctrl.as_mut() {
+            c.iterations = 0;
+        }
+        self.set_state(AgentState::Error, reason).await
     }
 
     async fn on_action(&mut self, msg: jetstream::Message) -> Result<Option<End>, AppendError> {
@@ -212,9 +466,10 @@ impl<A: Agent> AgentSession<A> {
         if let Some(ctl) = headers.get(HDR_CONTROL) {
             match Control::parse(ctl.as_str()) {
                 Some(Control::Stop) => {
+                    self.journal.mark_applied(seq);
+                    self.interrupt_turn().await?;
                     if self.agent_state != AgentState::Stopped {
-                        self.journal.mark_applied(seq);
-                        self.set_state(AgentState::Stopped).await?;
+                        self.set_state(AgentState::Stopped, "").await?;
                     }
                     ack(&msg).await;
                     return Ok(Some(End::Stopped));
@@ -238,12 +493,11 @@ impl<A: Agent> AgentSession<A> {
             Err(e) => {
                 warn!(error = %e, "action payload unreadable");
                 self.journal.mark_applied(seq);
-                self.journal
-                    .append(Event::error_observation(
-                        format!("Your action could not be read: {e}"),
-                        "",
-                    ))
-                    .await?;
+                self.append(Event::error_observation(
+                    format!("Your action could not be read: {e}"),
+                    "",
+                ))
+                .await?;
                 ack(&msg).await;
                 return Ok(None);
             }
@@ -256,12 +510,11 @@ impl<A: Agent> AgentSession<A> {
             Err(reason) => {
                 // The gateway validates first; this is a second line for foreign publishers.
                 warn!(seq, reason, "invalid action in the action stream");
-                self.journal
-                    .append(Event::error_observation(
-                        format!("Invalid action: {reason}"),
-                        "",
-                    ))
-                    .await?;
+                self.append(Event::error_observation(
+                    format!("Invalid action: {reason}"),
+                    "",
+                ))
+                .await?;
             }
             Ok(action) => self.apply(action).await?,
         }
@@ -272,33 +525,66 @@ impl<A: Agent> AgentSession<A> {
     }
 
     async fn apply(&mut self, action: UserAction) -> Result<(), AppendError> {
-        let message = action.as_message().map(str::to_owned);
+        let is_message = action.as_message().is_some();
         let new_state = action.as_change_agent_state();
-        if message.is_some() {
+        if is_message {
+            // From here on a crash reads as an interrupted turn to the next owner.
             self.journal.note_state(AgentState::Running.as_str());
         }
-        self.journal
-            .append(action.into_event(0, String::new()))
-            .await?;
-        if let Some(content) = message {
+        self.append(action.into_event(0, String::new())).await?;
+        if is_message {
             if self.agent_state != AgentState::Running {
-                self.set_state(AgentState::Running).await?;
+                self.set_state(AgentState::Running, "").await?;
             }
-            for ev in self.agent.on_message(&content).await {
-                self.journal.append(ev).await?;
+            if self.turn.is_none() {
+                if let Some(c) = self.ctrl.as_mut() {
+                    c.iterations = 0;
+                }
+                self.schedule_think();
             }
-            self.set_state(AgentState::AwaitingUserInput).await?;
-        } else if let Some(state) = new_state
-            && state != self.agent_state
-        {
-            self.set_state(state).await?;
+        } else if let Some(state) = new_state {
+            match state {
+                AgentState::Stopped | AgentState::Paused | AgentState::Error => {
+                    self.interrupt_turn().await?;
+                    if state != self.agent_state {
+                        self.set_state(state, "").await?;
+                    }
+                }
+                s if s != self.agent_state => self.set_state(s, "").await?,
+                _ => {}
+            }
         }
         Ok(())
     }
 
+    async fn set_state(&mut self, state: AgentState, reason: &str) -> Result<(), AppendError> {
+        self.append(Event::agent_state_changed(state.clone(), reason))
+            .await?;
+        self.agent_state = state;
+        Ok(())
+    }
+
+    async fn publish_status(&mut self) {
+        let mut redis = self.ctx.redis.clone();
+        let res = status::write(
+            &mut redis,
+            &self.ctx.store.names,
+            &self.sid,
+            status::Update {
+                agent_state: Some(self.agent_state.as_str()),
+                last_event_id: self.journal.last_id(),
+                ..Default::default()
+            },
+        )
+        .await;
+        if let Err(e) = res {
+            warn!(error = %e, "status update failed");
+        }
+    }
+
     /// True if some gateway has a client connected to this session (presence entries that
     /// have not expired).
-    async fn watched(&self) -> bool {
+    async fn watched(&mut self) -> bool {
         let mut conn = self.ctx.redis.clone();
         let key = self.ctx.store.names.presence_key(&self.sid);
         let now = chrono::Utc::now().timestamp_millis();
@@ -321,34 +607,8 @@ impl<A: Agent> AgentSession<A> {
         }
     }
 
-    async fn set_state(&mut self, state: AgentState) -> Result<(), AppendError> {
-        self.journal
-            .append(Event::agent_state_changed(state.clone(), ""))
-            .await?;
-        self.agent_state = state;
-        Ok(())
-    }
-
-    async fn publish_status(&self) {
-        let mut redis = self.ctx.redis.clone();
-        let res = status::write(
-            &mut redis,
-            &self.ctx.store.names,
-            &self.sid,
-            status::Update {
-                agent_state: Some(self.agent_state.as_str()),
-                last_event_id: self.journal.last_id(),
-                ..Default::default()
-            },
-        )
-        .await;
-        if let Err(e) = res {
-            warn!(error = %e, "status update failed");
-        }
-    }
-
     /// Rewrites every field of the status hash (it may have been lost with Redis).
-    async fn publish_full_status(&self) {
+    async fn publish_full_status(&mut self) {
         let mut redis = self.ctx.redis.clone();
         let res = status::write(
             &mut redis,
