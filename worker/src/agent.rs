@@ -7,7 +7,7 @@
 
 use std::future::Future;
 
-use shared::event::{Event, Source};
+use shared::event::{AgentState, Event, Source};
 use tokio_util::sync::CancellationToken;
 
 /// Why a step produced no events.
@@ -66,12 +66,17 @@ impl Agent for Echo {
         history: &[Event],
         _cancel: &CancellationToken,
     ) -> Result<Vec<Event>, StepError> {
+        // The user messages of the current turn: after the last agent message or the last end
+        // of a turn (a state other than running/loading).
+        let turn_boundary = |e: &&Event| {
+            (e.source == Some(Source::Agent) && e.action_type() == Some("message"))
+                || e.agent_state()
+                    .is_some_and(|s| !matches!(s, AgentState::Running | AgentState::Loading))
+        };
         let unanswered: Vec<&Event> = history
             .iter()
             .rev()
-            .take_while(|e| {
-                !(e.source == Some(Source::Agent) && e.action_type() == Some("message"))
-            })
+            .take_while(|e| !turn_boundary(e))
             .filter(|e| e.source == Some(Source::User) && e.action_type() == Some("message"))
             .collect();
         let mut out = Vec::new();
