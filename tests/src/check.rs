@@ -87,15 +87,17 @@ pub fn check_client(stored: &[Value], latest: i64, got: &[Value]) {
         .iter()
         .map(|v| Event::from_value(v.clone()).expect("stored event parses"))
         .collect();
-    let got_ids = ids(got);
-    let last = got_ids.iter().copied().max().unwrap_or(0) as i64;
-    let after = |lo: i64, hi: i64| -> Vec<Event> {
+    assert!(
         events
             .iter()
-            .filter(|e| e.id.is_some_and(|i| (i as i64) > lo && (i as i64) <= hi))
-            .cloned()
-            .collect()
-    };
+            .enumerate()
+            .all(|(i, e)| e.id == Some(i as u64)),
+        "stored ids are not dense"
+    );
+    let live: Vec<bool> = events.iter().map(|e| e.live_copy().is_some()).collect();
+    let got_ids = ids(got);
+    let last = got_ids.iter().copied().max().unwrap_or(0) as usize;
+    let first = usize::try_from(latest + 1).unwrap_or(0);
     // The head at connect time is the newest replayed id: `latest` (nothing replayed) or one
     // of the received ids. Try them in order; a connection made early matches at once.
     let mut candidates: Vec<i64> = got_ids
@@ -107,18 +109,18 @@ pub fn check_client(stored: &[Value], latest: i64, got: &[Value]) {
     candidates.sort_unstable();
     candidates.dedup();
     for h in candidates {
-        let replay = after(latest, h);
-        let mut want: Vec<u64> = shared::event::replay_order(&replay)
+        let h_end = usize::try_from(h + 1).unwrap_or(0).min(events.len());
+        let replay = if first < h_end {
+            shared::event::replay_order(&events[first..h_end])
+        } else {
+            Vec::new()
+        };
+        let live_ids = (h_end..=last.min(events.len().saturating_sub(1))).filter(|i| live[*i]);
+        let want = replay
             .iter()
             .filter_map(|e| e.id)
-            .collect();
-        want.extend(
-            after(h, last)
-                .iter()
-                .filter(|e| e.live_copy().is_some())
-                .filter_map(|e| e.id),
-        );
-        if want == got_ids {
+            .chain(live_ids.map(|i| i as u64));
+        if want.eq(got_ids.iter().copied()) {
             return;
         }
     }
