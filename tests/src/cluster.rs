@@ -74,7 +74,7 @@ impl Cluster {
             namespace,
             gateway_ports: Vec::new(),
             opts: opts.clone(),
-            http: reqwest::Client::new(),
+            http: crate::http_client(),
         };
         for _ in 0..opts.gateways {
             c.add_gateway().await;

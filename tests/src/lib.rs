@@ -10,7 +10,28 @@
 pub mod check;
 pub mod cluster;
 pub mod js;
+pub mod llm;
 pub mod nats;
 pub mod proc;
 pub mod redis;
 pub mod sio;
+
+/// An HTTP client for tests and tools. The workspace's reqwest is built without a default TLS
+/// crypto provider (the worker configures its own), so the process-wide one is installed
+/// here first: ring, already in the build.
+pub fn http_client() -> reqwest::Client {
+    ensure_tls_provider();
+    reqwest::Client::builder()
+        .build()
+        .expect("an HTTP client with the ring provider installed")
+}
+
+/// Installs the process-wide TLS crypto provider (ring) once; call before building any
+/// `reqwest::Client` (see [`http_client`]).
+pub fn ensure_tls_provider() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        // Fails only if another provider is already installed, which is just as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

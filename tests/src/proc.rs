@@ -202,6 +202,7 @@ pub fn send_signal(pid: u32, sig: i32) -> std::io::Result<()> {
 /// Polls `GET url` until it answers 200, for at most `timeout`.
 pub async fn wait_http_ok(url: &str, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
+    crate::ensure_tls_provider();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(3))
         .build()

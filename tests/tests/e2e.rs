@@ -655,7 +655,9 @@ async fn rest_list_events_lifecycle_delete() {
 
     let (code, v) = c.get(0, "/readyz", None).await;
     assert_eq!((code, v), (200, json!({"nats": true, "redis": true})));
-    let metrics = reqwest::get(format!("{}/metrics", c.url(0)))
+    let metrics = tests::http_client()
+        .get(format!("{}/metrics", c.url(0)))
+        .send()
         .await
         .unwrap()
         .text()

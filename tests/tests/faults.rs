@@ -564,7 +564,9 @@ async fn slow_client_is_disconnected_and_resumes_by_replay() {
     check_client(&stored, -1, &slow_got);
     check_client(&stored, last, &rest);
     check_client(&stored, -1, &fast_got);
-    let metrics = reqwest::get(format!("{}/metrics", c.url(0)))
+    let metrics = tests::http_client()
+        .get(format!("{}/metrics", c.url(0)))
+        .send()
         .await
         .unwrap()
         .text()

@@ -12,9 +12,10 @@
 
 mod agent;
 mod claim;
-mod controller;
 pub mod config;
+mod controller;
 mod lease;
+pub mod llm;
 mod session;
 mod sweep;
 
