@@ -16,6 +16,7 @@ pub mod config;
 mod controller;
 mod lease;
 pub mod llm;
+pub(crate) mod runtime;
 mod session;
 mod sweep;
 
