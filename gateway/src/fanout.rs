@@ -37,6 +37,8 @@ pub(crate) enum Feed {
     Event(Arc<Live>),
     /// Events may have been missed (NATS reconnect): re-read the log up to its head.
     Resync,
+    /// A status update (`status_update: true`): live only, sent as is.
+    Status(Arc<Box<RawValue>>),
 }
 
 pub(crate) struct Topic {
@@ -187,10 +189,14 @@ impl Fanout {
             .nats
             .subscribe(self.store.names.events_subject(sid))
             .await?;
+        let status = self
+            .nats
+            .subscribe(self.store.names.status_subject(sid))
+            .await?;
         self.nats.flush().await?;
         let (tx, rx) = broadcast::channel(256);
         let task = tokio::spawn(
-            pump(self.store.clone(), sid.clone(), sub, tx.clone())
+            pump(self.store.clone(), sid.clone(), sub, status, tx.clone())
                 .instrument(info_span!("fanout", session_id = %sid)),
         );
         let topic = Arc::new(Topic {
@@ -212,9 +218,24 @@ async fn pump(
     store: Store,
     sid: SessionId,
     mut sub: async_nats::Subscriber,
+    mut status: async_nats::Subscriber,
     tx: broadcast::Sender<Feed>,
 ) {
-    while let Some(msg) = sub.next().await {
+    loop {
+        let msg = tokio::select! {
+            m = sub.next() => match m { Some(m) => m, None => return },
+            s = status.next() => {
+                let Some(s) = s else { return };
+                match std::str::from_utf8(&s.payload).ok().and_then(|t| RawValue::from_string(t.to_owned()).ok()) {
+                    Some(raw) => {
+                        // No receiver: every socket left.
+                        let _ = tx.send(Feed::Status(Arc::new(raw)));
+                    }
+                    None => warn!("status update is not JSON; dropped"),
+                }
+                continue;
+            }
+        };
         let (id, payload) = match store.decode_live(&sid, &msg).await {
             Ok(x) => x,
             Err(e) => {

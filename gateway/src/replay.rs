@@ -109,6 +109,7 @@ async fn run(
                 send_live(socket, &live, state.slow_client_timeout).await?;
                 cursor = id;
             }
+            Ok(Feed::Status(raw)) => send(socket, &raw, state.slow_client_timeout).await?,
             Ok(Feed::Resync) | Err(RecvError::Lagged(_)) => {
                 debug!("live feed may have missed events; filling from the log");
                 if let Some(head) = state.store.last_event(sid).await?

@@ -5,6 +5,7 @@
 //! | what | name |
 //! |---|---|
 //! | events of a session (durable log) | stream `{ns}_events`, subject `{ns}.ev.{sid}` |
+//! | status updates (live only) | core subject `{ns}.st.{sid}` |
 //! | user actions not yet applied | stream `{ns}_actions` (work queue), subject `{ns}.act.{sid}`, durable consumer `act_{sid}` |
 //! | start/resume requests | stream `{ns}_work` (work queue, one per session at a time), subject `{ns}.work.{sid}`, consumer `workers` |
 //! | conversation metadata | stream `{ns}_meta`, subject `{ns}.meta.{uid}.{sid}`, one message each |
@@ -62,6 +63,12 @@ impl Names {
     /// Subjects of [`Self::events_stream`].
     pub fn events_subjects(&self) -> String {
         format!("{}.ev.*", self.ns)
+    }
+
+    /// Core NATS subject of a session's status updates (`oh_event` payloads with
+    /// `status_update: true`): live only, never stored or replayed.
+    pub fn status_subject(&self, sid: &SessionId) -> String {
+        format!("{}.st.{sid}", self.ns)
     }
 
     /// Work-queue stream of user actions.

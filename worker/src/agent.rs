@@ -5,7 +5,11 @@
 //! - [`Echo`]: a **test/demo agent** that answers every user message with `echo: <message>`
 //!   and never calls an LLM or a runtime.
 
+mod codeact;
+
 use std::future::Future;
+
+pub(crate) use codeact::{CodeAct, Notify};
 
 use shared::event::{AgentState, Event, Source};
 use tokio_util::sync::CancellationToken;
@@ -102,22 +106,26 @@ impl Agent for Echo {
 /// The agents a session can run.
 pub(crate) enum AgentImpl {
     Echo(Echo),
+    CodeAct(Box<CodeAct>),
 }
 
 impl AgentImpl {
     pub(crate) fn class(&self) -> &'static str {
         match self {
             AgentImpl::Echo(a) => a.class(),
+            AgentImpl::CodeAct(a) => a.class(),
         }
     }
     pub(crate) fn system_prompt(&self) -> String {
         match self {
             AgentImpl::Echo(a) => a.system_prompt(),
+            AgentImpl::CodeAct(a) => a.system_prompt(),
         }
     }
     pub(crate) fn tools(&self) -> Option<serde_json::Value> {
         match self {
             AgentImpl::Echo(a) => a.tools(),
+            AgentImpl::CodeAct(a) => Some(a.tools()),
         }
     }
     pub(crate) async fn step(
@@ -127,6 +135,14 @@ impl AgentImpl {
     ) -> Result<Vec<Event>, StepError> {
         match self {
             AgentImpl::Echo(a) => a.step(history, cancel).await,
+            AgentImpl::CodeAct(a) => a.step(history, cancel).await,
+        }
+    }
+    /// The LLM metrics so far, if this agent uses an LLM (for the budget check).
+    pub(crate) fn accumulated_cost(&self) -> Option<f64> {
+        match self {
+            AgentImpl::Echo(_) => None,
+            AgentImpl::CodeAct(a) => Some(a.llm.metrics().accumulated_cost()),
         }
     }
 }

@@ -20,8 +20,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Ctx;
-use crate::agent::{AgentImpl, Echo};
+use crate::agent::{AgentImpl, CodeAct, Echo, Notify};
 use crate::controller::Controller;
+use crate::runtime::RuntimeConfig;
 use crate::session::{AgentSession, Start};
 use shared::journal::Journal;
 
@@ -286,13 +287,43 @@ async fn try_claim(
     let lost = CancellationToken::new();
     ctx.leases
         .insert(sid.clone(), uid.clone(), lease.clone(), lost.clone());
-    let ctrl = Controller {
-        agent: AgentImpl::Echo(Echo {
+    let runtime_cfg = RuntimeConfig::new(ctx.args.workspace_root.clone());
+    let agent = match (&ctx.llm, ctx.args.llm_config()) {
+        (Some(registry), Some(cfg)) => {
+            let llm = registry.get(&cfg)?;
+            if let Some(m) = last_metrics(&history) {
+                // The conversation's spend so far, from the newest agent action.
+                llm.metrics().restore(m);
+            }
+            let nats = ctx.nats.clone();
+            let subject = names.status_subject(&sid);
+            let notify: Notify = Arc::new(move |v: serde_json::Value| {
+                let (nats, subject) = (nats.clone(), subject.clone());
+                let payload = bytes::Bytes::from(v.to_string());
+                // Status updates are live only: losing one is acceptable.
+                tokio::spawn(async move {
+                    let _ = nats.publish(subject, payload).await;
+                });
+            });
+            AgentImpl::CodeAct(Box::new(CodeAct {
+                llm,
+                notify,
+                workspace: runtime_cfg.root.join(sid.as_str()).display().to_string(),
+            }))
+        }
+        _ => AgentImpl::Echo(Echo {
             faults: ctx.args.echo_faults,
         }),
+    };
+    let ctrl = Controller {
+        agent,
         history,
         iterations: 0,
         max_iterations: ctx.args.max_iterations,
+        max_budget: ctx.args.max_budget_per_task,
+        runtime: None,
+        runtime_cfg,
+        sid: sid.clone(),
     };
     let session = AgentSession::new(
         ctx.clone(),
@@ -332,4 +363,13 @@ async fn try_claim(
 fn is_not_found(kind: &jetstream::stream::ConsumerErrorKind) -> bool {
     matches!(kind, jetstream::stream::ConsumerErrorKind::JetStream(j)
         if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND)
+}
+
+/// The `llm_metrics` of the newest agent action that has them.
+fn last_metrics(history: &[Event]) -> Option<crate::llm::Metrics> {
+    history
+        .iter()
+        .rev()
+        .find_map(|e| e.llm_metrics.clone())
+        .and_then(|m| serde_json::from_value(m).ok())
 }

@@ -43,9 +43,47 @@ pub struct Args {
     /// Most steps (LLM call plus action) in one turn before it ends in `error`.
     #[arg(long, env = "OH_MAX_ITERATIONS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_iterations: u32,
-    /// Which agent runs sessions. `echo` is a test/demo agent that answers `echo: <message>`.
-    #[arg(long, env = "OH_AGENT", default_value = "echo", value_parser = ["echo"])]
-    pub agent: String,
+    /// Which agent runs sessions: `codeact` (LLM-driven; needs `OH_LLM_BASE_URL`) or `echo`, a
+    /// test/demo agent that answers `echo: <message>`. Default: `codeact` when an LLM is
+    /// configured, else `echo`.
+    #[arg(long, env = "OH_AGENT", value_parser = ["echo", "codeact"])]
+    pub agent: Option<String>,
+    /// Base URL of an OpenAI-compatible API (vLLM, Ollama, a hosted one), e.g.
+    /// `http://127.0.0.1:8000/v1`. Unset: no LLM.
+    #[arg(long, env = "OH_LLM_BASE_URL")]
+    pub llm_base_url: Option<String>,
+    /// Model name sent to the LLM API.
+    #[arg(long, env = "OH_LLM_MODEL", default_value = "gpt-4o")]
+    pub llm_model: String,
+    /// API key for the LLM (a secret: never logged, never in an event or API answer).
+    #[arg(long, env = "OH_LLM_API_KEY", hide_env_values = true)]
+    pub llm_api_key: Option<crate::llm::Secret>,
+    /// Limit of one LLM request attempt, in seconds.
+    #[arg(long = "llm-timeout-s", env = "OH_LLM_TIMEOUT_S", default_value = "300", value_parser = parse_secs)]
+    pub llm_timeout: Duration,
+    /// Retries of a failed LLM request (429, 5xx, connection errors, timeouts).
+    #[arg(long, env = "OH_LLM_NUM_RETRIES", default_value_t = 5)]
+    pub llm_num_retries: u32,
+    /// Backoff before the first LLM retry (ms); doubled each retry.
+    #[arg(long = "llm-retry-min-wait-ms", env = "OH_LLM_RETRY_MIN_WAIT_MS", default_value = "8000", value_parser = parse_ms)]
+    pub llm_retry_min: Duration,
+    /// Cap of the LLM retry backoff (ms).
+    #[arg(long = "llm-retry-max-wait-ms", env = "OH_LLM_RETRY_MAX_WAIT_MS", default_value = "64000", value_parser = parse_ms)]
+    pub llm_retry_max: Duration,
+    /// Prices per million tokens: `model=input/output,model2=input/output` (USD).
+    #[arg(long, env = "OH_LLM_PRICES", default_value = "")]
+    pub llm_prices: crate::llm::PriceTable,
+    /// Most USD one conversation may spend on the LLM before its turn ends in `error`
+    /// (checked between steps). Unset: no budget.
+    #[arg(long, env = "OH_MAX_BUDGET_PER_TASK")]
+    pub max_budget_per_task: Option<f64>,
+    /// Folder under which each session gets its workspace folder.
+    #[arg(long, env = "OH_WORKSPACE_ROOT", default_value = "/tmp/oh-workspaces")]
+    pub workspace_root: std::path::PathBuf,
+    /// Folder of knowledge files (`*.md` with a `triggers:` list in a front matter) recalled
+    /// when a user message mentions a trigger. Unset: none.
+    #[arg(long, env = "OH_KNOWLEDGE_DIR")]
+    pub knowledge_dir: Option<std::path::PathBuf>,
     /// Address of the `/metrics` (Prometheus) and `/healthz` endpoint. Unset: none.
     #[arg(long, env = "OH_WORKER_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -57,6 +95,36 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
         return Err("must be between 300 and 600000 ms".to_owned());
     }
     Ok(Duration::from_millis(ms))
+}
+
+fn parse_ms(s: &str) -> Result<Duration, String> {
+    let ms: u64 = s.parse().map_err(|_| "expected milliseconds".to_owned())?;
+    Ok(Duration::from_millis(ms))
+}
+
+impl Args {
+    /// The agent this worker runs: `OH_AGENT`, else `codeact` with an LLM, else `echo`.
+    pub fn agent_kind(&self) -> &str {
+        match (&self.agent, &self.llm_base_url) {
+            (Some(a), _) => a,
+            (None, Some(_)) => "codeact",
+            (None, None) => "echo",
+        }
+    }
+
+    /// The LLM settings, if an LLM is configured.
+    pub fn llm_config(&self) -> Option<crate::llm::LlmConfig> {
+        Some(crate::llm::LlmConfig {
+            base_url: self.llm_base_url.clone()?,
+            model: self.llm_model.clone(),
+            api_key: self.llm_api_key.clone(),
+            timeout: self.llm_timeout,
+            max_retries: self.llm_num_retries,
+            retry_min: self.llm_retry_min,
+            retry_max: self.llm_retry_max,
+            prices: self.llm_prices.clone(),
+        })
+    }
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {

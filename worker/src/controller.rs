@@ -11,10 +11,14 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use shared::event::Event;
+use serde_json::{Value, json};
+use shared::event::{Event, Source};
+use shared::id::SessionId;
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::agent::{AgentImpl, StepError};
+use crate::runtime::{CmdRequest, EditCommand, Runtime, RuntimeConfig, RuntimeError};
 
 /// What a step produced.
 pub(crate) enum Step {
@@ -36,6 +40,12 @@ pub(crate) struct Controller {
     pub(crate) iterations: u32,
     /// Most steps per turn before the turn ends in `error`.
     pub(crate) max_iterations: u32,
+    /// Most LLM spend (USD) for the conversation, if limited.
+    pub(crate) max_budget: Option<f64>,
+    /// The session's runtime, started on the first action that needs it.
+    pub(crate) runtime: Option<Runtime>,
+    pub(crate) runtime_cfg: RuntimeConfig,
+    pub(crate) sid: SessionId,
 }
 
 /// True for actions the runtime executes (their observation completes the step).
@@ -58,27 +68,148 @@ impl Controller {
         })
     }
 
-    /// The runtime executes `action` (already appended, with its id).
-    pub(crate) fn act(self, action: Event, cancel: CancellationToken) -> Busy {
+    /// The runtime executes `action` (already appended, with its id). A cancelled action
+    /// yields no observation (the stop path records that it was not executed).
+    pub(crate) fn act(mut self, action: Event, cancel: CancellationToken) -> Busy {
         Box::pin(async move {
-            let obs = if cancel.is_cancelled() {
-                Vec::new()
-            } else {
-                vec![unsupported(&action)]
-            };
-            (self, Step::Acted(obs))
+            let obs = self.execute(&action, &cancel).await;
+            (self, Step::Acted(obs.into_iter().collect()))
         })
     }
-}
 
-fn unsupported(action: &Event) -> Event {
-    let mut obs = Event::error_observation(
-        format!(
-            "The action `{}` cannot be executed by this agent's runtime.",
-            action.action_type().unwrap_or("?")
-        ),
-        "AGENT_ERROR$ERROR_ACTION_NOT_EXECUTED_ERROR",
-    );
-    obs.cause = action.id.and_then(|i| i64::try_from(i).ok());
-    obs
+    /// The budget is spent (checked between steps).
+    pub(crate) fn over_budget(&self) -> Option<(f64, f64)> {
+        let max = self.max_budget?;
+        let spent = self.agent.accumulated_cost()?;
+        (spent >= max).then_some((spent, max))
+    }
+
+    async fn runtime(&mut self) -> Result<&mut Runtime, RuntimeError> {
+        if self.runtime.is_none() {
+            self.runtime = Some(Runtime::start(&self.runtime_cfg, &self.sid).await?);
+        }
+        // Just set when it was missing.
+        self.runtime.as_mut().ok_or(RuntimeError::Closed)
+    }
+
+    /// Paths as the model writes them: `/workspace/...` (OpenHands' convention) is the
+    /// session's workspace.
+    fn map_path(&self, path: &str) -> String {
+        let ws = self.runtime.as_ref().map_or_else(
+            || self.runtime_cfg.root.join(self.sid.as_str()),
+            |rt| rt.workspace().to_path_buf(),
+        );
+        match path.strip_prefix("/workspace") {
+            Some("") => ws.display().to_string(),
+            Some(rest) if rest.starts_with('/') => {
+                ws.join(rest.trim_start_matches('/')).display().to_string()
+            }
+            _ => path.to_owned(),
+        }
+    }
+
+    async fn execute(&mut self, action: &Event, cancel: &CancellationToken) -> Option<Event> {
+        if cancel.is_cancelled() {
+            return None;
+        }
+        let v = action.to_value();
+        let args = &v["args"];
+        let str_arg = |k: &str| args[k].as_str().unwrap_or_default().to_owned();
+        let obs: Result<Value, String> = match action.action_type() {
+            Some("think") => Ok(json!({"observation": "think",
+                "content": "Your thought has been logged.", "extras": {}})),
+            Some("run") => {
+                let timeout = v["timeout"]
+                    .as_f64()
+                    .and_then(|t| std::time::Duration::try_from_secs_f64(t).ok());
+                let req = CmdRequest {
+                    command: str_arg("command"),
+                    is_input: args["is_input"].as_bool().unwrap_or(false),
+                    timeout,
+                };
+                let run = match self.runtime().await {
+                    Ok(rt) => rt.run(&req, cancel).await,
+                    Err(e) => Err(e),
+                };
+                match run {
+                    Err(RuntimeError::Cancelled) => return None,
+                    Err(e) => Err(format!("The command could not be run: {e}")),
+                    Ok(out) => Ok(json!({"observation": "run", "content": out.content,
+                        "extras": {"command": req.command, "metadata": {
+                            "exit_code": out.exit_code, "pid": out.pid, "username": null,
+                            "hostname": null, "working_dir": out.cwd,
+                            "py_interpreter_path": null, "prefix": out.prefix,
+                            "suffix": out.suffix}, "hidden": false},
+                        "success": out.exit_code == 0})),
+                }
+            }
+            Some("read") => {
+                let range = args["view_range"]
+                    .as_array()
+                    .and_then(|r| Some((r.first()?.as_i64()?, r.get(1)?.as_i64()?)));
+                let cmd = EditCommand::View {
+                    path: self.map_path(&str_arg("path")),
+                    view_range: range,
+                };
+                self.edit(&cmd).await.map(|out| {
+                    json!({"observation": "read", "content": out.content,
+                        "extras": {"path": out.path, "impl_source": "oh_aci"}})
+                })
+            }
+            Some("edit") => {
+                let path = self.map_path(&str_arg("path"));
+                let cmd = match args["command"].as_str() {
+                    Some("create") => Ok(EditCommand::Create {
+                        path,
+                        file_text: str_arg("file_text"),
+                    }),
+                    Some("str_replace") => Ok(EditCommand::StrReplace {
+                        path,
+                        old_str: str_arg("old_str"),
+                        new_str: str_arg("new_str"),
+                    }),
+                    Some("insert") => Ok(EditCommand::Insert {
+                        path,
+                        insert_line: args["insert_line"].as_i64().unwrap_or(0),
+                        new_str: str_arg("new_str"),
+                    }),
+                    Some("undo_edit") => Ok(EditCommand::UndoEdit { path }),
+                    other => Err(format!("Unsupported edit command {other:?}.")),
+                };
+                match cmd {
+                    Err(e) => Err(e),
+                    Ok(cmd) => self.edit(&cmd).await.map(|out| {
+                        json!({"observation": "edit", "content": out.content, "extras": {
+                            "path": out.path, "prev_exist": out.prev_exist,
+                            "old_content": out.old_content, "new_content": out.new_content,
+                            "impl_source": "oh_aci", "diff": null, "_diff_cache": null}})
+                    }),
+                }
+            }
+            other => Err(format!(
+                "The action `{}` cannot be executed by this runtime.",
+                other.unwrap_or("?")
+            )),
+        };
+        let mut obs = match obs.map(Event::from_value) {
+            Ok(Ok(o)) => o.with_defaults(),
+            Ok(Err(e)) => {
+                warn!(error = %e, "built an unreadable observation");
+                Event::error_observation(format!("Internal error: {e}"), "")
+            }
+            Err(message) => Event::error_observation(message, ""),
+        };
+        obs.message = obs.derived_message();
+        obs.source = Some(Source::Agent);
+        obs.cause = action.id.and_then(|i| i64::try_from(i).ok());
+        obs.tool_call_metadata = action.tool_call_metadata.clone();
+        Some(obs)
+    }
+
+    async fn edit(&mut self, cmd: &EditCommand) -> Result<crate::runtime::EditOutput, String> {
+        match self.runtime().await {
+            Ok(rt) => rt.edit(cmd).await.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("The runtime could not start: {e}")),
+        }
+    }
 }

@@ -36,6 +36,8 @@ use shared::store::Store;
 /// Everything a session task needs, shared by all tasks of this worker.
 #[derive(Clone)]
 pub(crate) struct Ctx {
+    pub(crate) nats: async_nats::Client,
+    pub(crate) llm: Option<llm::LlmRegistry>,
     pub(crate) store: Store,
     pub(crate) redis: redis::aio::ConnectionManager,
     pub(crate) worker_id: WorkerId,
@@ -62,13 +64,25 @@ pub async fn run(
         .connect(&args.broker.nats_url)
         .await
         .context("connect NATS")?;
-    let store = Store::open(client, args.broker.names.clone())
+    let store = Store::open(client.clone(), args.broker.names.clone())
         .await
         .context("JetStream setup")?;
+    let llm = match args.agent_kind() {
+        "codeact" => {
+            if args.llm_base_url.is_none() {
+                anyhow::bail!("OH_AGENT=codeact needs an LLM: set OH_LLM_BASE_URL");
+            }
+            Some(llm::LlmRegistry::new().context("LLM client setup")?)
+        }
+        _ => None,
+    };
+    info!(agent = args.agent_kind(), "agent selected");
     let redis = shared::ownership::connect(&args.broker.redis_url)
         .await
         .context("connect Redis")?;
     let ctx = Ctx {
+        nats: client,
+        llm,
         store,
         redis,
         worker_id,

@@ -82,9 +82,6 @@
 //! See [`editor`]: `view`, `create`, `str_replace`, `insert`, `undo_edit`, confined to the
 //! workspace.
 
-// FIXME(issue 5): remove once the controller uses the runtime.
-#![allow(dead_code)]
-
 mod editor;
 mod output;
 mod process;
@@ -104,9 +101,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 pub(crate) use editor::{EditCommand, EditError, EditOutput};
-// FIXME(issue 5): for the controller's other observations; drop the allow once used.
-#[allow(unused_imports)]
-pub(crate) use output::{TRUNCATION_MARKER, truncate_middle};
 
 use editor::Editor;
 use output::Capture;

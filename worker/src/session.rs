@@ -236,6 +236,12 @@ impl AgentSession {
         if let Some(t) = self.turn.take() {
             // Ending with a step in flight (lease lost, fenced): stop it; nothing is appended.
             t.cancel.cancel();
+            let (ctrl, _) = t.fut.await;
+            self.ctrl = Some(ctrl);
+        }
+        // The runtime goes with the session: every process of it is killed.
+        if let Some(rt) = self.ctrl.as_mut().and_then(|c| c.runtime.as_mut()) {
+            rt.close().await;
         }
         self.finish(end).await;
     }
@@ -395,7 +401,8 @@ impl AgentSession {
                     }
                     Some(ev)
                         if ev.action_type() == Some("message")
-                            && ev.source == Some(Source::Agent) =>
+                            && ev.source == Some(Source::Agent)
+                            && ev.to_value()["args"]["wait_for_response"] != false =>
                     {
                         self.end_turn(AgentState::AwaitingUserInput).await?;
                     }
@@ -425,6 +432,14 @@ impl AgentSession {
             return Ok(());
         };
         ctrl.iterations += 1;
+        if let Some((spent, max)) = ctrl.over_budget() {
+            return self
+                .end_turn_error(&format!(
+                    "RuntimeError: Agent reached maximum budget for conversation. Current \
+                     budget: {spent:.4}, max budget: {max:.4}"
+                ))
+                .await;
+        }
         if ctrl.iterations >= ctrl.max_iterations {
             let max = ctrl.max_iterations;
             return self
