@@ -194,7 +194,7 @@ impl Fanout {
             .subscribe(self.store.names.status_subject(sid))
             .await?;
         self.nats.flush().await?;
-        let (tx, rx) = broadcast::channel(256);
+        let (tx, rx) = broadcast::channel(16);
         let task = tokio::spawn(
             pump(self.store.clone(), sid.clone(), sub, status, tx.clone())
                 .instrument(info_span!("fanout", session_id = %sid)),

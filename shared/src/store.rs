@@ -647,6 +647,23 @@ impl Store {
         }
     }
 
+    /// Reads a named blob.
+    ///
+    /// # Errors
+    /// [`StoreError`] if it is missing or NATS failed.
+    pub async fn get_blob(&self, name: &str) -> Result<Bytes, StoreError> {
+        let mut obj = self
+            .blobs
+            .get(name)
+            .await
+            .map_err(|e| nats("blob get")(boxed(e)))?;
+        let mut buf = Vec::new();
+        obj.read_to_end(&mut buf)
+            .await
+            .map_err(|e| nats("blob read")(boxed(e)))?;
+        Ok(Bytes::from(buf))
+    }
+
     /// Deletes everything stored for a session: its events, pending actions and start request.
     ///
     /// # Errors

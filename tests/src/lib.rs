@@ -11,6 +11,7 @@ pub mod check;
 pub mod cluster;
 pub mod js;
 pub mod llm;
+pub mod load;
 pub mod nats;
 pub mod proc;
 pub mod redis;

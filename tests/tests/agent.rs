@@ -313,3 +313,97 @@ async fn edits_outside_the_workspace_are_refused() {
     );
     assert_eq!(obs(&got, "edit").len(), 1);
 }
+
+fn fixture(name: &str) -> String {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/fixtures/openhands")
+        .join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("fixture {}: {e}", p.display()))
+}
+
+/// (f) Every shared fixture trajectory replays (through the real runtime, no LLM) to the
+/// state OpenHands reaches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixture_trajectories_replay_to_their_end_state() {
+    let ws = tempfile::tempdir().unwrap();
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        worker_env: vec![("OH_WORKSPACE_ROOT", ws.path().display().to_string())],
+        ..ClusterOpts::default()
+    })
+    .await;
+    for name in [
+        "basic.json",
+        "basic_interactions.json",
+        "wrong_initial_state.json",
+    ] {
+        let (code, v) = c
+            .post(
+                0,
+                "/api/conversations",
+                &json!({"replay_json": fixture(name)}),
+                None,
+            )
+            .await;
+        assert_eq!(code, 200, "{name}: {v}");
+        let sid = v["conversation_id"].as_str().unwrap().to_owned();
+        let mut a = c.connect(0, &sid, None, None).await.unwrap();
+        let got = events_until(&mut a, T, |e| {
+            is_state(e, "finished") || is_state(e, "error")
+        })
+        .await;
+        assert!(
+            is_state(got.last().unwrap(), "finished"),
+            "{name}: {got:#?}"
+        );
+        // Replay never stopped for user input mid-way.
+        let stored = c.all_events(0, &sid, None).await;
+        assert!(
+            !stored.iter().any(|e| is_state(e, "awaiting_user_input")),
+            "{name}"
+        );
+        match name {
+            "basic.json" => {
+                assert!(ws.path().join(&sid).join("game_2048.py").exists(), "{name}");
+                assert_eq!(obs(&stored, "edit").len(), 1, "{name}");
+            }
+            "basic_interactions.json" => {
+                let users: Vec<&str> = stored
+                    .iter()
+                    .filter(|e| e["source"] == "user" && e["action"] == "message")
+                    .map(|e| e["args"]["content"].as_str().unwrap())
+                    .collect();
+                assert_eq!(
+                    users,
+                    [
+                        "what's 1+1?",
+                        "No, I mean by Goldbach's conjecture!",
+                        "Finish please"
+                    ]
+                );
+            }
+            _ => {
+                // The recorded `mv` succeeded; in a fresh workspace it fails, and the replay
+                // goes on with its own (new) observation.
+                let run = obs(&stored, "run");
+                assert_eq!(run.len(), 1, "{name}");
+                assert_ne!(run[0]["extras"]["metadata"]["exit_code"], 0, "{name}");
+            }
+        }
+    }
+    // A trajectory that is not one is refused at creation with a clear error.
+    let (code, v) = c
+        .post(
+            0,
+            "/api/conversations",
+            &json!({"replay_json": fixture("output.jsonl")}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 400, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("replay_json"),
+        "{v}"
+    );
+}

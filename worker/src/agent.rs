@@ -103,10 +103,96 @@ impl Agent for Echo {
     }
 }
 
+/// Replays a trajectory (`replay_json`) with OpenHands' rules (protocol §10): each step takes
+/// the next action of the list instead of asking the model; the runtime executes it for real,
+/// producing fresh observations (the list's own observations are never reused). When the list
+/// is exhausted, the inner agent (if any) takes over.
+pub(crate) struct Replay {
+    /// The first user message of the trajectory; appended when the conversation starts.
+    pub(crate) initial: Option<Event>,
+    /// The actions still to replay.
+    pub(crate) queue: std::collections::VecDeque<Event>,
+    pub(crate) inner: Option<Box<AgentImpl>>,
+}
+
+impl Replay {
+    /// Builds the replay of `trajectory`, skipping the items already replayed in `history`.
+    pub(crate) fn new(
+        trajectory: Vec<Event>,
+        history: &[Event],
+        inner: Option<AgentImpl>,
+    ) -> Result<Replay, String> {
+        let mut items: Vec<Event> = trajectory
+            .into_iter()
+            .filter(|e| e.source != Some(Source::Environment))
+            .filter(|e| !e.is_null())
+            .collect();
+        if items.first().and_then(Event::action_type) == Some("system") {
+            items.remove(0);
+        }
+        if items.first().and_then(Event::action_type) != Some("message") {
+            return Err("a replay trajectory must start with a user message".into());
+        }
+        let mut initial = items.remove(0);
+        initial.source = Some(Source::User);
+        let mut queue: std::collections::VecDeque<Event> = items
+            .into_iter()
+            .filter(|e| e.action_type().is_some())
+            .map(|mut e| {
+                e.id = None;
+                e.timestamp = None;
+                e.cause = None;
+                e
+            })
+            .collect();
+        let n = queue.len();
+        for (i, e) in queue.iter_mut().enumerate() {
+            if e.action_type() == Some("message") && i + 1 < n {
+                let mut v = e.to_value();
+                if v["args"]["wait_for_response"] == true {
+                    v["args"]["wait_for_response"] = serde_json::Value::Bool(false);
+                    if let Ok(ev) = Event::from_value(v) {
+                        *e = ev;
+                    }
+                }
+            }
+        }
+        // Resuming: skip what the log shows was replayed already (every non-environment
+        // action after the first user message, except our own lifecycle events).
+        let started = history
+            .iter()
+            .any(|e| e.source == Some(Source::User) && e.action_type() == Some("message"));
+        if started {
+            let first_user = history
+                .iter()
+                .position(|e| e.source == Some(Source::User) && e.action_type() == Some("message"))
+                .unwrap_or(0);
+            let done = history[first_user + 1..]
+                .iter()
+                .filter(|e| {
+                    e.source != Some(Source::Environment)
+                        && e.action_type().is_some_and(|a| {
+                            !matches!(a, "system" | "recall" | "change_agent_state")
+                        })
+                })
+                .count();
+            for _ in 0..done.min(queue.len()) {
+                queue.pop_front();
+            }
+        }
+        Ok(Replay {
+            initial: (!started).then_some(initial),
+            queue,
+            inner: inner.map(Box::new),
+        })
+    }
+}
+
 /// The agents a session can run.
 pub(crate) enum AgentImpl {
     Echo(Echo),
     CodeAct(Box<CodeAct>),
+    Replay(Box<Replay>),
 }
 
 impl AgentImpl {
@@ -114,35 +200,58 @@ impl AgentImpl {
         match self {
             AgentImpl::Echo(a) => a.class(),
             AgentImpl::CodeAct(a) => a.class(),
+            AgentImpl::Replay(r) => r.inner.as_ref().map_or("ReplayAgent", |i| i.class()),
         }
     }
     pub(crate) fn system_prompt(&self) -> String {
         match self {
             AgentImpl::Echo(a) => a.system_prompt(),
             AgentImpl::CodeAct(a) => a.system_prompt(),
+            AgentImpl::Replay(r) => r.inner.as_ref().map_or_else(
+                || "Replaying a recorded trajectory.".to_owned(),
+                |i| i.system_prompt(),
+            ),
         }
     }
     pub(crate) fn tools(&self) -> Option<serde_json::Value> {
         match self {
             AgentImpl::Echo(a) => a.tools(),
             AgentImpl::CodeAct(a) => Some(a.tools()),
+            AgentImpl::Replay(r) => r.inner.as_ref().and_then(|i| i.tools()),
         }
     }
-    pub(crate) async fn step(
-        &mut self,
-        history: &[Event],
-        cancel: &CancellationToken,
-    ) -> Result<Vec<Event>, StepError> {
-        match self {
-            AgentImpl::Echo(a) => a.step(history, cancel).await,
-            AgentImpl::CodeAct(a) => a.step(history, cancel).await,
-        }
+    pub(crate) fn step<'a>(
+        &'a mut self,
+        history: &'a [Event],
+        cancel: &'a CancellationToken,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Vec<Event>, StepError>> + Send + 'a>> {
+        Box::pin(async move {
+            match self {
+                AgentImpl::Echo(a) => a.step(history, cancel).await,
+                AgentImpl::CodeAct(a) => a.step(history, cancel).await,
+                AgentImpl::Replay(r) => match r.queue.pop_front() {
+                    Some(ev) => Ok(vec![ev]),
+                    None => match r.inner.as_mut() {
+                        Some(inner) => inner.step(history, cancel).await,
+                        None => Ok(Vec::new()),
+                    },
+                },
+            }
+        })
     }
     /// The LLM metrics so far, if this agent uses an LLM (for the budget check).
     pub(crate) fn accumulated_cost(&self) -> Option<f64> {
         match self {
             AgentImpl::Echo(_) => None,
             AgentImpl::CodeAct(a) => Some(a.llm.metrics().accumulated_cost()),
+            AgentImpl::Replay(r) => r.inner.as_ref().and_then(|i| i.accumulated_cost()),
+        }
+    }
+    /// The replay's initial user message, once (appended when a replay conversation starts).
+    pub(crate) fn take_initial(&mut self) -> Option<Event> {
+        match self {
+            AgentImpl::Replay(r) => r.initial.take(),
+            _ => None,
         }
     }
 }

@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Ctx;
-use crate::agent::{AgentImpl, CodeAct, Echo, Notify};
+use crate::agent::{AgentImpl, CodeAct, Echo, Notify, Replay};
 use crate::controller::Controller;
 use crate::runtime::RuntimeConfig;
 use crate::session::{AgentSession, Start};
@@ -217,12 +217,16 @@ async fn try_claim(
             .take_over(Event::agent_state_changed(AgentState::Loading, ""))
             .await?;
         let consumer_name = names.actions_consumer(&sid);
-        match store.actions().delete_consumer(&consumer_name).await {
-            Ok(_) => {}
-            Err(e) if is_not_found(&e.kind()) => {}
-            Err(e) => return Err(anyhow::Error::new(e).context("delete old action consumer")),
+        // A previous owner's consumer goes, so its unacked actions come back at once. A
+        // conversation's first start has none: one JetStream call saved per new session.
+        if !fresh {
+            match store.actions().delete_consumer(&consumer_name).await {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e.kind()) => {}
+                Err(e) => return Err(anyhow::Error::new(e).context("delete old action consumer")),
+            }
         }
-        let mut consumer: consumer::PullConsumer = store
+        let consumer: consumer::PullConsumer = store
             .actions()
             .create_consumer(consumer::pull::Config {
                 durable_name: Some(consumer_name),
@@ -233,7 +237,7 @@ async fn try_claim(
                 ..Default::default()
             })
             .await?;
-        let pending = consumer.info().await.map(|i| i.num_pending).unwrap_or(0);
+        let pending = consumer.cached_info().num_pending;
         // Short pull expiry: after a NATS restart an outstanding pull is re-issued within it.
         let actions = consumer
             .stream()
@@ -314,6 +318,20 @@ async fn try_claim(
         _ => AgentImpl::Echo(Echo {
             faults: ctx.args.echo_faults,
         }),
+    };
+    let agent = match &meta.replay_blob {
+        None => agent,
+        Some(name) => {
+            let bytes = store.get_blob(name).await?;
+            let trajectory = shared::event::load_trajectory(&bytes)?;
+            let inner = match agent {
+                AgentImpl::Echo(_) => None,
+                other => Some(other),
+            };
+            AgentImpl::Replay(Box::new(
+                Replay::new(trajectory, &history, inner).map_err(anyhow::Error::msg)?,
+            ))
+        }
     };
     let ctrl = Controller {
         agent,

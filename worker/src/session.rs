@@ -315,6 +315,15 @@ impl AgentSession {
             sys.source = Some(Source::Agent);
             self.append(sys).await?;
         }
+        if let Some(initial) = self.ctrl.as_mut().and_then(|c| c.agent.take_initial()) {
+            // A replay conversation starts with the trajectory's first user message.
+            self.journal.note_state(AgentState::Running.as_str());
+            self.append(initial).await?;
+            self.set_state(AgentState::Running, "").await?;
+            self.schedule_think();
+            self.publish_status().await;
+            return Ok(());
+        }
         if pending == 0 {
             self.append(Event::change_agent_state(AgentState::AwaitingUserInput))
                 .await?;
