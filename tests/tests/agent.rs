@@ -407,3 +407,64 @@ async fn fixture_trajectories_replay_to_their_end_state() {
         "{v}"
     );
 }
+
+/// Memory: the first user message recalls the workspace's AGENTS.md; a later message that
+/// mentions a knowledge trigger recalls that knowledge; both reach the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_recalls_workspace_instructions_and_knowledge() {
+    let llm = ScriptedLlm::start(vec![
+        Reply::text("first answer"),
+        Reply::text("second answer"),
+    ])
+    .await;
+    let ws = tempfile::tempdir().unwrap();
+    let kdir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        kdir.path().join("k8s.md"),
+        "---\ntriggers:\n- kubernetes\n---\nUse kubectl apply.\n",
+    )
+    .unwrap();
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        worker_env: vec![
+            ("OH_LLM_BASE_URL", llm.base_url()),
+            ("OH_WORKSPACE_ROOT", ws.path().display().to_string()),
+            ("OH_KNOWLEDGE_DIR", kdir.path().display().to_string()),
+        ],
+        ..ClusterOpts::default()
+    })
+    .await;
+    let sid = c.create(0, None, None).await;
+    c.wait_info(0, &sid, None, T, |v| {
+        v["agent_state"] == "awaiting_user_input"
+    })
+    .await;
+    std::fs::create_dir_all(ws.path().join(&sid)).unwrap();
+    std::fs::write(
+        ws.path().join(&sid).join("AGENTS.md"),
+        "Always run make test.",
+    )
+    .unwrap();
+    let mut a = c.connect(0, &sid, None, None).await.unwrap();
+    tests::check::say_reliably(&a, "hello", "m1").await;
+    events_until(&mut a, T, |e| e["args"]["content"] == "first answer").await;
+    tests::check::say_reliably(&a, "deploy to kubernetes", "m2").await;
+    events_until(&mut a, T, |e| e["args"]["content"] == "second answer").await;
+    let stored = c.all_events(0, &sid, None).await;
+    let recalls = obs(&stored, "recall");
+    assert_eq!(recalls.len(), 2, "{stored:#?}");
+    assert_eq!(recalls[0]["extras"]["recall_type"], "workspace_context");
+    assert_eq!(
+        recalls[0]["extras"]["repo_instructions"],
+        "Always run make test."
+    );
+    assert_eq!(
+        recalls[1]["extras"]["microagent_knowledge"][0]["name"],
+        "k8s"
+    );
+    assert_eq!(stored.iter().filter(|e| e["action"] == "recall").count(), 2);
+    let reqs = llm.requests();
+    assert!(reqs[0].to_string().contains("Always run make test."));
+    assert!(reqs[1].to_string().contains("Use kubectl apply."));
+}

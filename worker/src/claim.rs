@@ -342,6 +342,13 @@ async fn try_claim(
         runtime: None,
         runtime_cfg,
         sid: sid.clone(),
+        knowledge: ctx
+            .args
+            .knowledge_dir
+            .as_deref()
+            .map(crate::memory::load_knowledge)
+            .unwrap_or_default(),
+        recalls: ctx.llm.is_some(),
     };
     let session = AgentSession::new(
         ctx.clone(),

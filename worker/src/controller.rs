@@ -46,6 +46,10 @@ pub(crate) struct Controller {
     pub(crate) runtime: Option<Runtime>,
     pub(crate) runtime_cfg: RuntimeConfig,
     pub(crate) sid: SessionId,
+    /// Knowledge files recalled by trigger (LLM agents only; empty otherwise).
+    pub(crate) knowledge: Vec<crate::memory::Knowledge>,
+    /// Whether user messages trigger a recall (LLM agents).
+    pub(crate) recalls: bool,
 }
 
 /// True for actions the runtime executes (their observation completes the step).
@@ -92,13 +96,18 @@ impl Controller {
         self.runtime.as_mut().ok_or(RuntimeError::Closed)
     }
 
+    /// The session's workspace folder.
+    pub(crate) fn workspace(&self) -> std::path::PathBuf {
+        self.runtime.as_ref().map_or_else(
+            || self.runtime_cfg.root.join(self.sid.as_str()),
+            |rt| rt.workspace().to_path_buf(),
+        )
+    }
+
     /// Paths as the model writes them: `/workspace/...` (OpenHands' convention) is the
     /// session's workspace.
     fn map_path(&self, path: &str) -> String {
-        let ws = self.runtime.as_ref().map_or_else(
-            || self.runtime_cfg.root.join(self.sid.as_str()),
-            |rt| rt.workspace().to_path_buf(),
-        );
+        let ws = self.workspace();
         match path.strip_prefix("/workspace") {
             Some("") => ws.display().to_string(),
             Some(rest) if rest.starts_with('/') => {

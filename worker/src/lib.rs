@@ -8,7 +8,9 @@
 //! - `session`: `AgentSession`, one task per session, driven by user actions.
 //! - `sweep`: queues a resume for sessions that should run but lost their owner.
 //! - `controller`: the steps of a turn (think, act) as futures that own the controller.
-//! - `agent`: the agent trait and the `echo` test/demo agent.
+//! - `agent`: the agent trait, the CodeAct agent, replay, and the `echo` test/demo agent.
+//! - `memory`: recall of workspace instructions and knowledge on user messages.
+//! - `llm`: the OpenAI-compatible LLM client; `runtime`: the session's shell and file tools.
 
 mod agent;
 mod claim;
@@ -16,6 +18,7 @@ pub mod config;
 mod controller;
 mod lease;
 pub mod llm;
+mod memory;
 pub(crate) mod runtime;
 mod session;
 mod sweep;

@@ -555,7 +555,11 @@ impl AgentSession {
             // From here on a crash reads as an interrupted turn to the next owner.
             self.journal.note_state(AgentState::Running.as_str());
         }
+        let query = action.as_message().map(str::to_owned);
         self.append(action.into_event(0, String::new())).await?;
+        if let Some(query) = query {
+            self.recall(&query).await?;
+        }
         if is_message {
             if self.agent_state != AgentState::Running {
                 self.set_state(AgentState::Running, "").await?;
@@ -577,6 +581,49 @@ impl AgentSession {
                 s if s != self.agent_state => self.set_state(s, "").await?,
                 _ => {}
             }
+        }
+        Ok(())
+    }
+
+    /// OpenHands' recall after a user message (LLM agents): a `recall` action (source user)
+    /// answered by a `recall` observation, or a `null` one when nothing was found.
+    async fn recall(&mut self, query: &str) -> Result<(), AppendError> {
+        let Some(ctrl) = self.ctrl.as_ref().filter(|c| c.recalls) else {
+            return Ok(());
+        };
+        let first = !ctrl
+            .history
+            .iter()
+            .any(|e| e.action_type() == Some("recall"));
+        let extras = crate::memory::recall(
+            &ctrl.workspace(),
+            &ctrl.knowledge,
+            query,
+            first,
+            self.meta.conversation_instructions.as_deref(),
+        );
+        let recall_type = if first {
+            "workspace_context"
+        } else {
+            "knowledge"
+        };
+        let action = Event::from_value(serde_json::json!({"source": "user", "action": "recall",
+            "args": {"recall_type": recall_type, "query": query, "thought": ""}}));
+        let Ok(mut action) = action.map(Event::with_defaults) else {
+            return Ok(());
+        };
+        action.message = action.derived_message();
+        let action = self.append(action).await?;
+        let obs = match extras {
+            Some(extras) => serde_json::json!({"source": "environment", "observation": "recall",
+                "content": "", "extras": extras}),
+            None => serde_json::json!({"source": "environment", "observation": "null",
+                "content": "", "extras": {}}),
+        };
+        if let Ok(mut obs) = Event::from_value(obs).map(Event::with_defaults) {
+            obs.message = obs.derived_message();
+            obs.cause = action.id.and_then(|i| i64::try_from(i).ok());
+            self.append(obs).await?;
         }
         Ok(())
     }
