@@ -583,19 +583,10 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if the blob is missing or unreadable.
     pub async fn unpack(&self, headers: &HeaderMap, payload: Bytes) -> Result<Bytes, StoreError> {
-        let Some(name) = headers.get(HDR_BLOB) else {
-            return Ok(payload);
-        };
-        let mut obj = self
-            .blobs
-            .get(name.as_str())
-            .await
-            .map_err(|e| nats("blob get")(boxed(e)))?;
-        let mut buf = Vec::new();
-        obj.read_to_end(&mut buf)
-            .await
-            .map_err(|e| nats("blob read")(boxed(e)))?;
-        Ok(Bytes::from(buf))
+        match headers.get(HDR_BLOB) {
+            Some(name) => self.get_blob(name.as_str()).await,
+            None => Ok(payload),
+        }
     }
 
     /// Stores a named blob (e.g. a `replay_json` trajectory).

@@ -636,21 +636,7 @@ impl AgentSession {
     }
 
     async fn publish_status(&mut self) {
-        let mut redis = self.ctx.redis.clone();
-        let res = status::write(
-            &mut redis,
-            &self.ctx.store.names,
-            &self.sid,
-            status::Update {
-                agent_state: Some(self.agent_state.as_str()),
-                last_event_id: self.journal.last_id(),
-                ..Default::default()
-            },
-        )
-        .await;
-        if let Err(e) = res {
-            warn!(error = %e, "status update failed");
-        }
+        self.write_status(false).await;
     }
 
     /// True if some gateway has a client connected to this session (presence entries that
@@ -680,14 +666,19 @@ impl AgentSession {
 
     /// Rewrites every field of the status hash (it may have been lost with Redis).
     async fn publish_full_status(&mut self) {
+        self.write_status(true).await;
+    }
+
+    /// Writes agent state and last event id; `full` also rewrites state and owner.
+    async fn write_status(&mut self, full: bool) {
         let mut redis = self.ctx.redis.clone();
         let res = status::write(
             &mut redis,
             &self.ctx.store.names,
             &self.sid,
             status::Update {
-                state: Some(SessionState::Running),
-                worker_id: Some(self.ctx.worker_id.as_str()),
+                state: full.then_some(SessionState::Running),
+                worker_id: full.then_some(self.ctx.worker_id.as_str()),
                 agent_state: Some(self.agent_state.as_str()),
                 last_event_id: self.journal.last_id(),
                 reason: None,
@@ -695,7 +686,7 @@ impl AgentSession {
         )
         .await;
         if let Err(e) = res {
-            warn!(error = %e, "status refresh failed");
+            warn!(error = %e, "status update failed");
         }
     }
 
