@@ -468,3 +468,35 @@ async fn memory_recalls_workspace_instructions_and_knowledge() {
     assert!(reqs[0].to_string().contains("Always run make test."));
     assert!(reqs[1].to_string().contains("Use kubectl apply."));
 }
+
+/// `max_iterations` ends a turn that does not finish in `error`, with a clear reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iteration_limit_ends_the_turn_in_error() {
+    let llm = ScriptedLlm::start(vec![
+        Reply::tool("execute_bash", &json!({"command": "echo 1"})),
+        Reply::tool("execute_bash", &json!({"command": "echo 2"})),
+        Reply::tool("execute_bash", &json!({"command": "echo 3"})),
+    ])
+    .await;
+    let ws = tempfile::tempdir().unwrap();
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        worker_env: vec![
+            ("OH_LLM_BASE_URL", llm.base_url()),
+            ("OH_WORKSPACE_ROOT", ws.path().display().to_string()),
+            ("OH_MAX_ITERATIONS", "2".to_owned()),
+        ],
+        ..ClusterOpts::default()
+    })
+    .await;
+    let (_sid, mut a) = start(&c, "loop").await;
+    let got = events_until(&mut a, T, |e| is_state(e, "error")).await;
+    let reason = got.last().unwrap()["extras"]["reason"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(reason.contains("maximum iteration"), "{reason}");
+    assert_eq!(obs(&got, "run").len(), 2);
+    assert_eq!(llm.requests().len(), 2);
+}

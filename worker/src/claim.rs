@@ -333,10 +333,11 @@ async fn try_claim(
             ))
         }
     };
+    let iterations = turn_iterations(&history);
     let ctrl = Controller {
         agent,
         history,
-        iterations: 0,
+        iterations,
         max_iterations: ctx.args.max_iterations,
         max_budget: ctx.args.max_budget_per_task,
         runtime: None,
@@ -397,4 +398,22 @@ fn last_metrics(history: &[Event]) -> Option<crate::llm::Metrics> {
         .rev()
         .find_map(|e| e.llm_metrics.clone())
         .and_then(|m| serde_json::from_value(m).ok())
+}
+
+/// Steps already taken in the current turn (agent actions since the last user message), so a
+/// turn continued on another worker keeps its iteration count.
+fn turn_iterations(history: &[Event]) -> u32 {
+    let n = history
+        .iter()
+        .rev()
+        .take_while(|e| {
+            !(e.source == Some(shared::event::Source::User) && e.action_type() == Some("message"))
+        })
+        .filter(|e| {
+            e.source == Some(shared::event::Source::Agent)
+                && e.action_type()
+                    .is_some_and(|a| a != "message" && a != "system")
+        })
+        .count();
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
