@@ -17,7 +17,7 @@ echo "== tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --all-targets -- --test-threads "${OH_TEST_THREADS:-2}" 2>&1 | tee "$log"
+cargo test --workspace --all-targets --no-fail-fast -- --test-threads "${OH_TEST_THREADS:-2}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line over every test binary.
