@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-use tests::check::{check_client_prefix, count_echoes, count_user};
+use std::collections::HashMap;
+
+use tests::check::check_client_prefix;
 use tests::cluster::{Cluster, ClusterOpts, ids, is_echo};
 use tests::sio::SioError;
 use tokio::sync::RwLock;
@@ -113,9 +115,28 @@ async fn main() {
         (0, 0, 0, 0, 0, 0);
     for (sid, h) in sids.iter().zip(&histories) {
         let stored = c.all_events(alive_gateway(&c), sid, None).await;
+        // Exactly once: count every user message and every echo in one pass.
+        let mut users: HashMap<&str, usize> = HashMap::new();
+        let mut echoes: HashMap<&str, usize> = HashMap::new();
+        for e in &stored {
+            if e["action"] != "message" {
+                continue;
+            }
+            let content = e["args"]["content"].as_str().unwrap_or_default();
+            match e["source"].as_str() {
+                Some("user") => *users.entry(content).or_default() += 1,
+                Some("agent") => {
+                    if let Some(t) = content.strip_prefix("echo: ") {
+                        *echoes.entry(t).or_default() += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
         for text in &h.sent {
             sent += 1;
-            match (count_user(&stored, text), count_echoes(&stored, text)) {
+            let count = |m: &HashMap<&str, usize>| m.get(text.as_str()).copied().unwrap_or(0);
+            match (count(&users), count(&echoes)) {
                 (1, 1) => {}
                 (u, e) if u == 0 || e == 0 => lost += 1,
                 _ => dup += 1,
