@@ -26,6 +26,9 @@ use crate::runtime::RuntimeConfig;
 use crate::session::{AgentSession, Start};
 use shared::journal::Journal;
 
+/// Most events of a conversation loaded into a new owner's controller.
+const HISTORY_LIMIT: u64 = 2000;
+
 /// Reason recorded when a user is at `OH_MAX_CONVERSATIONS_PER_USER`.
 pub(crate) const TOO_MANY: &str = "AGENT_ERROR$TOO_MANY_CONVERSATIONS: too many conversations are running for this user; stop one and start this one again";
 
@@ -202,6 +205,45 @@ async fn try_claim(
             return Ok(Claimed::Skip("user at the running-conversation limit"));
         }
     }
+    // Renewal starts now, not after the (possibly slow) takeover and history read: the lease
+    // must not run out while the claim is still in progress.
+    let lost = CancellationToken::new();
+    ctx.leases
+        .insert(sid.clone(), uid.clone(), lease.clone(), lost.clone());
+    match start_session(
+        ctx, sessions, cancel, req, &sid, &uid, meta, &lease, lost, permit,
+    )
+    .await
+    {
+        Ok(()) => Ok(Claimed::Started),
+        Err(e) => {
+            ctx.leases.remove(&sid);
+            let _ = ownership::release(&mut redis, &lease).await; // expires by itself otherwise
+            if ctx.args.max_conversations_per_user.is_some() {
+                let _ = ownership::release_user_slot(&mut redis, names, &uid, &sid).await; // expires too
+            }
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn start_session(
+    ctx: &Ctx,
+    sessions: &TaskTracker,
+    cancel: &CancellationToken,
+    req: &StartRequest,
+    sid: &SessionId,
+    uid: &UserId,
+    meta: shared::store::ConversationMeta,
+    lease: &ownership::Lease,
+    lost: CancellationToken,
+    permit: OwnedSemaphorePermit,
+) -> anyhow::Result<()> {
+    let (sid, uid) = (sid.clone(), uid.clone());
+    let store = &ctx.store;
+    let names = &store.names;
+    let mut redis = ctx.redis.clone();
     let claim_id = lease
         .token
         .rsplit('/')
@@ -246,8 +288,13 @@ async fn try_claim(
             .messages()
             .await?;
         // The conversation so far, for the agent (events are the state: see ARCHITECTURE.md).
+        // Bounded: a claim must stay cheap however long the conversation (the agent sees at
+        // most the newest HISTORY_LIMIT events after a move).
+        let from = journal
+            .last_id()
+            .map_or(0, |l| l.saturating_sub(HISTORY_LIMIT));
         let history: Vec<Event> = store
-            .read_from(&sid, 0, usize::MAX)
+            .read_from(&sid, from, usize::MAX)
             .await?
             .iter()
             .filter_map(|e| Event::from_json(&e.payload).ok())
@@ -263,16 +310,7 @@ async fn try_claim(
         ))
     }
     .await;
-    let (journal, fresh, interrupted, epoch, actions, pending, history) = match result {
-        Ok(x) => x,
-        Err(e) => {
-            let _ = ownership::release(&mut redis, &lease).await; // expires by itself otherwise
-            if ctx.args.max_conversations_per_user.is_some() {
-                let _ = ownership::release_user_slot(&mut redis, names, &uid, &sid).await; // expires too
-            }
-            return Err(e);
-        }
-    };
+    let (journal, fresh, interrupted, epoch, actions, pending, history) = result?;
     info!(epoch, fresh, interrupted, pending, reason = ?req.reason, "claimed");
     ownership::mark_should_run(&mut redis, names, &uid, &sid).await?;
     status::write(
@@ -288,9 +326,6 @@ async fn try_claim(
         },
     )
     .await?;
-    let lost = CancellationToken::new();
-    ctx.leases
-        .insert(sid.clone(), uid.clone(), lease.clone(), lost.clone());
     let runtime_cfg = RuntimeConfig::new(ctx.args.workspace_root.clone());
     let agent = match (&ctx.llm, ctx.args.llm_config()) {
         (Some(registry), Some(cfg)) => {
@@ -356,7 +391,7 @@ async fn try_claim(
         (sid.clone(), uid.clone()),
         meta,
         journal,
-        lease,
+        lease.clone(),
         ctrl,
         AgentState::Loading,
     );
@@ -383,7 +418,7 @@ async fn try_claim(
         }
         .instrument(span),
     );
-    Ok(Claimed::Started)
+    Ok(())
 }
 
 fn is_not_found(kind: &jetstream::stream::ConsumerErrorKind) -> bool {

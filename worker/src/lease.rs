@@ -1,10 +1,11 @@
 //! Renewal of every lease this worker holds.
 //!
-//! Every `ttl/3` each held lease is renewed by compare-and-`PEXPIRE` (never recreated). A lease
+//! Every `ttl/4` each held lease is renewed by compare-and-`PEXPIRE` (never recreated). A lease
 //! that is no longer ours cancels its session at once. A lease whose renewal keeps failing
-//! (Redis unreachable) cancels its session once `2/3 ttl` have passed since the last renewal
-//! that was *sent* and succeeded, i.e. before the lease could have expired and been taken by
-//! another worker (self-fencing on the local monotonic clock).
+//! (Redis unreachable, or this process starved) cancels its session once `3/4 ttl` have passed
+//! since the last renewal that was *sent* and succeeded, i.e. before the lease could have
+//! expired and been taken by another worker (self-fencing on the local monotonic clock); two
+//! late ticks are tolerated before that.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -111,7 +112,7 @@ async fn renew_one(
 
 pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
     let ttl = ctx.args.lease_ttl;
-    let mut tick = tokio::time::interval(ttl / 3);
+    let mut tick = tokio::time::interval(ttl / 4);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -154,7 +155,7 @@ pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
                 Err(e) => warn!(session_id = %sid, error = %e, "lease renewal failed"),
             }
         }
-        let limit = ttl * 2 / 3;
+        let limit = ttl * 3 / 4;
         map.retain(|sid, h| {
             if h.renewed_at.elapsed() >= limit {
                 warn!(session_id = %sid, "lease not renewed in time; self-fencing");
