@@ -72,6 +72,11 @@ pub(crate) fn router(state: AppState, socket_buffer: usize, cancel: Cancellation
         .ws_max_message_size(16 * 1024 * 1024)
         .ws_max_frame_size(16 * 1024 * 1024)
         .max_buffer_size(socket_buffer)
+        // Read buffer per websocket, allocated (and zero-filled) at connect and kept for the
+        // socket's life. Client frames are small (actions, pongs); a larger frame still gets
+        // a buffer of its own size, only read in 1 KiB steps. 4 KiB (the default) × 10k
+        // idle sockets was 40 MiB (heaptrack, BENCHMARKS.md `many`).
+        .ws_read_buffer_size(1024)
         .connect_timeout(Duration::from_secs(10))
         .build_layer();
     crate::socket::register(&io, cancel.clone());
@@ -94,4 +99,33 @@ pub(crate) fn router(state: AppState, socket_buffer: usize, cancel: Cancellation
         )
         .with_state(state)
         .layer(sio_layer)
+        .layer(axum::middleware::map_request(unshare_head))
+}
+
+/// Engine.IO keeps each socket's request head (`Parts`, extensions included) for the socket's
+/// whole life. hyper parses header values and the URI as slices of its connection read buffer
+/// (8–16 KiB), so keeping them kept that whole buffer per socket (heaptrack: ~16 KiB per idle
+/// socket). Copy them into allocations of their own; nothing else (the upgrade) is touched.
+async fn unshare_head(mut req: axum::extract::Request) -> axum::extract::Request {
+    if !req.uri().path().starts_with("/socket.io") {
+        return req;
+    }
+    for v in req.headers_mut().values_mut() {
+        // `from_bytes` copies; a value that was valid stays valid.
+        if let Ok(mut copy) = axum::http::HeaderValue::from_bytes(v.as_bytes()) {
+            copy.set_sensitive(v.is_sensitive());
+            *v = copy;
+        }
+    }
+    // Parsing a `String` takes ownership of that string's buffer. axum's router also keeps a
+    // clone of the URI as `OriginalUri` in the extensions, which Engine.IO keeps too.
+    if let Ok(uri) = axum::http::Uri::try_from(req.uri().to_string()) {
+        if let Some(original) = req.extensions_mut().get_mut::<axum::extract::OriginalUri>()
+            && let Ok(copy) = axum::http::Uri::try_from(original.0.to_string())
+        {
+            original.0 = copy;
+        }
+        *req.uri_mut() = uri;
+    }
+    req
 }

@@ -13,6 +13,11 @@
 //! the client to drain it, and a client that stays full for `OH_SLOW_CLIENT_TIMEOUT_MS` is
 //! disconnected
 //! (it resumes by replay), so a slow client never slows others or grows memory without bound.
+//!
+//! Memory: this task lives as long as its socket and mostly waits on the live feed, but a
+//! future is as large as its largest await point. The rare ones (joining the feed, reading the
+//! log, replaying, filling a gap) are boxed, so an idle socket's task holds only the small
+//! live-wait state (heaptrack: ~7 KiB per socket before, see BENCHMARKS.md `many`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,19 +80,17 @@ async fn run(
     latest: i64,
     cancel: &CancellationToken,
 ) -> Result<(), ForwardError> {
-    let (_topic, mut rx) = state
-        .fanout
-        .join(sid)
+    let (_topic, mut rx) = Box::pin(state.fanout.join(sid))
         .await
         .map_err(|e| ForwardError::Store(nats_err(e)))?;
     let started = Instant::now();
-    let head = state.store.last_event(sid).await?;
+    let head = Box::pin(state.store.last_event(sid)).await?;
     let mut cursor = latest;
     if let Some(head) = head
         && i64::try_from(head.id).unwrap_or(i64::MAX) > latest
     {
         let from = u64::try_from(latest + 1).unwrap_or(0);
-        replay(state, socket, sid, from, head.id).await?;
+        Box::pin(replay(state, socket, sid, from, head.id)).await?;
         cursor = i64::try_from(head.id).unwrap_or(i64::MAX);
     }
     metrics::histogram!("oh_gateway_replay_seconds").record(started.elapsed());
@@ -104,7 +107,7 @@ async fn run(
                 }
                 if id > cursor + 1 {
                     let from = u64::try_from(cursor + 1).unwrap_or(0);
-                    fill(state, socket, sid, from, live.id - 1).await?;
+                    Box::pin(fill(state, socket, sid, from, live.id - 1)).await?;
                 }
                 send_live(socket, &live, state.slow_client_timeout).await?;
                 cursor = id;
@@ -112,11 +115,11 @@ async fn run(
             Ok(Feed::Status(raw)) => send(socket, &raw, state.slow_client_timeout).await?,
             Ok(Feed::Resync) | Err(RecvError::Lagged(_)) => {
                 debug!("live feed may have missed events; filling from the log");
-                if let Some(head) = state.store.last_event(sid).await?
+                if let Some(head) = Box::pin(state.store.last_event(sid)).await?
                     && i64::try_from(head.id).unwrap_or(i64::MAX) > cursor
                 {
                     let from = u64::try_from(cursor + 1).unwrap_or(0);
-                    fill(state, socket, sid, from, head.id).await?;
+                    Box::pin(fill(state, socket, sid, from, head.id)).await?;
                     cursor = i64::try_from(head.id).unwrap_or(i64::MAX);
                 }
             }
