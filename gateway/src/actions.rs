@@ -77,9 +77,13 @@ pub(crate) async fn send(
 ) -> Result<u64, SendError> {
     let mut headers = HeaderMap::new();
     headers.insert(HDR_USER, uid.as_str());
-    let seq = publish(state, sid, payload, headers, msg_id).await?;
-    ensure_running(state, sid, uid).await;
-    Ok(seq)
+    // The owner lookup runs beside the publish, not after it: no extra round trip on the
+    // path of every message. A start request queued for a publish that then fails is harmless.
+    let (seq, ()) = tokio::join!(
+        publish(state, sid, payload, headers, msg_id),
+        ensure_running(state, sid, uid)
+    );
+    seq
 }
 
 /// Publishes a validated action without checking that the session runs (the caller queues
