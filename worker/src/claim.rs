@@ -35,6 +35,7 @@ pub(crate) const TOO_MANY: &str = "AGENT_ERROR$TOO_MANY_CONVERSATIONS: too many 
 pub(crate) async fn pull_loop(ctx: Ctx, sessions: TaskTracker, cancel: CancellationToken) {
     let slots = Arc::new(Semaphore::new(ctx.args.max_sessions as usize));
     let mut backoff = Duration::from_millis(100);
+    let mut work: Option<consumer::PullConsumer> = None;
     loop {
         // Capacity first: never pull work we cannot run.
         let first = tokio::select! {
@@ -48,13 +49,14 @@ pub(crate) async fn pull_loop(ctx: Ctx, sessions: TaskTracker, cancel: Cancellat
                 Err(_) => break,
             }
         }
-        let batch = fetch(&ctx, permits.len()).await;
+        let batch = fetch(&ctx, &mut work, permits.len()).await;
         let msgs = match batch {
             Ok(m) => {
                 backoff = Duration::from_millis(100);
                 m
             }
             Err(e) => {
+                work = None;
                 warn!(error = %e, "fetching start requests failed");
                 drop(permits);
                 tokio::select! {
@@ -82,12 +84,22 @@ pub(crate) async fn pull_loop(ctx: Ctx, sessions: TaskTracker, cancel: Cancellat
     }
 }
 
-async fn fetch(ctx: &Ctx, n: usize) -> Result<Vec<jetstream::Message>, async_nats::Error> {
-    let consumer: consumer::PullConsumer = ctx
-        .store
-        .work()
-        .get_consumer(ctx.store.names.work_consumer())
-        .await?;
+/// Pulls up to `n` start requests. The consumer handle is looked up once and kept; a failed
+/// fetch drops it, so the next one looks it up again (e.g. after a NATS restart).
+async fn fetch(
+    ctx: &Ctx,
+    handle: &mut Option<consumer::PullConsumer>,
+    n: usize,
+) -> Result<Vec<jetstream::Message>, async_nats::Error> {
+    let consumer = match handle {
+        Some(c) => c,
+        None => handle.insert(
+            ctx.store
+                .work()
+                .get_consumer(ctx.store.names.work_consumer())
+                .await?,
+        ),
+    };
     let mut batch = consumer
         .fetch()
         .max_messages(n)
