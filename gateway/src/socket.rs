@@ -7,6 +7,9 @@
 //! acknowledged. Every error goes to the sender only, as `oh_event` `{error: true, message}`
 //! (and as the ack payload if the client asked for an ack).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde_json::{Value, json};
 use shared::id::{SessionId, UserId};
 use shared::store::StoreError;
@@ -26,6 +29,8 @@ struct Conn {
     uid: UserId,
     latest: i64,
     cancel: CancellationToken,
+    /// Whether the connect handler has run (the socket gauge counts it once).
+    counted: Arc<AtomicBool>,
 }
 
 /// Why a connection was refused. The text is what the client sees as `err.message`.
@@ -128,7 +133,14 @@ async fn authorize(
         uid,
         latest,
         cancel: CancellationToken::new(),
+        counted: Arc::new(AtomicBool::new(false)),
     });
+    // Handlers go on here, before the CONNECT packet is sent: socketioxide runs the connect
+    // handler in a task of its own, and an event the client emits right after `connect` could
+    // otherwise reach a socket with no handler and be dropped.
+    s.on("oh_user_action", on_action);
+    s.on("oh_action", on_action);
+    s.on_disconnect(on_disconnect);
     Ok(())
 }
 
@@ -138,12 +150,11 @@ fn on_connect(s: SocketRef, State(state): State<AppState>, shutdown: Cancellatio
         let _ = s.disconnect();
         return;
     };
-    metrics::gauge!("oh_gateway_sockets").increment(1.0);
+    if !conn.counted.swap(true, Ordering::Relaxed) {
+        metrics::gauge!("oh_gateway_sockets").increment(1.0);
+    }
     let span = info_span!("socket", session_id = %conn.sid, user_id = %conn.uid, sid = %s.id);
-    s.on("oh_user_action", on_action);
-    s.on("oh_action", on_action);
     let cancel = conn.cancel.clone();
-    s.on_disconnect(on_disconnect);
     let st = state.clone();
     let (sid, uid) = (conn.sid.clone(), conn.uid.clone());
     tokio::spawn(
@@ -167,8 +178,11 @@ fn on_connect(s: SocketRef, State(state): State<AppState>, shutdown: Cancellatio
 async fn on_disconnect(s: SocketRef) {
     if let Some(conn) = s.extensions.get::<Conn>() {
         conn.cancel.cancel();
+        // Counted once by whichever of connect and disconnect comes first.
+        if conn.counted.swap(true, Ordering::Relaxed) {
+            metrics::gauge!("oh_gateway_sockets").decrement(1.0);
+        }
     }
-    metrics::gauge!("oh_gateway_sockets").decrement(1.0);
 }
 
 async fn on_action(

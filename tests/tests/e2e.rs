@@ -458,6 +458,40 @@ async fn compat_javascript_socketio_client_converses() {
     check_client(&stored, -1, &events);
 }
 
+/// An action emitted the moment `connect` completes is handled (socketioxide runs connect
+/// handlers in a task of their own; the event handlers must already be on the socket).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn action_emitted_right_after_connect_is_handled() {
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        ..ClusterOpts::default()
+    })
+    .await;
+    let sid = c.create(0, None, None).await;
+    for i in 0..40 {
+        let a = c.connect(0, &sid, None, None).await.expect("connect");
+        let acks = a
+            .emit_with_ack(
+                "oh_user_action",
+                &json!({"action": "message", "args": {"content": format!("quick {i}")}}),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("connection {i}: no ack for the first action: {e}"));
+        assert_eq!(
+            acks.first().map(|a| &a["success"]),
+            Some(&json!(true)),
+            "{acks:?}"
+        );
+        a.close().await;
+    }
+    let stored = c.all_events(0, &sid, None).await;
+    for i in 0..40 {
+        assert_eq!(tests::check::count_user(&stored, &format!("quick {i}")), 1);
+    }
+}
+
 /// Bad configuration: one line naming the setting, exit code 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configuration_exits_2_naming_the_setting() {
