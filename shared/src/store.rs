@@ -429,17 +429,23 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if NATS failed or the log is not dense.
     pub async fn seek(&self, sid: &SessionId, id: u64) -> Result<Option<u64>, StoreError> {
+        Ok(self.bounds(sid, id).await?.map(|(seq, _)| seq))
+    }
+
+    /// For event `id` of a session: its stream sequence and the newest event's id, `None` if
+    /// there is no such event. Binary search over stream sequences with direct gets.
+    async fn bounds(&self, sid: &SessionId, id: u64) -> Result<Option<(u64, u64)>, StoreError> {
         let Some(first) = self.direct(sid, Which::First).await? else {
             return Ok(None);
         };
-        if id <= first.id {
-            return Ok(Some(first.seq));
-        }
         let Some(last) = self.direct(sid, Which::Last).await? else {
             return Ok(None);
         };
         if id > last.id {
             return Ok(None);
+        }
+        if id <= first.id {
+            return Ok(Some((first.seq, last.id)));
         }
         let mut lo = first.seq + (id - first.id);
         let mut hi = last.seq - (last.id - id);
@@ -449,7 +455,7 @@ impl Store {
                 break;
             };
             match m.id.cmp(&id) {
-                std::cmp::Ordering::Equal => return Ok(Some(m.seq)),
+                std::cmp::Ordering::Equal => return Ok(Some((m.seq, last.id))),
                 std::cmp::Ordering::Less => lo = m.seq + 1,
                 std::cmp::Ordering::Greater => {
                     if mid == 0 {
@@ -467,7 +473,8 @@ impl Store {
     }
 
     /// Reads up to `max` events of a session in id order, starting at id `from` (inclusive).
-    /// Short ranges use direct gets; long ones an ordered consumer (one round trip per batch).
+    /// Short ranges (what exists after `from`, capped at `max`) use direct gets; long ones an
+    /// ordered consumer (one round trip per batch).
     ///
     /// # Errors
     /// [`StoreError`] if NATS failed or the log is corrupt.
@@ -481,12 +488,15 @@ impl Store {
         if max == 0 {
             return Ok(out);
         }
-        let Some(start_seq) = self.seek(sid, from).await? else {
+        let Some((start_seq, last_id)) = self.bounds(sid, from).await? else {
             return Ok(out);
         };
-        if max <= 64 {
+        let want = usize::try_from(last_id.saturating_sub(from) + 1)
+            .unwrap_or(usize::MAX)
+            .min(max);
+        if want <= 64 {
             let mut seq = start_seq;
-            while out.len() < max {
+            while out.len() < want {
                 let Some(ev) = self.direct(sid, Which::NextFrom(seq)).await? else {
                     break;
                 };
@@ -495,13 +505,6 @@ impl Store {
             }
             return Ok(out);
         }
-        let last_id = match self.last_event(sid).await? {
-            Some(l) => l.id,
-            None => return Ok(out),
-        };
-        let want = usize::try_from(last_id.saturating_sub(from) + 1)
-            .unwrap_or(usize::MAX)
-            .min(max);
         let consumer = self
             .events
             .create_consumer(consumer::pull::OrderedConfig {

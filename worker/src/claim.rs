@@ -128,6 +128,16 @@ async fn claim(
             return;
         }
     };
+    if let Ok(info) = msg.info() {
+        // How long the request waited in the queue (clocks of NATS and this host).
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let published = u128::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0);
+        let queued =
+            Duration::from_nanos(u64::try_from(now.saturating_sub(published)).unwrap_or(u64::MAX));
+        metrics::histogram!("oh_worker_claim_phase_seconds", "phase" => "queued").record(queued);
+    }
     let span = info_span!("claim", session_id = %sid, user_id = %uid, worker_id = %ctx.worker_id);
     match try_claim(ctx, sessions, cancel, &req, sid, uid, permit)
         .instrument(span.clone())
@@ -179,10 +189,12 @@ async fn try_claim(
     let store = &ctx.store;
     let names = &store.names;
     let mut redis = ctx.redis.clone();
+    let mut phases = Phases::new();
     let Some(meta) = store.get_meta(&uid, &sid).await? else {
         ownership::unmark_should_run(&mut redis, names, &uid, &sid).await?;
         return Ok(Claimed::Skip("conversation deleted"));
     };
+    phases.mark("meta");
     let Some(lease) =
         ownership::acquire(&mut redis, names, &sid, &ctx.worker_id, ctx.args.lease_ttl).await?
     else {
@@ -217,13 +229,23 @@ async fn try_claim(
             return Ok(Claimed::Skip("user at the running-conversation limit"));
         }
     }
+    phases.mark("lease");
     // Renewal starts now, not after the (possibly slow) takeover and history read: the lease
     // must not run out while the claim is still in progress.
     let lost = CancellationToken::new();
     ctx.leases
         .insert(sid.clone(), uid.clone(), lease.clone(), lost.clone());
     match start_session(
-        ctx, sessions, cancel, req, &sid, &uid, meta, &lease, lost, permit,
+        ctx,
+        sessions,
+        cancel,
+        req,
+        (&sid, &uid),
+        meta,
+        &lease,
+        lost,
+        permit,
+        phases,
     )
     .await
     {
@@ -245,12 +267,12 @@ async fn start_session(
     sessions: &TaskTracker,
     cancel: &CancellationToken,
     req: &StartRequest,
-    sid: &SessionId,
-    uid: &UserId,
+    (sid, uid): (&SessionId, &UserId),
     meta: shared::store::ConversationMeta,
     lease: &ownership::Lease,
     lost: CancellationToken,
     permit: OwnedSemaphorePermit,
+    mut phases: Phases,
 ) -> anyhow::Result<()> {
     let (sid, uid) = (sid.clone(), uid.clone());
     let store = &ctx.store;
@@ -264,12 +286,14 @@ async fn start_session(
         .to_owned();
     let result = async {
         let mut journal = Journal::open(store.clone(), sid.clone(), claim_id).await?;
+        phases.mark("log_head");
         let fresh = journal.is_empty();
         // The previous owner died in the middle of a turn if the log's state says running.
         let interrupted = journal.agent_state() == Some(AgentState::Running.as_str());
         let epoch = journal
             .take_over(Event::agent_state_changed(AgentState::Loading, ""))
             .await?;
+        phases.mark("takeover");
         let consumer_name = names.actions_consumer(&sid);
         // A previous owner's consumer goes, so its unacked actions come back at once. A
         // conversation's first start has none: one JetStream call saved per new session.
@@ -291,6 +315,7 @@ async fn start_session(
                 ..Default::default()
             })
             .await?;
+        phases.mark("consumer");
         let pending = consumer.cached_info().num_pending;
         // Short pull expiry: after a NATS restart an outstanding pull is re-issued within it.
         let actions = consumer
@@ -299,18 +324,25 @@ async fn start_session(
             .expires(Duration::from_secs(5))
             .messages()
             .await?;
+        phases.mark("pull");
         // The conversation so far, for the agent (events are the state: see ARCHITECTURE.md).
         // Bounded: a claim must stay cheap however long the conversation (the agent sees at
         // most the newest HISTORY_LIMIT events after a move).
         let from = journal
             .last_id()
             .map_or(0, |l| l.saturating_sub(HISTORY_LIMIT));
-        let history: Vec<Event> = store
-            .read_from(&sid, from, usize::MAX)
-            .await?
-            .iter()
-            .filter_map(|e| Event::from_json(&e.payload).ok())
-            .collect();
+        // A first start has nothing but its own takeover record: no read.
+        let history: Vec<Event> = if fresh {
+            Vec::new()
+        } else {
+            store
+                .read_from(&sid, from, usize::MAX)
+                .await?
+                .iter()
+                .filter_map(|e| Event::from_json(&e.payload).ok())
+                .collect()
+        };
+        phases.mark("history");
         anyhow::Ok((
             journal,
             fresh,
@@ -338,6 +370,7 @@ async fn start_session(
         },
     )
     .await?;
+    phases.mark("status");
     let runtime_cfg = RuntimeConfig::new(ctx.args.workspace_root.clone());
     let agent = match (&ctx.llm, ctx.args.llm_config()) {
         (Some(registry), Some(cfg)) => {
@@ -431,6 +464,27 @@ async fn start_session(
         .instrument(span),
     );
     Ok(())
+}
+
+/// Time spent in each phase of a claim, as `oh_worker_claim_phase_seconds{phase}` (where a
+/// slow start spends its time).
+struct Phases {
+    last: std::time::Instant,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Self {
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        let now = std::time::Instant::now();
+        metrics::histogram!("oh_worker_claim_phase_seconds", "phase" => phase)
+            .record(now.duration_since(self.last));
+        self.last = now;
+    }
 }
 
 fn is_not_found(kind: &jetstream::stream::ConsumerErrorKind) -> bool {

@@ -143,7 +143,11 @@ impl AgentSession {
         idle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_activity = std::time::Instant::now();
         let mut shutdown_seen = false;
-        let end = match self.start(start).await {
+        let started = std::time::Instant::now();
+        let first = self.start(start).await;
+        metrics::histogram!("oh_worker_claim_phase_seconds", "phase" => "first_events")
+            .record(started.elapsed());
+        let end = match first {
             Err(e) => self.on_append_error(e),
             Ok(()) => loop {
                 // Cancel-safety: `lost`/`shutdown` are tokens; `actions.next()` is cancel-safe
