@@ -1,5 +1,7 @@
 //! One core NATS subscription per session that has sockets on this gateway, shared by them
-//! (never a wildcard over all sessions: a gateway's traffic grows with its own clients).
+//! (never a wildcard over all sessions: a gateway's traffic grows with its own clients). It is
+//! `{ns}.*.{sid}`: events and status updates in one subscription (each costs ~6 KiB in the
+//! client); the session's actions and start requests also match and are skipped.
 //!
 //! The subscription task decodes each event once, computes its live copy (OpenHands' live
 //! filter, section 3.3), and broadcasts it. Sockets keep an `Arc<Topic>`; when the last one
@@ -189,23 +191,13 @@ impl Fanout {
         }
         let sub = self
             .nats
-            .subscribe(self.store.names.events_subject(sid))
-            .await?;
-        let status = self
-            .nats
-            .subscribe(self.store.names.status_subject(sid))
+            .subscribe(self.store.names.session_subjects(sid))
             .await?;
         self.nats.flush().await?;
         let (tx, rx) = broadcast::channel(16);
         let task = tokio::spawn(
-            pump(
-                Arc::clone(&self.store),
-                sid.clone(),
-                sub,
-                status,
-                tx.clone(),
-            )
-            .instrument(info_span!("fanout", session_id = %sid)),
+            pump(Arc::clone(&self.store), sid.clone(), sub, tx.clone())
+                .instrument(info_span!("fanout", session_id = %sid)),
         );
         let topic = Arc::new(Topic {
             tx,
@@ -226,24 +218,27 @@ async fn pump(
     store: Arc<Store>,
     sid: SessionId,
     mut sub: async_nats::Subscriber,
-    mut status: async_nats::Subscriber,
     tx: broadcast::Sender<Feed>,
 ) {
-    loop {
-        let msg = tokio::select! {
-            m = sub.next() => match m { Some(m) => m, None => return },
-            s = status.next() => {
-                let Some(s) = s else { return };
-                match std::str::from_utf8(&s.payload).ok().and_then(|t| RawValue::from_string(t.to_owned()).ok()) {
-                    Some(raw) => {
-                        // No receiver: every socket left.
-                        let _ = tx.send(Feed::Status(Arc::new(raw)));
-                    }
-                    None => warn!("status update is not JSON; dropped"),
+    let status_subject = store.names.status_subject(&sid);
+    let events_subject = store.names.events_subject(&sid);
+    while let Some(msg) = sub.next().await {
+        if msg.subject.as_str() == status_subject {
+            let raw = std::str::from_utf8(&msg.payload)
+                .ok()
+                .and_then(|t| RawValue::from_string(t.to_owned()).ok());
+            match raw {
+                // No receiver: every socket left.
+                Some(raw) => {
+                    let _ = tx.send(Feed::Status(Arc::new(raw)));
                 }
-                continue;
+                None => warn!("status update is not JSON; dropped"),
             }
-        };
+            continue;
+        }
+        if msg.subject.as_str() != events_subject {
+            continue; // the session's actions and start requests
+        }
         // Boxed: decoding may read the object store, a large future this long-lived task
         // would otherwise carry in every idle session (heaptrack: ~20 KiB per session).
         let (id, payload) = match Box::pin(store.decode_live(&sid, &msg)).await {

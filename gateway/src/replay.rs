@@ -106,8 +106,7 @@ async fn run(
                     continue;
                 }
                 if id > cursor + 1 {
-                    let from = u64::try_from(cursor + 1).unwrap_or(0);
-                    Box::pin(fill(state, socket, sid, from, live.id - 1)).await?;
+                    Box::pin(catch_up(state, socket, sid, &mut cursor, Some(live.id - 1))).await?;
                 }
                 send_live(socket, &live, state.slow_client_timeout).await?;
                 cursor = id;
@@ -115,13 +114,7 @@ async fn run(
             Ok(Feed::Status(raw)) => send(socket, &raw, state.slow_client_timeout).await?,
             Ok(Feed::Resync) | Err(RecvError::Lagged(_)) => {
                 debug!("live feed may have missed events; filling from the log");
-                if let Some(head) = Box::pin(state.store.last_event(sid)).await?
-                    && i64::try_from(head.id).unwrap_or(i64::MAX) > cursor
-                {
-                    let from = u64::try_from(cursor + 1).unwrap_or(0);
-                    Box::pin(fill(state, socket, sid, from, head.id)).await?;
-                    cursor = i64::try_from(head.id).unwrap_or(i64::MAX);
-                }
+                Box::pin(catch_up(state, socket, sid, &mut cursor, None)).await?;
             }
             Err(RecvError::Closed) => return Ok(()),
         }
@@ -172,16 +165,54 @@ async fn replay(
     Ok(())
 }
 
-/// Sends ids `from..=to` with the live rule (§3.3): a gap in the live feed.
+/// How long a catch-up keeps retrying a log that does not answer (e.g. JetStream still
+/// recovering after a NATS restart) before the client is disconnected to resume by replay.
+const CATCH_UP_PATIENCE: Duration = Duration::from_secs(15);
+
+/// Sends what the live feed missed with the live rule (§3.3): the events after `cursor` up to
+/// `to` (a gap before a live event), or up to the log's head (`None`: after a NATS reconnect
+/// or a lagging broadcast). `cursor` follows every event sent, so a retry after a failed read
+/// neither repeats nor skips one.
+async fn catch_up(
+    state: &AppState,
+    socket: &SocketRef,
+    sid: &SessionId,
+    cursor: &mut i64,
+    to: Option<u64>,
+) -> Result<(), ForwardError> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match fill(state, socket, sid, cursor, to).await {
+            Err(ForwardError::Store(e)) if started.elapsed() < CATCH_UP_PATIENCE => {
+                debug!(error = %e, "event log not available yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
 async fn fill(
     state: &AppState,
     socket: &SocketRef,
     sid: &SessionId,
-    from: u64,
-    to: u64,
+    cursor: &mut i64,
+    to: Option<u64>,
 ) -> Result<(), ForwardError> {
-    let mut next = from;
-    while next <= to {
+    let to = match to {
+        Some(to) => to,
+        None => match state.store.last_event(sid).await? {
+            Some(head) => head.id,
+            None => return Ok(()),
+        },
+    };
+    loop {
+        let next = u64::try_from(*cursor + 1).unwrap_or(0);
+        if next > to {
+            break;
+        }
         let want = usize::try_from(to - next + 1).unwrap_or(CHUNK).min(CHUNK);
         let batch = state.store.read_from(sid, next, want).await?;
         if batch.is_empty() {
@@ -191,7 +222,6 @@ async fn fill(
             if ev.id > to {
                 break;
             }
-            next = ev.id + 1;
             let live = match Event::from_json(&ev.payload) {
                 Ok(e) => e
                     .live_copy()
@@ -201,6 +231,7 @@ async fn fill(
             if let Some(raw) = live {
                 send(socket, &raw, state.slow_client_timeout).await?;
             }
+            *cursor = i64::try_from(ev.id).unwrap_or(i64::MAX);
         }
     }
     metrics::counter!("oh_gateway_gap_fills_total").increment(1);

@@ -71,6 +71,13 @@ impl Names {
         format!("{}.st.{sid}", self.ns)
     }
 
+    /// Every core subject of one session (`{ns}.*.{sid}`): its events and status updates, and
+    /// also its actions and start requests, which a subscriber tells apart by subject and
+    /// ignores. One subscription per watched session instead of two (gateway memory).
+    pub fn session_subjects(&self, sid: &SessionId) -> String {
+        format!("{}.*.{sid}", self.ns)
+    }
+
     /// Work-queue stream of user actions.
     pub fn actions_stream(&self) -> String {
         format!("{}_actions", self.ns)

@@ -55,6 +55,11 @@ pub(crate) struct AgentSession {
     pending: Option<Event>,
     /// Shutdown requested: finish the current step, then hand over.
     draining: bool,
+    /// The status write (Redis) in flight. The session loop drives it beside the turn, so a
+    /// step never waits for Redis; writes stay in order (one at a time).
+    status_write: Option<futures::future::BoxFuture<'static, ()>>,
+    /// A status write is due once the one in flight is done (`true`: a full rewrite).
+    status_due: Option<bool>,
 }
 
 struct Turn {
@@ -78,6 +83,7 @@ enum Input {
     StepDone(Box<(Controller, Step)>),
     LeaseLost,
     Shutdown,
+    StatusWritten,
     /// Time to refresh the status and check whether anyone still watches (passivation).
     IdleCheck,
 }
@@ -117,6 +123,8 @@ impl AgentSession {
             inbox: Vec::new(),
             pending: None,
             draining: false,
+            status_write: None,
+            status_due: None,
         }
     }
 
@@ -154,6 +162,7 @@ impl AgentSession {
                 // (a message not yet returned stays in the consumer and is redelivered); the
                 // step future is kept in `self.turn` and polled again next time.
                 let turn = &mut self.turn;
+                let status_write = &mut self.status_write;
                 let input = tokio::select! {
                     biased;
                     () = lost.cancelled() => Input::LeaseLost,
@@ -164,6 +173,12 @@ impl AgentSession {
                             None => std::future::pending().await,
                         }
                     } => Input::StepDone(Box::new(out)),
+                    () = async {
+                        match status_write.as_mut() {
+                            Some(w) => w.await,
+                            None => std::future::pending().await,
+                        }
+                    } => Input::StatusWritten,
                     _ = idle_tick.tick() => Input::IdleCheck,
                     m = actions.next(), if !self.draining => match m {
                         Some(Ok(m)) => Input::Action(Box::new(m)),
@@ -180,6 +195,10 @@ impl AgentSession {
                 };
                 match input {
                     Input::LeaseLost => break End::Lost,
+                    Input::StatusWritten => {
+                        self.status_write = None;
+                        self.next_status_write();
+                    }
                     Input::Shutdown => {
                         shutdown_seen = true;
                         self.draining = true;
@@ -208,7 +227,7 @@ impl AgentSession {
                         }
                     }
                     Input::IdleCheck => {
-                        self.publish_full_status().await;
+                        self.publish_full_status();
                         if close_delay.is_zero() || self.turn.is_some() {
                             continue;
                         }
@@ -307,7 +326,7 @@ impl AgentSession {
                 self.set_state(AgentState::Running, "").await?;
                 self.schedule_think();
             }
-            self.publish_status().await;
+            self.publish_status();
             return Ok(());
         }
         if fresh {
@@ -325,7 +344,7 @@ impl AgentSession {
             self.append(initial).await?;
             self.set_state(AgentState::Running, "").await?;
             self.schedule_think();
-            self.publish_status().await;
+            self.publish_status();
             return Ok(());
         }
         if pending == 0 {
@@ -333,7 +352,7 @@ impl AgentSession {
                 .await?;
             self.set_state(AgentState::AwaitingUserInput, "").await?;
         }
-        self.publish_status().await;
+        self.publish_status();
         Ok(())
     }
 
@@ -434,7 +453,7 @@ impl AgentSession {
                 self.step_done().await?;
             }
         }
-        self.publish_status().await;
+        self.publish_status();
         Ok(())
     }
 
@@ -547,7 +566,7 @@ impl AgentSession {
             Ok(action) => self.apply(action).await?,
         }
         ack(&msg).await;
-        self.publish_status().await;
+        self.publish_status();
         metrics::histogram!("oh_worker_action_apply_seconds").record(started.elapsed());
         Ok(None)
     }
@@ -639,8 +658,9 @@ impl AgentSession {
         Ok(())
     }
 
-    async fn publish_status(&mut self) {
-        self.write_status(false).await;
+    /// Queues a status write (agent state, last event id); see `status_write`.
+    fn publish_status(&mut self) {
+        self.queue_status_write(false);
     }
 
     /// True if some gateway has a client connected to this session (presence entries that
@@ -668,30 +688,49 @@ impl AgentSession {
         }
     }
 
-    /// Rewrites every field of the status hash (it may have been lost with Redis).
-    async fn publish_full_status(&mut self) {
-        self.write_status(true).await;
+    /// Queues a rewrite of every field of the status hash (it may have been lost with Redis).
+    fn publish_full_status(&mut self) {
+        self.queue_status_write(true);
     }
 
-    /// Writes agent state and last event id; `full` also rewrites state and owner.
-    async fn write_status(&mut self, full: bool) {
-        let mut redis = self.ctx.redis.clone();
-        let res = status::write(
-            &mut redis,
-            &self.ctx.store.names,
-            &self.sid,
-            status::Update {
-                state: full.then_some(SessionState::Running),
-                worker_id: full.then_some(self.ctx.worker_id.as_str()),
-                agent_state: Some(self.agent_state.as_str()),
-                last_event_id: self.journal.last_id(),
-                reason: None,
-            },
-        )
-        .await;
-        if let Err(e) = res {
-            warn!(error = %e, "status update failed");
+    fn queue_status_write(&mut self, full: bool) {
+        self.status_due = Some(full || self.status_due == Some(true));
+        self.next_status_write();
+    }
+
+    /// Starts the due status write if none is in flight. It reads the state now: a write
+    /// queued while another was in flight carries the newest state when it starts.
+    fn next_status_write(&mut self) {
+        if self.status_write.is_some() {
+            return;
         }
+        let Some(full) = self.status_due.take() else {
+            return;
+        };
+        let mut redis = self.ctx.redis.clone();
+        let names = self.ctx.store.names.clone();
+        let sid = self.sid.clone();
+        let worker_id = self.ctx.worker_id.to_string();
+        let agent_state = self.agent_state.as_str().to_owned();
+        let last_event_id = self.journal.last_id();
+        self.status_write = Some(Box::pin(async move {
+            let res = status::write(
+                &mut redis,
+                &names,
+                &sid,
+                status::Update {
+                    state: full.then_some(SessionState::Running),
+                    worker_id: full.then_some(worker_id.as_str()),
+                    agent_state: Some(&agent_state),
+                    last_event_id,
+                    reason: None,
+                },
+            )
+            .await;
+            if let Err(e) = res {
+                warn!(error = %e, "status update failed");
+            }
+        }));
     }
 
     fn on_append_error(&self, e: AppendError) -> End {
@@ -708,7 +747,11 @@ impl AgentSession {
         }
     }
 
-    async fn finish(self, end: End) {
+    async fn finish(mut self, end: End) {
+        // The last write in flight lands before the final one below.
+        if let Some(w) = self.status_write.take() {
+            w.await;
+        }
         let names = &self.ctx.store.names;
         let mut redis = self.ctx.redis.clone();
         self.ctx.leases.remove(&self.sid);
