@@ -77,9 +77,8 @@ pub async fn run(
         }
     });
     let router = app::router(state, args.socket_buffer as usize, cancel.clone());
-    let listener = tokio::net::TcpListener::bind(args.gateway_addr)
-        .await
-        .with_context(|| format!("bind {}", args.gateway_addr))?;
+    let listener =
+        listen(args.gateway_addr).with_context(|| format!("bind {}", args.gateway_addr))?;
     // Small Socket.IO frames must leave at once: without TCP_NODELAY, Nagle's algorithm and
     // delayed ACKs add ~40 ms to every reply (measured by the load tool).
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
@@ -94,4 +93,20 @@ pub async fn run(
         .context("serve")?;
     info!("gateway stopped");
     Ok(())
+}
+
+/// Pending connections the kernel queues for us (capped by `net.core.somaxconn`). Tokio's
+/// default of 1,024 overflowed when 1,000 clients connected at once (`burst`): dropped SYNs
+/// come back after the 1 s retransmit timeout.
+const LISTEN_BACKLOG: u32 = 8192;
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
