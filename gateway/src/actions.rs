@@ -24,6 +24,10 @@ pub(crate) enum SendError {
     BadMsgId,
     #[error("action not stored (JetStream): {0}; please retry")]
     Unavailable(String),
+    #[error(
+        "msg_id {0:?} was already used for a different action in the last 2 minutes; the first one was kept and this one was not stored"
+    )]
+    MsgIdConflict(String),
 }
 
 /// A validated action, ready to publish.
@@ -98,6 +102,54 @@ pub(crate) async fn send_stored_only(
     let mut headers = HeaderMap::new();
     headers.insert(HDR_USER, uid.as_str());
     publish(state, sid, payload, headers, msg_id).await
+}
+
+/// A client's own `msg_id` may be reused only for the same action: the first action sent with
+/// it wins (JetStream stores it once) and a different one under the same id within the
+/// duplicate window is refused with [`SendError::MsgIdConflict`] before anything is
+/// published. Costs one Redis round trip, for actions that carry a `msg_id` only. If Redis does
+/// not answer, the action goes through (JetStream still stores an id once).
+pub(crate) async fn claim_msg_id(
+    state: &AppState,
+    sid: &SessionId,
+    uid: &UserId,
+    client_msg_id: &str,
+    payload: &[u8],
+) -> Result<(), SendError> {
+    use sha2::Digest;
+    let digest = hex(&sha2::Sha256::digest(payload));
+    let key = state.store.names.msg_id_key(uid, sid, client_msg_id);
+    let window = u64::try_from(shared::store::DUPLICATE_WINDOW.as_millis()).unwrap_or(u64::MAX);
+    let mut redis = state.redis.clone();
+    // SET NX ... GET: the previous digest if the id was taken, nil if this call took it.
+    let res: redis::RedisResult<Option<String>> = redis::cmd("SET")
+        .arg(&key)
+        .arg(&digest)
+        .arg("NX")
+        .arg("GET")
+        .arg("PX")
+        .arg(window)
+        .query_async(&mut redis)
+        .await;
+    match res {
+        Ok(Some(first)) if first != digest => {
+            metrics::counter!("oh_gateway_msg_id_conflicts_total").increment(1);
+            Err(SendError::MsgIdConflict(client_msg_id.to_owned()))
+        }
+        Ok(_) => Ok(()),
+        Err(e) => {
+            warn!(session_id = %sid, error = %e, "msg_id check skipped (Redis)");
+            Ok(())
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}"); // writing to a String cannot fail
+        s
+    })
 }
 
 /// Publishes a control request (ordered with the user's actions).

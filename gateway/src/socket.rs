@@ -199,7 +199,12 @@ async fn on_action(
         let payload = data.map_err(|e| format!("invalid action: payload is not JSON ({e})"))?;
         let valid = actions::validate(&payload).map_err(|e| e.to_string())?;
         let msg_id = match &valid.client_msg_id {
-            Some(id) => format!("{}:{}:{id}", conn.uid, conn.sid),
+            Some(id) => {
+                actions::claim_msg_id(&state, &conn.sid, &conn.uid, id, &valid.raw)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                format!("{}:{}:{id}", conn.uid, conn.sid)
+            }
             None => uuid::Uuid::new_v4().simple().to_string(),
         };
         actions::send(&state, &conn.sid, &conn.uid, valid.raw, &msg_id)

@@ -164,6 +164,11 @@ impl Names {
         format!("{}:sweeper", self.ns)
     }
     /// Redis sorted set of the gateways with sockets on a session (score: expiry ms).
+    /// Digest of the action first sent with a client `msg_id` (fault plan row 16: the first
+    /// write wins and a different payload under the same id is refused, not dropped).
+    pub fn msg_id_key(&self, uid: &UserId, sid: &SessionId, msg_id: &str) -> String {
+        format!("{}:msgid:{uid}:{sid}:{msg_id}", self.ns)
+    }
     pub fn presence_key(&self, sid: &SessionId) -> String {
         format!("{}:presence:{sid}", self.ns)
     }

@@ -142,6 +142,9 @@ pub struct Store {
 
 /// How long a published message may wait for its JetStream ack.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// JetStream's duplicate window on every stream: a publish with a `Nats-Msg-Id` seen within it
+/// is acknowledged without being stored again.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 impl Store {
     /// Creates (or opens) every stream and bucket of the namespace. Idempotent; both binaries
@@ -162,7 +165,7 @@ impl Store {
             let what = what.to_owned();
             move |e: async_nats::Error| StoreError::Setup { what, source: e }
         };
-        let dup = Duration::from_secs(120);
+        let dup = DUPLICATE_WINDOW;
         let events = js
             .get_or_create_stream(stream::Config {
                 name: names.events_stream(),

@@ -450,7 +450,8 @@ async fn per_user_limit_is_exact_across_workers() {
     assert!(reason.contains("TOO_MANY_CONVERSATIONS"), "{reason}");
 }
 
-/// A client retrying an action with the same msg_id (e.g. after a timeout) is stored once.
+/// A client retrying an action with the same msg_id (e.g. after a timeout) is stored once; a
+/// different action under an id already used is refused with a clear error (row 16).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_retries_with_same_msg_id_are_stored_once() {
     let c = Cluster::start(ClusterOpts {
@@ -471,6 +472,27 @@ async fn client_retries_with_same_msg_id_are_stored_once() {
     let stored = c.all_events(0, &sid, None).await;
     assert_eq!(count_user(&stored, "once"), 1);
     assert_eq!(count_echoes(&stored, "once"), 1);
+    // The same id with a different action: the first one wins, and the sender is told.
+    for client in [&a, &b] {
+        let conflict = client
+            .emit_with_ack(
+                "oh_user_action",
+                &json!({"action": "message", "args": {"content": "other"}, "msg_id": "same-id"}),
+                T,
+            )
+            .await
+            .unwrap();
+        assert_eq!(conflict[0]["error"], true, "{conflict:?}");
+        let message = conflict[0]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("already used"), "{message}");
+    }
+    // A new id is a new action.
+    say_reliably(&a, "other", "new-id").await;
+    events_until(&mut b, T, |e| is_echo(e, "other")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stored = c.all_events(0, &sid, None).await;
+    assert_eq!(count_user(&stored, "once"), 1);
+    assert_eq!(count_user(&stored, "other"), 1);
     let bad = a
         .emit_with_ack(
             "oh_user_action",
