@@ -104,22 +104,33 @@ pub(crate) async fn send_stored_only(
     publish(state, sid, payload, headers, msg_id).await
 }
 
+/// A client's own `msg_id` taken for one action (see [`claim_msg_id`]).
+pub(crate) struct MsgIdClaim {
+    key: String,
+    digest: String,
+    /// This call recorded the digest (first use of the id).
+    first: bool,
+}
+
 /// A client's own `msg_id` may be reused only for the same action: the first action sent with
 /// it wins (JetStream stores it once) and a different one under the same id within the
 /// duplicate window is refused with [`SendError::MsgIdConflict`] before anything is
-/// published. Costs one Redis round trip, for actions that carry a `msg_id` only. If Redis does
-/// not answer, the action goes through (JetStream still stores an id once).
+/// published. "The same action" is the same JSON value (key order does not matter). Costs one
+/// Redis round trip, for actions that carry a `msg_id` only. If Redis does not answer, the
+/// action goes through (JetStream still stores an id once).
 pub(crate) async fn claim_msg_id(
     state: &AppState,
     sid: &SessionId,
     uid: &UserId,
     client_msg_id: &str,
-    payload: &[u8],
-) -> Result<(), SendError> {
+    action: &Value,
+) -> Result<Option<MsgIdClaim>, SendError> {
     use sha2::Digest;
-    let digest = hex(&sha2::Sha256::digest(payload));
+    let digest = hex(&sha2::Sha256::digest(canonical(action).as_bytes()));
     let key = state.store.names.msg_id_key(uid, sid, client_msg_id);
-    let window = u64::try_from(shared::store::DUPLICATE_WINDOW.as_millis()).unwrap_or(u64::MAX);
+    // Outlives JetStream's window, which starts later (when the message is stored).
+    let hold = shared::store::DUPLICATE_WINDOW + std::time::Duration::from_secs(30);
+    let hold = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
     let mut redis = state.redis.clone();
     // SET NX ... GET: the previous digest if the id was taken, nil if this call took it.
     let res: redis::RedisResult<Option<String>> = redis::cmd("SET")
@@ -128,7 +139,7 @@ pub(crate) async fn claim_msg_id(
         .arg("NX")
         .arg("GET")
         .arg("PX")
-        .arg(window)
+        .arg(hold)
         .query_async(&mut redis)
         .await;
     match res {
@@ -136,12 +147,56 @@ pub(crate) async fn claim_msg_id(
             metrics::counter!("oh_gateway_msg_id_conflicts_total").increment(1);
             Err(SendError::MsgIdConflict(client_msg_id.to_owned()))
         }
-        Ok(_) => Ok(()),
+        Ok(previous) => Ok(Some(MsgIdClaim {
+            key,
+            digest,
+            first: previous.is_none(),
+        })),
         Err(e) => {
             warn!(session_id = %sid, error = %e, "msg_id check skipped (Redis)");
-            Ok(())
+            Ok(None)
         }
     }
+}
+
+/// Gives a first-used `msg_id` back after its action was not stored, so the client may send
+/// another action under it. Compare-and-delete: a retry that re-took it keeps it.
+pub(crate) async fn release_msg_id(state: &AppState, claim: MsgIdClaim) {
+    if !claim.first {
+        return;
+    }
+    let script = redis::Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+    );
+    let mut redis = state.redis.clone();
+    let res: redis::RedisResult<i64> = script
+        .key(&claim.key)
+        .arg(&claim.digest)
+        .invoke_async(&mut redis)
+        .await;
+    if let Err(e) = res {
+        warn!(error = %e, "msg_id release failed; it expires by itself");
+    }
+}
+
+/// JSON with object keys sorted, for a digest that does not depend on key order.
+fn canonical(v: &Value) -> String {
+    fn sorted(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                Value::Object(
+                    keys.into_iter()
+                        .map(|k| (k.clone(), sorted(&m[k])))
+                        .collect(),
+                )
+            }
+            Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
+            other => other.clone(),
+        }
+    }
+    sorted(v).to_string()
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -240,4 +295,18 @@ pub(crate) async fn enqueue(
         }
     }
     Ok(queued)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_json_ignores_key_order_only() {
+        let a = serde_json::json!({"b": 1, "a": {"d": [2, {"y": 1, "x": 0}], "c": 3}});
+        let b = serde_json::json!({"a": {"c": 3, "d": [2, {"x": 0, "y": 1}]}, "b": 1});
+        assert_eq!(canonical(&a), canonical(&b));
+        let c = serde_json::json!({"a": {"c": 3, "d": [{"x": 0, "y": 1}, 2]}, "b": 1});
+        assert_ne!(canonical(&a), canonical(&c), "array order matters");
+    }
 }

@@ -42,8 +42,13 @@ pub async fn run(
         .event_callback(move |ev| {
             let tx = reconnected_tx.clone();
             async move {
-                if matches!(ev, async_nats::Event::Connected) {
-                    // Full means a resync is already pending; one is enough.
+                // After a reconnect, or when the client dropped messages of a subscription that
+                // fell behind (slow consumer), sockets re-read the log. Full means a resync is
+                // already pending; one is enough.
+                if matches!(
+                    ev,
+                    async_nats::Event::Connected | async_nats::Event::SlowConsumer(_)
+                ) {
                     let _ = tx.try_send(());
                 }
             }
@@ -72,7 +77,9 @@ pub async fn run(
     tokio::spawn(fanout.clone().presence_loop(cancel.clone()));
     tokio::spawn(async move {
         while reconnected.recv().await.is_some() {
-            info!("NATS (re)connected; resyncing live sockets from the log");
+            info!(
+                "NATS (re)connected or a subscription fell behind; resyncing live sockets from the log"
+            );
             fanout.resync_all().await;
         }
     });

@@ -185,6 +185,9 @@ async fn catch_up(
     loop {
         match fill(state, socket, sid, cursor, to).await {
             Err(ForwardError::Store(e)) if started.elapsed() < CATCH_UP_PATIENCE => {
+                if !socket.connected() {
+                    return Err(ForwardError::Gone);
+                }
                 debug!(error = %e, "event log not available yet; retrying");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
@@ -215,9 +218,7 @@ async fn fill(
         }
         let want = usize::try_from(to - next + 1).unwrap_or(CHUNK).min(CHUNK);
         let batch = state.store.read_from(sid, next, want).await?;
-        if batch.is_empty() {
-            break;
-        }
+        let before = *cursor;
         for ev in &batch {
             if ev.id > to {
                 break;
@@ -232,6 +233,9 @@ async fn fill(
                 send(socket, &raw, state.slow_client_timeout).await?;
             }
             *cursor = i64::try_from(ev.id).unwrap_or(i64::MAX);
+        }
+        if *cursor == before {
+            break; // nothing left in range (or trimmed below `next`): no endless re-read
         }
     }
     metrics::counter!("oh_gateway_gap_fills_total").increment(1);

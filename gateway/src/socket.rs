@@ -198,18 +198,22 @@ async fn on_action(
     let result = async {
         let payload = data.map_err(|e| format!("invalid action: payload is not JSON ({e})"))?;
         let valid = actions::validate(&payload).map_err(|e| e.to_string())?;
-        let msg_id = match &valid.client_msg_id {
+        let (msg_id, claim) = match &valid.client_msg_id {
             Some(id) => {
-                actions::claim_msg_id(&state, &conn.sid, &conn.uid, id, &valid.raw)
+                let claim = actions::claim_msg_id(&state, &conn.sid, &conn.uid, id, &payload)
                     .await
                     .map_err(|e| e.to_string())?;
-                format!("{}:{}:{id}", conn.uid, conn.sid)
+                (format!("{}:{}:{id}", conn.uid, conn.sid), claim)
             }
-            None => uuid::Uuid::new_v4().simple().to_string(),
+            None => (uuid::Uuid::new_v4().simple().to_string(), None),
         };
-        actions::send(&state, &conn.sid, &conn.uid, valid.raw, &msg_id)
-            .await
-            .map_err(|e: SendError| e.to_string())
+        let sent = actions::send(&state, &conn.sid, &conn.uid, valid.raw, &msg_id).await;
+        if sent.is_err()
+            && let Some(claim) = claim
+        {
+            actions::release_msg_id(&state, claim).await;
+        }
+        sent.map_err(|e: SendError| e.to_string())
     }
     .instrument(span.clone())
     .await;

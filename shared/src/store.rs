@@ -142,6 +142,13 @@ pub struct Store {
 
 /// How long a published message may wait for its JetStream ack.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Where a read starts: the stream sequence and id of its first event, and the newest id.
+struct Bounds {
+    seq: u64,
+    id: u64,
+    last_id: u64,
+}
+
 /// JetStream's duplicate window on every stream: a publish with a `Nats-Msg-Id` seen within it
 /// is acknowledged without being stored again.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
@@ -432,12 +439,13 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if NATS failed or the log is not dense.
     pub async fn seek(&self, sid: &SessionId, id: u64) -> Result<Option<u64>, StoreError> {
-        Ok(self.bounds(sid, id).await?.map(|(seq, _)| seq))
+        Ok(self.bounds(sid, id).await?.map(|b| b.seq))
     }
 
-    /// For event `id` of a session: its stream sequence and the newest event's id, `None` if
-    /// there is no such event. Binary search over stream sequences with direct gets.
-    async fn bounds(&self, sid: &SessionId, id: u64) -> Result<Option<(u64, u64)>, StoreError> {
+    /// For event `id` of a session (or the oldest one kept, if `id` is older): where it is and
+    /// the newest event's id, `None` if the log has nothing at or after `id`. Binary search over
+    /// stream sequences with direct gets.
+    async fn bounds(&self, sid: &SessionId, id: u64) -> Result<Option<Bounds>, StoreError> {
         let Some(first) = self.direct(sid, Which::First).await? else {
             return Ok(None);
         };
@@ -448,7 +456,11 @@ impl Store {
             return Ok(None);
         }
         if id <= first.id {
-            return Ok(Some((first.seq, last.id)));
+            return Ok(Some(Bounds {
+                seq: first.seq,
+                id: first.id,
+                last_id: last.id,
+            }));
         }
         let mut lo = first.seq + (id - first.id);
         let mut hi = last.seq - (last.id - id);
@@ -458,7 +470,13 @@ impl Store {
                 break;
             };
             match m.id.cmp(&id) {
-                std::cmp::Ordering::Equal => return Ok(Some((m.seq, last.id))),
+                std::cmp::Ordering::Equal => {
+                    return Ok(Some(Bounds {
+                        seq: m.seq,
+                        id,
+                        last_id: last.id,
+                    }));
+                }
                 std::cmp::Ordering::Less => lo = m.seq + 1,
                 std::cmp::Ordering::Greater => {
                     if mid == 0 {
@@ -491,10 +509,15 @@ impl Store {
         if max == 0 {
             return Ok(out);
         }
-        let Some((start_seq, last_id)) = self.bounds(sid, from).await? else {
+        let Some(Bounds {
+            seq: start_seq,
+            id: start_id,
+            last_id,
+        }) = self.bounds(sid, from).await?
+        else {
             return Ok(out);
         };
-        let want = usize::try_from(last_id.saturating_sub(from) + 1)
+        let want = usize::try_from(last_id.saturating_sub(start_id) + 1)
             .unwrap_or(usize::MAX)
             .min(max);
         if want <= 64 {

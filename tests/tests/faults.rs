@@ -472,6 +472,16 @@ async fn client_retries_with_same_msg_id_are_stored_once() {
     let stored = c.all_events(0, &sid, None).await;
     assert_eq!(count_user(&stored, "once"), 1);
     assert_eq!(count_echoes(&stored, "once"), 1);
+    // The same action with its keys in another order is the same action: a retry, acked.
+    let again = a
+        .emit_with_ack(
+            "oh_user_action",
+            &json!({"msg_id": "same-id", "args": {"content": "once"}, "action": "message"}),
+            T,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again[0]["success"], true, "{again:?}");
     // The same id with a different action: the first one wins, and the sender is told.
     for client in [&a, &b] {
         let conflict = client

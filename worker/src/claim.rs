@@ -293,6 +293,8 @@ async fn start_session(
         let epoch = journal
             .take_over(Event::agent_state_changed(AgentState::Loading, ""))
             .await?;
+        // Still a first start only if nobody appended before our takeover record.
+        let fresh = fresh && journal.last_id() == Some(0);
         phases.mark("takeover");
         let consumer_name = names.actions_consumer(&sid);
         // A previous owner's consumer goes, so its unacked actions come back at once. A

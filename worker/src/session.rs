@@ -748,8 +748,11 @@ impl AgentSession {
     }
 
     async fn finish(mut self, end: End) {
-        // The last write in flight lands before the final one below.
-        if let Some(w) = self.status_write.take() {
+        // The last write in flight lands before the final one below; a session that is no
+        // longer ours writes nothing more (the new owner's status stands).
+        if let Some(w) = self.status_write.take()
+            && !matches!(end, End::Lost)
+        {
             w.await;
         }
         let names = &self.ctx.store.names;
