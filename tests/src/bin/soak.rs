@@ -180,6 +180,13 @@ async fn main() {
     );
     let ok = lost == 0 && dup == 0 && reordered == 0 && epoch_faults == 0 && stuck == 0 && sent > 0;
     println!("- result: {}", if ok { "PASS" } else { "FAIL" });
+    // `exit` runs no destructors: stop the deployment's processes first (every client task
+    // holding the cluster has ended).
+    drop(c);
+    match Arc::try_unwrap(cluster) {
+        Ok(cluster) => drop(cluster.into_inner()),
+        Err(_) => eprintln!("soak: deployment still shared; its processes may outlive us"),
+    }
     std::process::exit(if ok { 0 } else { 1 });
 }
 
