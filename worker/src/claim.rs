@@ -130,13 +130,8 @@ async fn claim(
     };
     if let Ok(info) = msg.info() {
         // How long the request waited in the queue (clocks of NATS and this host).
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let published = u128::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0);
-        let queued =
-            Duration::from_nanos(u64::try_from(now.saturating_sub(published)).unwrap_or(u64::MAX));
-        metrics::histogram!("oh_worker_claim_phase_seconds", "phase" => "queued").record(queued);
+        metrics::histogram!("oh_worker_claim_phase_seconds", "phase" => "queued")
+            .record(since_published(&info));
     }
     let span = info_span!("claim", session_id = %sid, user_id = %uid, worker_id = %ctx.worker_id);
     match try_claim(ctx, sessions, cancel, &req, sid, uid, permit)
@@ -466,6 +461,15 @@ async fn start_session(
         .instrument(span),
     );
     Ok(())
+}
+
+/// Time since JetStream stored a message (its clock against ours; zero if ours is behind).
+pub(crate) fn since_published(info: &jetstream::message::Info<'_>) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let published = u128::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0);
+    Duration::from_nanos(u64::try_from(now.saturating_sub(published)).unwrap_or(u64::MAX))
 }
 
 /// Time spent in each phase of a claim, as `oh_worker_claim_phase_seconds{phase}` (where a

@@ -503,7 +503,20 @@ impl AgentSession {
 
     async fn on_action(&mut self, msg: jetstream::Message) -> Result<Option<End>, AppendError> {
         let seq = match msg.info() {
-            Ok(i) => i.stream_sequence,
+            Ok(i) => {
+                // From the gateway's publish to this owner (clocks of NATS and this host).
+                let waited = crate::claim::since_published(&i);
+                metrics::histogram!("oh_worker_action_wait_seconds").record(waited);
+                if waited > std::time::Duration::from_secs(2) {
+                    warn!(
+                        seq = i.stream_sequence,
+                        delivered = i.delivered,
+                        waited_ms = waited.as_millis(),
+                        "action reached its owner late"
+                    );
+                }
+                i.stream_sequence
+            }
             Err(e) => {
                 warn!(error = %e, "action without JetStream info; ignored");
                 return Ok(None);
