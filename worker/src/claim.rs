@@ -282,36 +282,50 @@ async fn start_session(
     let result = async {
         let mut journal = Journal::open(store.clone(), sid.clone(), claim_id).await?;
         phases.mark("log_head");
-        let fresh = journal.is_empty();
+        let empty = journal.is_empty();
         // The previous owner died in the middle of a turn if the log's state says running.
         let interrupted = journal.agent_state() == Some(AgentState::Running.as_str());
-        let epoch = journal
-            .take_over(Event::agent_state_changed(AgentState::Loading, ""))
-            .await?;
+        let config = consumer::pull::Config {
+            durable_name: Some(names.actions_consumer(&sid)),
+            filter_subject: names.actions_subject(&sid),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 1,
+            ..Default::default()
+        };
+        let takeover = Event::agent_state_changed(AgentState::Loading, "");
+        // A conversation's first start has no earlier owner whose consumer must go first: its
+        // action consumer is created beside the takeover append (one round trip less).
+        let (epoch, early) = if empty {
+            let (epoch, consumer) = tokio::join!(
+                journal.take_over(takeover),
+                store.actions().create_consumer(config.clone())
+            );
+            (epoch?, Some(consumer))
+        } else {
+            (journal.take_over(takeover).await?, None)
+        };
         // Still a first start only if nobody appended before our takeover record.
-        let fresh = fresh && journal.last_id() == Some(0);
+        let fresh = empty && journal.last_id() == Some(0);
         phases.mark("takeover");
-        let consumer_name = names.actions_consumer(&sid);
-        // A previous owner's consumer goes, so its unacked actions come back at once. A
-        // conversation's first start has none: one JetStream call saved per new session.
-        if !fresh {
-            match store.actions().delete_consumer(&consumer_name).await {
-                Ok(_) => {}
-                Err(e) if is_not_found(&e.kind()) => {}
-                Err(e) => return Err(anyhow::Error::new(e).context("delete old action consumer")),
+        let consumer: consumer::PullConsumer = match early {
+            Some(Ok(consumer)) if fresh => consumer,
+            _ => {
+                // A previous owner's consumer goes, so its unacked actions come back at once.
+                match store
+                    .actions()
+                    .delete_consumer(&names.actions_consumer(&sid))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if is_not_found(&e.kind()) => {}
+                    Err(e) => {
+                        return Err(anyhow::Error::new(e).context("delete old action consumer"));
+                    }
+                }
+                store.actions().create_consumer(config).await?
             }
-        }
-        let consumer: consumer::PullConsumer = store
-            .actions()
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some(consumer_name),
-                filter_subject: names.actions_subject(&sid),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                max_ack_pending: 1,
-                ..Default::default()
-            })
-            .await?;
+        };
         phases.mark("consumer");
         let pending = consumer.cached_info().num_pending;
         // Short pull expiry: after a NATS restart an outstanding pull is re-issued within it.
@@ -353,20 +367,22 @@ async fn start_session(
     .await;
     let (journal, fresh, interrupted, epoch, actions, pending, history) = result?;
     info!(epoch, fresh, interrupted, pending, reason = ?req.reason, "claimed");
-    ownership::mark_should_run(&mut redis, names, &uid, &sid).await?;
-    status::write(
-        &mut redis,
-        names,
-        &sid,
-        status::Update {
-            state: Some(SessionState::Running),
-            agent_state: Some(AgentState::Loading.as_str()),
-            worker_id: Some(ctx.worker_id.as_str()),
-            last_event_id: journal.last_id(),
-            reason: Some(""),
-        },
-    )
-    .await?;
+    let mut redis2 = redis.clone();
+    tokio::try_join!(
+        ownership::mark_should_run(&mut redis, names, &uid, &sid),
+        status::write(
+            &mut redis2,
+            names,
+            &sid,
+            status::Update {
+                state: Some(SessionState::Running),
+                agent_state: Some(AgentState::Loading.as_str()),
+                worker_id: Some(ctx.worker_id.as_str()),
+                last_event_id: journal.last_id(),
+                reason: Some(""),
+            },
+        )
+    )?;
     phases.mark("status");
     let runtime_cfg = RuntimeConfig::new(ctx.args.workspace_root.clone());
     let agent = match (&ctx.llm, ctx.args.llm_config()) {
