@@ -165,16 +165,13 @@ pub(crate) async fn release_msg_id(state: &AppState, claim: MsgIdClaim) {
     if !claim.first {
         return;
     }
-    let script = redis::Script::new(
-        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-    );
+    // The lease's compare-and-delete: the key goes only if it still holds our digest.
+    let held = shared::ownership::Lease {
+        key: claim.key,
+        token: claim.digest,
+    };
     let mut redis = state.redis.clone();
-    let res: redis::RedisResult<i64> = script
-        .key(&claim.key)
-        .arg(&claim.digest)
-        .invoke_async(&mut redis)
-        .await;
-    if let Err(e) = res {
+    if let Err(e) = shared::ownership::release(&mut redis, &held).await {
         warn!(error = %e, "msg_id release failed; it expires by itself");
     }
 }

@@ -67,18 +67,29 @@ impl Journal {
     pub async fn open(store: Store, sid: SessionId, claim: String) -> Result<Self, StoreError> {
         let last = store.last_event(&sid).await?;
         let subject = store.names.events_subject(&sid);
-        Ok(Self {
+        let mut journal = Self {
             store,
             subject,
             claim,
-            last_seq: last.as_ref().map_or(0, |l| l.seq),
-            next_id: last.as_ref().map_or(0, |l| l.id + 1),
-            applied_action: last.as_ref().map_or(0, |l| l.applied_action),
-            agent_state: last.as_ref().and_then(|l| l.agent_state.clone()),
-            interrupts: last.as_ref().map_or(0, |l| l.interrupts),
+            last_seq: 0,
+            next_id: 0,
+            applied_action: 0,
+            agent_state: None,
+            interrupts: 0,
             epoch: 0,
             sid,
-        })
+        };
+        journal.load(last.as_ref());
+        Ok(journal)
+    }
+
+    /// Takes where the log stands from its newest event (`None`: empty log).
+    fn load(&mut self, last: Option<&crate::store::StoredEvent>) {
+        self.last_seq = last.map_or(0, |l| l.seq);
+        self.next_id = last.map_or(0, |l| l.id + 1);
+        self.applied_action = last.map_or(0, |l| l.applied_action);
+        self.agent_state = last.and_then(|l| l.agent_state.clone());
+        self.interrupts = last.map_or(0, |l| l.interrupts);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -124,11 +135,7 @@ impl Journal {
                             source,
                         }
                     })?;
-                    self.last_seq = last.as_ref().map_or(0, |l| l.seq);
-                    self.next_id = last.as_ref().map_or(0, |l| l.id + 1);
-                    self.applied_action = last.as_ref().map_or(0, |l| l.applied_action);
-                    self.agent_state = last.as_ref().and_then(|l| l.agent_state.clone());
-                    self.interrupts = last.as_ref().map_or(0, |l| l.interrupts);
+                    self.load(last.as_ref());
                 }
                 Err(e) => return Err(e),
             }

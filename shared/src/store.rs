@@ -142,10 +142,9 @@ pub struct Store {
 
 /// How long a published message may wait for its JetStream ack.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// Where a read starts: the stream sequence and id of its first event, and the newest id.
+/// Where a read starts: its first event (as fetched by the search) and the newest id.
 struct Bounds {
-    seq: u64,
-    id: u64,
+    start: StoredEvent,
     last_id: u64,
 }
 
@@ -439,7 +438,7 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if NATS failed or the log is not dense.
     pub async fn seek(&self, sid: &SessionId, id: u64) -> Result<Option<u64>, StoreError> {
-        Ok(self.bounds(sid, id).await?.map(|b| b.seq))
+        Ok(self.bounds(sid, id).await?.map(|b| b.start.seq))
     }
 
     /// For event `id` of a session (or the oldest one kept, if `id` is older): where it is and
@@ -457,8 +456,7 @@ impl Store {
         }
         if id <= first.id {
             return Ok(Some(Bounds {
-                seq: first.seq,
-                id: first.id,
+                start: first,
                 last_id: last.id,
             }));
         }
@@ -472,8 +470,7 @@ impl Store {
             match m.id.cmp(&id) {
                 std::cmp::Ordering::Equal => {
                     return Ok(Some(Bounds {
-                        seq: m.seq,
-                        id,
+                        start: m,
                         last_id: last.id,
                     }));
                 }
@@ -509,19 +506,17 @@ impl Store {
         if max == 0 {
             return Ok(out);
         }
-        let Some(Bounds {
-            seq: start_seq,
-            id: start_id,
-            last_id,
-        }) = self.bounds(sid, from).await?
-        else {
+        let Some(Bounds { start, last_id }) = self.bounds(sid, from).await? else {
             return Ok(out);
         };
-        let want = usize::try_from(last_id.saturating_sub(start_id) + 1)
+        let start_seq = start.seq;
+        let want = usize::try_from(last_id.saturating_sub(start.id) + 1)
             .unwrap_or(usize::MAX)
             .min(max);
         if want <= 64 {
-            let mut seq = start_seq;
+            // The search already fetched the first event.
+            let mut seq = start.seq + 1;
+            out.push(start);
             while out.len() < want {
                 let Some(ev) = self.direct(sid, Which::NextFrom(seq)).await? else {
                     break;

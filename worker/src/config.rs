@@ -21,7 +21,7 @@ pub struct Args {
     /// Most sessions this worker runs at once; it pulls work only while it has a free slot.
     #[arg(long, env = "OH_MAX_SESSIONS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_sessions: u32,
-    /// Owner lease time-to-live in milliseconds; renewed every third of it.
+    /// Owner lease time-to-live in milliseconds; renewed every quarter of it.
     #[arg(long = "lease-ttl-ms", env = "OH_LEASE_TTL_MS", default_value = "5000", value_parser = parse_ttl)]
     pub lease_ttl: Duration,
     /// How long a drain (SIGTERM) may take before sessions are abandoned, in seconds.
