@@ -246,7 +246,7 @@ async fn try_claim(
     {
         Ok(()) => Ok(Claimed::Started),
         Err(e) => {
-            ctx.leases.remove(&sid);
+            ctx.leases.remove(&sid).await;
             let _ = ownership::release(&mut redis, &lease).await; // expires by itself otherwise
             if ctx.args.max_conversations_per_user.is_some() {
                 let _ = ownership::release_user_slot(&mut redis, names, &uid, &sid).await; // expires too

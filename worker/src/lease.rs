@@ -24,6 +24,10 @@ struct Held {
     lease: Lease,
     lost: CancellationToken,
     renewed_at: Instant,
+    /// `true` while the session holds the lease. A renewal runs under this lock and does
+    /// nothing once it is `false`, so one in flight while the session ends cannot take a
+    /// released lease back or re-mark the session as should-run.
+    live: Arc<tokio::sync::Mutex<bool>>,
 }
 
 /// The leases held by this worker.
@@ -44,13 +48,18 @@ impl Registry {
             lease,
             lost,
             renewed_at: Instant::now(),
+            live: Arc::new(tokio::sync::Mutex::new(true)),
         };
         self.lock().insert(sid, held);
     }
 
-    /// Stops renewing (before a release).
-    pub(crate) fn remove(&self, sid: &SessionId) {
-        self.lock().remove(sid);
+    /// Stops renewing (before a release): waits for a renewal in flight to finish, so none
+    /// touches Redis for this session afterwards.
+    pub(crate) async fn remove(&self, sid: &SessionId) {
+        let held = self.lock().remove(sid);
+        if let Some(h) = held {
+            *h.live.lock().await = false;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Held>> {
@@ -64,14 +73,20 @@ impl Registry {
 
 /// Renews one lease; a missing key (expired, or Redis restarted empty) is taken back with the
 /// same token when free, which is safe because the log fence, not Redis, guarantees a single
-/// writer. Also refreshes what Redis must know about a running session, so it is rebuilt
-/// after Redis loses its data: the should-run entry, the user's slot, the status.
+/// writer; then what Redis must know about a running session is written again (should-run
+/// entry, status). The user's slot (scored by expiry) is refreshed every time. `None`: the
+/// session ended meanwhile and nothing was done.
 async fn renew_one(
     ctx: &Ctx,
     sid: &SessionId,
     uid: &UserId,
     lease: &Lease,
-) -> redis::RedisResult<bool> {
+    live: &tokio::sync::Mutex<bool>,
+) -> redis::RedisResult<Option<bool>> {
+    let live = live.lock().await;
+    if !*live {
+        return Ok(None); // the session has ended and released (or is releasing) it
+    }
     let mut conn = ctx.redis.clone();
     let ttl = ctx.args.lease_ttl;
     let ours = match ownership::renew(&mut conn, lease, ttl).await? {
@@ -82,6 +97,8 @@ async fn renew_one(
             if back {
                 info!(session_id = %sid, "lease was missing (Redis emptied?); taken back");
                 let names = &ctx.store.names;
+                // Redis lost what it knew of this session: it must run again after a crash.
+                ownership::mark_should_run(&mut conn, names, uid, sid).await?;
                 shared::status::write(
                     &mut conn,
                     names,
@@ -99,7 +116,6 @@ async fn renew_one(
     };
     if ours {
         let names = &ctx.store.names;
-        ownership::mark_should_run(&mut conn, names, uid, sid).await?;
         if let Some(limit) = ctx.args.max_conversations_per_user {
             // Refresh our entry; it cannot be refused because it is already counted, unless
             // Redis lost it, in which case we count it again (we are running anyway).
@@ -107,7 +123,7 @@ async fn renew_one(
                 ownership::reserve_user_slot(&mut conn, names, uid, sid, limit, ttl * 3).await?;
         }
     }
-    Ok(ours)
+    Ok(Some(ours))
 }
 
 pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
@@ -119,33 +135,36 @@ pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
             () = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let held: Vec<(SessionId, UserId, Lease)> = ctx
+        type Renewing = (SessionId, UserId, Lease, Arc<tokio::sync::Mutex<bool>>);
+        let held: Vec<Renewing> = ctx
             .leases
             .lock()
             .iter()
-            .map(|(s, h)| (s.clone(), h.uid.clone(), h.lease.clone()))
+            .map(|(s, h)| (s.clone(), h.uid.clone(), h.lease.clone(), h.live.clone()))
             .collect();
         let sent_at = Instant::now();
-        let results: Vec<(SessionId, redis::RedisResult<bool>)> = futures::stream::iter(held)
-            .map(|(sid, uid, lease)| {
-                let ctx = ctx.clone();
-                async move {
-                    let r = renew_one(&ctx, &sid, &uid, &lease).await;
-                    (sid, r)
-                }
-            })
-            .buffer_unordered(64)
-            .collect()
-            .await;
+        let results: Vec<(SessionId, redis::RedisResult<Option<bool>>)> =
+            futures::stream::iter(held)
+                .map(|(sid, uid, lease, live)| {
+                    let ctx = ctx.clone();
+                    async move {
+                        let r = renew_one(&ctx, &sid, &uid, &lease, &live).await;
+                        (sid, r)
+                    }
+                })
+                .buffer_unordered(64)
+                .collect()
+                .await;
         let mut map = ctx.leases.lock();
         for (sid, res) in results {
             match res {
-                Ok(true) => {
+                Ok(None) => {} // ended meanwhile
+                Ok(Some(true)) => {
                     if let Some(h) = map.get_mut(&sid) {
                         h.renewed_at = sent_at;
                     }
                 }
-                Ok(false) => {
+                Ok(Some(false)) => {
                     if let Some(h) = map.remove(&sid) {
                         info!(session_id = %sid, "lease lost; stopping session");
                         metrics::counter!("oh_worker_leases_lost_total").increment(1);

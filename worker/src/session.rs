@@ -770,7 +770,7 @@ impl AgentSession {
         }
         let names = &self.ctx.store.names;
         let mut redis = self.ctx.redis.clone();
-        self.ctx.leases.remove(&self.sid);
+        self.ctx.leases.remove(&self.sid).await;
         if matches!(end, End::Lost) {
             return;
         }
