@@ -436,12 +436,7 @@ async fn start_session(
         runtime: None,
         runtime_cfg,
         sid: sid.clone(),
-        knowledge: ctx
-            .args
-            .knowledge_dir
-            .as_deref()
-            .map(crate::memory::load_knowledge)
-            .unwrap_or_default(),
+        knowledge: Arc::clone(&ctx.knowledge),
         recalls: ctx.llm.is_some(),
     };
     let session = AgentSession::new(

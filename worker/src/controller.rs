@@ -47,7 +47,7 @@ pub(crate) struct Controller {
     pub(crate) runtime_cfg: RuntimeConfig,
     pub(crate) sid: SessionId,
     /// Knowledge files recalled by trigger (LLM agents only; empty otherwise).
-    pub(crate) knowledge: Vec<crate::memory::Knowledge>,
+    pub(crate) knowledge: std::sync::Arc<[crate::memory::Knowledge]>,
     /// Whether user messages trigger a recall (LLM agents).
     pub(crate) recalls: bool,
 }

@@ -46,6 +46,8 @@ pub(crate) struct Ctx {
     pub(crate) worker_id: WorkerId,
     pub(crate) args: Arc<Args>,
     pub(crate) leases: lease::Registry,
+    /// `OH_KNOWLEDGE_DIR`'s files, read once at startup and shared by every session.
+    pub(crate) knowledge: Arc<[memory::Knowledge]>,
 }
 
 /// Runs the worker until `cancel` fires, then drains: stops pulling, hands every session back
@@ -90,6 +92,12 @@ pub async fn run(
         redis,
         worker_id,
         leases: lease::Registry::default(),
+        knowledge: args
+            .knowledge_dir
+            .as_deref()
+            .map(memory::load_knowledge)
+            .unwrap_or_default()
+            .into(),
         args: Arc::new(args),
     };
 
