@@ -321,10 +321,11 @@ async fn drain_rolling_restart_under_load_loses_nothing() {
 }
 
 /// Idle passivation after OH_CLOSE_DELAY_S with no client, then resume on the next connect
-/// (on any worker) with the conversation intact; bad cursors get defined answers.
+/// on another worker (the first one is gone) with the conversation intact; bad cursors get
+/// defined answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passivation_and_resume_with_state_intact() {
-    let c = Cluster::start(ClusterOpts {
+    let mut c = Cluster::start(ClusterOpts {
         worker_env: vec![("OH_CLOSE_DELAY_S", "1".to_owned())],
         ..opts()
     })
@@ -335,6 +336,7 @@ async fn passivation_and_resume_with_state_intact() {
     // Connected: never passivated.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(c.info(0, &sid, None).await["session_status"], "running");
+    let first = owner(&c, &sid).await.expect("owned");
     a.close().await;
     let v = c
         .wait_info(0, &sid, None, T, |v| v["session_status"] == "stopped")
@@ -342,6 +344,8 @@ async fn passivation_and_resume_with_state_intact() {
     assert_eq!(v["worker_id"], Value::Null);
     let before = c.all_events(0, &sid, None).await;
     assert!(is_state(before.last().unwrap(), "stopped"));
+    // The worker that ran it goes away: the state must come from the log, not its memory.
+    c.workers[Cluster::worker_index(&first)].kill9().await;
     // Bad cursors: defined refusals, never a silent gap.
     for bad in ["-2", "abc", "1.5"] {
         let r = SioClient::connect(
@@ -364,6 +368,8 @@ async fn passivation_and_resume_with_state_intact() {
         v["agent_state"] == "awaiting_user_input"
     })
     .await;
+    let second = owner(&c, &sid).await.expect("owned again");
+    assert_ne!(second, first, "resumed on the worker that was killed");
     say_reliably(&b, "back", "r1").await;
     let got = events_until(&mut b, T, |e| is_echo(e, "back")).await;
     assert!(ids(&got)[0] >= before.len() as u64);
