@@ -49,7 +49,9 @@ pub(crate) trait Agent: Send + 'static {
 
 /// Test/demo agent: for each user message X not yet answered, one agent `message` action
 /// `echo: X` (waiting for the user). With `faults` on (`OH_ECHO_FAULTS`, tests only), the
-/// message `/crash` aborts the process in the middle of the step, like a poison input would.
+/// message `/crash` aborts the process in the middle of the step, like a poison input would,
+/// and `/slow MS` makes the step take MS milliseconds (at most 60 s; cancellable), so a test
+/// can act on a worker in the middle of a step.
 #[derive(Debug, Default)]
 pub(crate) struct Echo {
     pub(crate) faults: bool,
@@ -68,7 +70,7 @@ impl Agent for Echo {
     async fn step(
         &mut self,
         history: &[Event],
-        _cancel: &CancellationToken,
+        cancel: &CancellationToken,
     ) -> Result<Vec<Event>, StepError> {
         // The user messages of the current turn: after the last agent message or the last end
         // of a turn (a state other than running/loading).
@@ -92,6 +94,17 @@ impl Agent for Echo {
             if self.faults && content == "/crash" {
                 tracing::error!("echo agent fault hook: aborting the worker mid-step");
                 std::process::abort();
+            }
+            if let Some(ms) = content
+                .strip_prefix("/slow ")
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .filter(|_| self.faults)
+            {
+                let pause = std::time::Duration::from_millis(ms.min(60_000));
+                tokio::select! {
+                    () = cancel.cancelled() => return Err(StepError::Cancelled),
+                    () = tokio::time::sleep(pause) => {}
+                }
             }
             out.push(Event::message(
                 Source::Agent,
