@@ -209,7 +209,11 @@ impl Fanout {
         topics.insert(sid.clone(), Arc::downgrade(&topic));
         metrics::gauge!("oh_gateway_session_subscriptions").set(topics.len() as f64);
         drop(topics);
-        self.presence.enter(std::slice::from_ref(sid)).await;
+        // Off the connect path (one Redis round trip less before the replay): the refresh
+        // loop rewrites every entry within PRESENCE_REFRESH anyway.
+        let presence = self.presence.clone();
+        let entered = sid.clone();
+        tokio::spawn(async move { presence.enter(std::slice::from_ref(&entered)).await });
         Ok((topic, rx))
     }
 }
