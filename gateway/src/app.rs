@@ -1,5 +1,8 @@
 //! Shared state and the assembled router: REST under `/api`, Socket.IO at `/socket.io`,
 //! `/healthz`, `/readyz`, `/metrics`.
+//!
+//! Every task the gateway spawns goes through [`Inner::tasks`], so shutdown can wait for all
+//! of them (axum's graceful-shutdown model: stop accepting, close sockets, join the tasks).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,12 +14,16 @@ use shared::config::AuthTokens;
 use shared::store::Store;
 use socketioxide::SocketIo;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::fanout::Fanout;
 
 /// Largest `oh_user_action` payload accepted (OpenHands' `max_http_buffer_size`).
 pub(crate) const MAX_ACTION_BYTES: usize = 4 * 1024 * 1024;
+/// Largest REST request body accepted (a `replay_json` trajectory can be large).
+pub(crate) const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
 pub(crate) struct Inner {
     pub(crate) nats: async_nats::Client,
@@ -27,6 +34,8 @@ pub(crate) struct Inner {
     pub(crate) metrics: PrometheusHandle,
     /// How long a client may keep its send buffer full (see `replay`).
     pub(crate) slow_client_timeout: Duration,
+    /// Every task the gateway spawns; `run` closes it and waits (bounded) on shutdown.
+    pub(crate) tasks: TaskTracker,
 }
 
 /// State shared by every handler.
@@ -50,7 +59,14 @@ impl AppState {
         gateway_id: &str,
         slow_client_timeout: Duration,
     ) -> Self {
-        let fanout = Fanout::new(nats.clone(), store.clone(), redis.clone(), gateway_id);
+        let tasks = TaskTracker::new();
+        let fanout = Fanout::new(
+            nats.clone(),
+            store.clone(),
+            redis.clone(),
+            gateway_id,
+            tasks.clone(),
+        );
         Self(Arc::new(Inner {
             nats,
             store,
@@ -59,11 +75,19 @@ impl AppState {
             fanout,
             metrics,
             slow_client_timeout,
+            tasks,
         }))
     }
 }
 
-pub(crate) fn router(state: AppState, socket_buffer: usize, cancel: CancellationToken) -> Router {
+/// The whole router. `request_timeout` bounds each REST request (503 when exceeded); the
+/// Socket.IO layer sits outside it, so websockets and long-polling are never cut.
+pub(crate) fn router(
+    state: AppState,
+    socket_buffer: usize,
+    request_timeout: Duration,
+    cancel: CancellationToken,
+) -> Router {
     let (sio_layer, io) = SocketIo::builder()
         .with_state(state.clone())
         // Polling payloads: room for a 4 MiB action plus framing; the handler refuses > 4 MiB
@@ -82,12 +106,16 @@ pub(crate) fn router(state: AppState, socket_buffer: usize, cancel: Cancellation
     crate::socket::register(&io, cancel.clone());
     // On shutdown, close every socket (clients reconnect to another gateway and resume by
     // replay), so the graceful HTTP shutdown is not held up by long-lived websockets.
-    tokio::spawn(async move {
+    state.tasks.spawn(async move {
         cancel.cancelled().await;
         io.close().await;
     });
     crate::http::routes()
-        .layer(DefaultBodyLimit::max(32 * 1024 * 1024))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            request_timeout,
+        ))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
                 let path = req

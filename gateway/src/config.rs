@@ -27,6 +27,10 @@ pub struct Args {
     /// How long a client may leave its send buffer full before it is disconnected (ms).
     #[arg(long = "slow-client-timeout-ms", env = "OH_SLOW_CLIENT_TIMEOUT_MS", default_value = "10000", value_parser = parse_ms)]
     pub slow_client_timeout: Duration,
+    /// Limit of one REST request (s); a request still running then is answered 503. Socket.IO
+    /// (websockets, long-polling) is not subject to it.
+    #[arg(long = "request-timeout-s", env = "OH_REQUEST_TIMEOUT_S", default_value = "30", value_parser = parse_secs)]
+    pub request_timeout: Duration,
 }
 
 fn parse_ms(s: &str) -> Result<Duration, String> {
@@ -35,4 +39,12 @@ fn parse_ms(s: &str) -> Result<Duration, String> {
         return Err("must be between 100 and 600000 ms".to_owned());
     }
     Ok(Duration::from_millis(ms))
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: u64 = s.parse().map_err(|_| "expected seconds".to_owned())?;
+    if !(1..=3600).contains(&secs) {
+        return Err("must be between 1 and 3600 s".to_owned());
+    }
+    Ok(Duration::from_secs(secs))
 }

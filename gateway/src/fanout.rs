@@ -22,7 +22,9 @@ use shared::event::Event;
 use shared::id::SessionId;
 use shared::store::Store;
 use tokio::sync::{Mutex, broadcast};
-use tracing::{Instrument, debug, info_span, warn};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
 
 /// One live event, decoded once per gateway.
 #[derive(Debug)]
@@ -48,15 +50,18 @@ pub(crate) struct Topic {
     task: tokio::task::JoinHandle<()>,
     presence: Presence,
     sid: SessionId,
+    tasks: TaskTracker,
 }
 
 impl Drop for Topic {
     fn drop(&mut self) {
         self.task.abort();
+        metrics::gauge!("oh_gateway_session_subscriptions").decrement(1.0);
         let presence = self.presence.clone();
         let sid = self.sid.clone();
         // Best effort: an entry left behind expires by itself.
-        tokio::spawn(async move { presence.leave(&sid).await });
+        self.tasks
+            .spawn(async move { presence.leave(&sid).await });
     }
 }
 
@@ -119,6 +124,8 @@ pub(crate) struct Fanout {
     store: Arc<Store>,
     presence: Presence,
     topics: Arc<Mutex<HashMap<SessionId, Weak<Topic>>>>,
+    /// The gateway's task tracker (see `app`).
+    tasks: TaskTracker,
 }
 
 impl Fanout {
@@ -127,6 +134,7 @@ impl Fanout {
         store: Store,
         redis: redis::aio::ConnectionManager,
         gateway_id: &str,
+        tasks: TaskTracker,
     ) -> Self {
         let presence = Presence {
             redis,
@@ -138,6 +146,7 @@ impl Fanout {
             store: Arc::new(store),
             presence,
             topics: Arc::default(),
+            tasks,
         }
     }
 
@@ -150,8 +159,27 @@ impl Fanout {
             .collect()
     }
 
+    /// Tells every socket to re-read the log each time `reconnected` fires (a NATS
+    /// reconnect, or a subscription that fell behind), until `cancel`.
+    pub(crate) async fn resync_loop(
+        self,
+        mut reconnected: tokio::sync::mpsc::Receiver<()>,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                r = reconnected.recv() => if r.is_none() { return },
+            }
+            info!(
+                "NATS (re)connected or a subscription fell behind; resyncing live sockets from the log"
+            );
+            self.resync_all().await;
+        }
+    }
+
     /// Tells every socket to re-read the log (after a NATS reconnect).
-    pub(crate) async fn resync_all(&self) {
+    async fn resync_all(&self) {
         let topics = self.live_topics().await;
         metrics::counter!("oh_gateway_resyncs_total").increment(topics.len() as u64);
         for t in topics {
@@ -161,7 +189,7 @@ impl Fanout {
     }
 
     /// Refreshes this gateway's presence on every session it has sockets for, forever.
-    pub(crate) async fn presence_loop(self, cancel: tokio_util::sync::CancellationToken) {
+    pub(crate) async fn presence_loop(self, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(PRESENCE_REFRESH);
         loop {
             tokio::select! {
@@ -195,7 +223,7 @@ impl Fanout {
             .await?;
         self.nats.flush().await?;
         let (tx, rx) = broadcast::channel(16);
-        let task = tokio::spawn(
+        let task = self.tasks.spawn(
             pump(Arc::clone(&self.store), sid.clone(), sub, tx.clone())
                 .instrument(info_span!("fanout", session_id = %sid)),
         );
@@ -204,16 +232,18 @@ impl Fanout {
             task,
             presence: self.presence.clone(),
             sid: sid.clone(),
+            tasks: self.tasks.clone(),
         });
+        metrics::gauge!("oh_gateway_session_subscriptions").increment(1.0);
         topics.retain(|_, w| w.strong_count() > 0);
         topics.insert(sid.clone(), Arc::downgrade(&topic));
-        metrics::gauge!("oh_gateway_session_subscriptions").set(topics.len() as f64);
         drop(topics);
         // Off the connect path (one Redis round trip less before the replay): the refresh
         // loop rewrites every entry within PRESENCE_REFRESH anyway.
         let presence = self.presence.clone();
         let entered = sid.clone();
-        tokio::spawn(async move { presence.enter(std::slice::from_ref(&entered)).await });
+        self.tasks
+            .spawn(async move { presence.enter(std::slice::from_ref(&entered)).await });
         Ok((topic, rx))
     }
 }

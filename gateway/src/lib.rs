@@ -22,11 +22,17 @@ mod socket;
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
 
 pub use config::Args;
 
-/// Serves until `cancel` fires, then shuts down gracefully.
+/// How long shutdown waits for the gateway's own tasks after the HTTP server stopped. Each one
+/// ends on `cancel` or with its socket; this bounds a NATS or Redis call still in flight.
+const TASKS_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves until `cancel` fires, then shuts down gracefully: stops accepting, closes every
+/// socket, waits for in-flight requests, then for every task the gateway spawned (bounded).
 ///
 /// # Errors
 /// Startup failures (NATS, Redis, JetStream setup, bind).
@@ -35,8 +41,58 @@ pub async fn run(
     metrics: PrometheusHandle,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    let (router, tasks) = start(&args, metrics, &cancel).await?;
+    let listener =
+        listen(args.gateway_addr).with_context(|| format!("bind {}", args.gateway_addr))?;
+    // Small Socket.IO frames must leave at once: without TCP_NODELAY, Nagle's algorithm and
+    // delayed ACKs add ~40 ms to every reply (measured by the load tool).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
+    info!(addr = %args.gateway_addr, single_user = args.auth_tokens.is_single_user(), "gateway listening");
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(cancel.clone().cancelled_owned())
+        .await
+        .context("serve");
+    // Whatever ended the server, the tasks see `cancel` and end.
+    cancel.cancel();
+    tasks.close();
+    if tokio::time::timeout(TASKS_GRACE, tasks.wait()).await.is_err() {
+        warn!(
+            left = tasks.len(),
+            "gateway tasks still running after the grace period; leaving them"
+        );
+    }
+    served?;
+    info!("gateway stopped");
+    Ok(())
+}
+
+/// The gateway's whole router (REST, Socket.IO, health, metrics), connected to NATS and
+/// Redis, with its background tasks running until `cancel`. [`run`] serves the same router;
+/// tests drive it directly (`tower::ServiceExt::oneshot`).
+///
+/// # Errors
+/// Startup failures (NATS, Redis, JetStream setup).
+pub async fn router(
+    args: &Args,
+    metrics: PrometheusHandle,
+    cancel: &CancellationToken,
+) -> anyhow::Result<axum::Router> {
+    Ok(start(args, metrics, cancel).await?.0)
+}
+
+/// Connects, starts the background tasks, and builds the router; returns it with the tracker
+/// of every task the gateway spawns.
+async fn start(
+    args: &Args,
+    metrics: PrometheusHandle,
+    cancel: &CancellationToken,
+) -> anyhow::Result<(axum::Router, TaskTracker)> {
     let gateway_id = format!("gw-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let (reconnected_tx, mut reconnected) = tokio::sync::mpsc::channel::<()>(1);
+    let (reconnected_tx, reconnected) = tokio::sync::mpsc::channel::<()>(1);
     let client = async_nats::ConnectOptions::new()
         .name(format!("gateway {gateway_id} {}", args.gateway_addr))
         .event_callback(move |ev| {
@@ -73,33 +129,18 @@ pub async fn run(
         &gateway_id,
         args.slow_client_timeout,
     );
+    let tasks = state.tasks.clone();
     let fanout = state.fanout.clone();
-    tokio::spawn(fanout.clone().presence_loop(cancel.clone()));
-    tokio::spawn(async move {
-        while reconnected.recv().await.is_some() {
-            info!(
-                "NATS (re)connected or a subscription fell behind; resyncing live sockets from the log"
-            );
-            fanout.resync_all().await;
-        }
-    });
-    let router = app::router(state, args.socket_buffer as usize, cancel.clone());
-    let listener =
-        listen(args.gateway_addr).with_context(|| format!("bind {}", args.gateway_addr))?;
-    // Small Socket.IO frames must leave at once: without TCP_NODELAY, Nagle's algorithm and
-    // delayed ACKs add ~40 ms to every reply (measured by the load tool).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
-    info!(gateway_id, addr = %args.gateway_addr, single_user = args.auth_tokens.is_single_user(), "gateway listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(cancel.cancelled_owned())
-        .await
-        .context("serve")?;
-    info!("gateway stopped");
-    Ok(())
+    tasks.spawn(fanout.clone().presence_loop(cancel.clone()));
+    tasks.spawn(fanout.resync_loop(reconnected, cancel.clone()));
+    info!(gateway_id, "gateway connected to NATS and Redis");
+    let router = app::router(
+        state,
+        args.socket_buffer as usize,
+        args.request_timeout,
+        cancel.clone(),
+    );
+    Ok((router, tasks))
 }
 
 /// Pending connections the kernel queues for us (capped by `net.core.somaxconn`). Tokio's
