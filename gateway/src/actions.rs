@@ -13,7 +13,8 @@ use tracing::warn;
 
 use crate::app::{AppState, MAX_ACTION_BYTES};
 
-/// Why an action was not accepted. Every variant is the caller's to see.
+/// Why an action was not accepted: the caller's mistake (the text is for the client), or
+/// [`SendError::Unavailable`], a server fault whose text is for the log.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SendError {
     #[error("action too large: {size} bytes; the limit is {limit} bytes (4 MiB)", limit = MAX_ACTION_BYTES)]
@@ -22,12 +23,19 @@ pub(crate) enum SendError {
     Invalid(#[from] ActionError),
     #[error("invalid action: msg_id must be 1-64 characters of [A-Za-z0-9_-]")]
     BadMsgId,
-    #[error("action not stored (JetStream): {0}; please retry")]
+    #[error("action not stored (JetStream): {0}")]
     Unavailable(String),
     #[error(
         "msg_id {0:?} was already used for a different action in the last 2 minutes; the first one was kept and this one was not stored"
     )]
     MsgIdConflict(String),
+}
+
+impl SendError {
+    /// Whether the server failed (rather than the caller).
+    pub(crate) fn is_server_fault(&self) -> bool {
+        matches!(self, SendError::Unavailable(_))
+    }
 }
 
 /// A validated action, ready to publish.

@@ -3,10 +3,12 @@
 //! Every error goes through [`ApiError`]: a client mistake is a 4xx with a clear JSON body and
 //! is not logged as an error; a server fault is a generic 500 (or 503 when a dependency is
 //! down), logged once with detail. A conversation of another user is indistinguishable from
-//! one that does not exist (404).
+//! one that does not exist (404). axum's own rejections (query string, body, path) are turned
+//! into `ApiError`s too, so every error body is JSON.
 
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{FromRequestParts, Path, Query, State};
-use axum::http::{StatusCode, request::Parts};
+use axum::http::{HeaderMap, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -34,10 +36,13 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/conversations/{id}/stop", post(stop))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(|State(s): State<AppState>| async move { s.metrics.render() }),
-        )
+        .route("/metrics", get(metrics_page))
+}
+
+async fn metrics_page(State(state): State<AppState>) -> String {
+    // Tasks of sockets that closed are gone: this returns to its idle value.
+    metrics::gauge!("oh_gateway_tasks").set(state.tasks.len() as f64);
+    state.metrics.render()
 }
 
 /// The one error type of the REST boundary.
@@ -48,6 +53,8 @@ pub(crate) enum ApiError {
     BadRequest(String),
     InvalidLimit,
     Unprocessable(String),
+    UnsupportedMediaType,
+    TooLarge,
     Unavailable(String),
     Internal(String),
 }
@@ -57,6 +64,32 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Corrupt { .. } => ApiError::Internal(e.to_string()),
             _ => ApiError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<actions::SendError> for ApiError {
+    fn from(e: actions::SendError) -> Self {
+        if e.is_server_fault() {
+            ApiError::Unavailable(e.to_string())
+        } else {
+            ApiError::BadRequest(e.to_string())
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        ApiError::Unprocessable(e.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(e: BytesRejection) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge
+        } else {
+            ApiError::BadRequest(e.body_text())
         }
     }
 }
@@ -81,6 +114,14 @@ impl IntoResponse for ApiError {
             ),
             ApiError::InvalidLimit => (StatusCode::BAD_REQUEST, json!({"detail": "Invalid limit"})),
             ApiError::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, json!({"detail": m})),
+            ApiError::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                json!({"detail": "Content-Type must be application/json"}),
+            ),
+            ApiError::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"detail": format!("request body too large; the limit is {} MiB", crate::app::MAX_BODY_BYTES >> 20)}),
+            ),
             ApiError::Unavailable(detail) => {
                 warn!(detail, "dependency unavailable");
                 (
@@ -121,8 +162,41 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
-fn parse_sid(id: &str) -> Result<SessionId, ApiError> {
-    SessionId::parse(id).map_err(|e| ApiError::BadRequest(format!("invalid conversation id: {e}")))
+/// The conversation id of the path, parsed.
+struct ConvId(SessionId);
+
+impl FromRequestParts<AppState> for ConvId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Path(id) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        SessionId::parse(&id)
+            .map(ConvId)
+            .map_err(|e| ApiError::BadRequest(format!("invalid conversation id: {e}")))
+    }
+}
+
+/// A body is JSON whatever its declared type only if it declares none (FastAPI's rule);
+/// another declared type is refused.
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(declared) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let mime = declared
+        .to_str()
+        .unwrap_or_default()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if mime == "application/json" || mime.ends_with("+json") {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
 }
 
 async fn meta_of(
@@ -164,8 +238,13 @@ struct CreateBody {
 async fn create(
     State(state): State<AppState>,
     Caller(uid): Caller,
-    body: Bytes,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = body?;
+    if !body.is_empty() {
+        require_json(&headers)?;
+    }
     let body: CreateBody = if body.is_empty() {
         serde_json::from_str("{}").map_err(|e| ApiError::Internal(e.to_string()))?
     } else {
@@ -188,11 +267,7 @@ async fn create(
             "content": body.initial_user_msg.clone().unwrap_or_default(),
             "image_urls": body.image_urls.clone().unwrap_or_default(),
         }});
-        Some(
-            actions::validate(&action)
-                .map_err(|e| ApiError::BadRequest(e.to_string()))?
-                .raw,
-        )
+        Some(actions::validate(&action)?.raw)
     } else {
         None
     };
@@ -240,9 +315,7 @@ async fn create(
     state.store.put_meta(&uid, &meta).await?;
     if let Some(payload) = initial {
         let msg_id = format!("{sid}:initial");
-        actions::send_stored_only(&state, &sid, &uid, payload, &msg_id)
-            .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        actions::send_stored_only(&state, &sid, &uid, payload, &msg_id).await?;
     }
     actions::enqueue(&state, &sid, &uid, StartReason::Create).await?;
     metrics::counter!("oh_gateway_conversations_created_total").increment(1);
@@ -315,9 +388,8 @@ fn conversation_info(meta: &ConversationMeta, st: &Status, owner: Option<&str>) 
 async fn get_one(
     State(state): State<AppState>,
     Caller(uid): Caller,
-    Path(id): Path<String>,
+    ConvId(sid): ConvId,
 ) -> Result<Json<Value>, ApiError> {
-    let sid = parse_sid(&id)?;
     let meta = meta_of(&state, &uid, &sid).await?;
     Ok(Json(info(&state, &meta).await?))
 }
@@ -331,8 +403,9 @@ struct ListQuery {
 async fn list(
     State(state): State<AppState>,
     Caller(uid): Caller,
-    Query(q): Query<ListQuery>,
+    q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(q) = q?;
     let limit = q.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
         return Err(ApiError::InvalidLimit);
@@ -381,10 +454,10 @@ fn parse_opt<T: std::str::FromStr>(v: Option<&str>, name: &str) -> Result<Option
 async fn events(
     State(state): State<AppState>,
     Caller(uid): Caller,
-    Path(id): Path<String>,
-    Query(q): Query<EventsQuery>,
+    ConvId(sid): ConvId,
+    q: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let sid = parse_sid(&id)?;
+    let Query(q) = q?;
     meta_of(&state, &uid, &sid).await?;
     let limit: i64 = match q.limit.as_deref() {
         None | Some("") => 20,
@@ -442,9 +515,8 @@ fn events_body(events: &[Box<RawValue>], has_more: bool) -> Response {
 async fn start(
     State(state): State<AppState>,
     Caller(uid): Caller,
-    Path(id): Path<String>,
+    ConvId(sid): ConvId,
 ) -> Result<Json<Value>, ApiError> {
-    let sid = parse_sid(&id)?;
     meta_of(&state, &uid, &sid).await?;
     let mut redis = state.redis.clone();
     let owner = shared::ownership::owner(&mut redis, &state.store.names, &sid).await?;
@@ -472,9 +544,7 @@ async fn stop_session(
         .await?
         .is_some()
     {
-        actions::send_control(state, sid, uid, Control::Stop)
-            .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        actions::send_control(state, sid, uid, Control::Stop).await?;
         return Ok(Some("RUNNING"));
     }
     let st = status::read(&mut redis, names, sid).await?;
@@ -504,9 +574,8 @@ async fn stop_session(
 async fn stop(
     State(state): State<AppState>,
     Caller(uid): Caller,
-    Path(id): Path<String>,
+    ConvId(sid): ConvId,
 ) -> Result<Json<Value>, ApiError> {
-    let sid = parse_sid(&id)?;
     meta_of(&state, &uid, &sid).await?;
     Ok(Json(match stop_session(&state, &uid, &sid).await? {
         Some(before) => json!({"status": "ok", "conversation_id": sid.to_string(),
@@ -519,9 +588,8 @@ async fn stop(
 async fn delete_one(
     State(state): State<AppState>,
     Caller(uid): Caller,
-    Path(id): Path<String>,
+    ConvId(sid): ConvId,
 ) -> Result<Json<Value>, ApiError> {
-    let sid = parse_sid(&id)?;
     if state.store.get_meta(&uid, &sid).await?.is_none() {
         return Ok(Json(json!(false)));
     }

@@ -30,7 +30,7 @@ use socketioxide::extract::SocketRef;
 use socketioxide::{SendError, SocketError};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use crate::app::AppState;
 use crate::fanout::{Feed, Live};
@@ -63,10 +63,11 @@ pub(crate) async fn forward(
             let _ = socket.disconnect(); // already closing is fine
         }
         Err(e) => {
-            warn!(error = %e, "forwarding failed; disconnecting so the client resumes by replay");
+            // A server fault: the detail is logged, the client reads the generic message.
+            error!(error = %e, "forwarding failed; disconnecting so the client resumes by replay");
             let _ = socket.emit(
                 "oh_event",
-                &serde_json::json!({"error": true, "message": e.to_string()}),
+                &serde_json::json!({"error": true, "message": crate::socket::INTERNAL_ERROR}),
             ); // best effort: the socket is closed next anyway
             let _ = socket.disconnect();
         }

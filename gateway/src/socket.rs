@@ -5,7 +5,12 @@
 //!
 //! `oh_user_action` (and legacy `oh_action`) is validated, stored in JetStream, and only then
 //! acknowledged. Every error goes to the sender only, as `oh_event` `{error: true, message}`
-//! (and as the ack payload if the client asked for an ack).
+//! (and as the ack payload if the client asked for an ack). Errors are a [`SocketError`]: a
+//! client mistake is told as is and not logged as an error; a server fault is logged once with
+//! detail and the client reads a generic message (as `ApiError` on REST).
+//!
+//! A socket's tasks (resume check, forwarding) are spawned on the gateway's tracker and end
+//! with the socket (its token, cancelled on disconnect) or on shutdown.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +22,7 @@ use socketioxide::SocketIo;
 use socketioxide::extract::{AckSender, SocketRef, State, TryData};
 use socketioxide::handler::ConnectHandler;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, debug, error, info_span};
 
 use crate::actions::{self, SendError};
 use crate::app::AppState;
@@ -48,8 +53,55 @@ enum Refusal {
     BadToken,
     #[error("Conversation not found")]
     NotFound,
-    #[error("Failed to access conversation events: {0}")]
-    Store(#[from] StoreError),
+    /// A server fault (the store did not answer), logged when it is made.
+    #[error("{INTERNAL_ERROR}")]
+    Server,
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        metrics::counter!("oh_gateway_connect_refused_total", "reason" => "server").increment(1);
+        error!(error = %e, "connect refused: store unavailable");
+        Refusal::Server
+    }
+}
+
+/// What a client reads when the server failed; the detail is in the log.
+pub(crate) const INTERNAL_ERROR: &str = "internal error; try again";
+
+/// Why a socket request failed.
+#[derive(Debug, thiserror::Error)]
+enum SocketError {
+    /// The client's mistake: a payload that is not JSON.
+    #[error("invalid action: payload is not JSON ({0})")]
+    NotJson(String),
+    /// The client's mistake: the action is refused (invalid, too large, bad or reused
+    /// `msg_id`); the text says which.
+    #[error(transparent)]
+    Refused(SendError),
+    /// A server fault (NATS did not store the action); logged, never shown.
+    #[error("{INTERNAL_ERROR}")]
+    Server(SendError),
+}
+
+impl From<SendError> for SocketError {
+    fn from(e: SendError) -> Self {
+        if e.is_server_fault() {
+            SocketError::Server(e)
+        } else {
+            SocketError::Refused(e)
+        }
+    }
+}
+
+impl SocketError {
+    /// Logs it once: a server fault at `error` with its detail, a client mistake at `debug`.
+    fn log(&self) {
+        match self {
+            SocketError::Server(detail) => error!(error = %detail, "action not stored"),
+            client => debug!(message = %client, "action refused"),
+        }
+    }
 }
 
 pub(crate) fn register(io: &SocketIo, cancel: CancellationToken) {
@@ -156,15 +208,16 @@ fn on_connect(s: SocketRef, State(state): State<AppState>, shutdown: Cancellatio
     let span = info_span!("socket", session_id = %conn.sid, user_id = %conn.uid, sid = %s.id);
     let cancel = conn.cancel.clone();
     let st = state.clone();
+    let tasks = state.tasks.clone();
     let (sid, uid) = (conn.sid.clone(), conn.uid.clone());
-    tokio::spawn(
+    tasks.spawn(
         async move {
             // Connecting to a conversation that no worker runs resumes it.
             actions::ensure_running(&st, &sid, &uid).await;
         }
         .instrument(span.clone()),
     );
-    tokio::spawn(
+    tasks.spawn(
         async move {
             tokio::select! {
                 () = crate::replay::forward(state, s, conn.sid.clone(), conn.latest, cancel) => {}
@@ -196,13 +249,12 @@ async fn on_action(
     };
     let span = info_span!("action", session_id = %conn.sid, user_id = %conn.uid, sid = %s.id);
     let result = async {
-        let payload = data.map_err(|e| format!("invalid action: payload is not JSON ({e})"))?;
-        let valid = actions::validate(&payload).map_err(|e| e.to_string())?;
+        let payload = data.map_err(|e| SocketError::NotJson(e.to_string()))?;
+        let valid = actions::validate(&payload)?;
         let (msg_id, claim) = match &valid.client_msg_id {
             Some(id) => {
-                let claim = actions::claim_msg_id(&state, &conn.sid, &conn.uid, id, &payload)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let claim =
+                    actions::claim_msg_id(&state, &conn.sid, &conn.uid, id, &payload).await?;
                 (format!("{}:{}:{id}", conn.uid, conn.sid), claim)
             }
             None => (uuid::Uuid::new_v4().simple().to_string(), None),
@@ -213,7 +265,7 @@ async fn on_action(
         {
             actions::release_msg_id(&state, claim).await;
         }
-        sent.map_err(|e: SendError| e.to_string())
+        Ok::<_, SocketError>(sent?)
     }
     .instrument(span.clone())
     .await;
@@ -222,10 +274,14 @@ async fn on_action(
             metrics::counter!("oh_gateway_actions_total", "result" => "stored").increment(1);
             let _ = ack.send(&json!({"success": true, "seq": seq})); // no ack requested is fine
         }
-        Err(message) => {
-            metrics::counter!("oh_gateway_actions_total", "result" => "refused").increment(1);
-            span.in_scope(|| warn!(message, "action refused"));
-            let body = json!({"error": true, "message": message});
+        Err(e) => {
+            let result = match e {
+                SocketError::Server(_) => "failed",
+                _ => "refused",
+            };
+            metrics::counter!("oh_gateway_actions_total", "result" => result).increment(1);
+            span.in_scope(|| e.log());
+            let body = json!({"error": true, "message": e.to_string()});
             let _ = s.emit("oh_event", &body); // the sender may be gone; nothing else to tell
             let _ = ack.send(&body);
         }
