@@ -60,8 +60,7 @@ impl Drop for Topic {
         let presence = self.presence.clone();
         let sid = self.sid.clone();
         // Best effort: an entry left behind expires by itself.
-        self.tasks
-            .spawn(async move { presence.leave(&sid).await });
+        self.tasks.spawn(async move { presence.leave(&sid).await });
     }
 }
 

@@ -59,7 +59,10 @@ pub async fn run(
     // Whatever ended the server, the tasks see `cancel` and end.
     cancel.cancel();
     tasks.close();
-    if tokio::time::timeout(TASKS_GRACE, tasks.wait()).await.is_err() {
+    if tokio::time::timeout(TASKS_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
         warn!(
             left = tasks.len(),
             "gateway tasks still running after the grace period; leaving them"

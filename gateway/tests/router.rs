@@ -1,0 +1,397 @@
+//! Router tests: REST validation driven through the gateway's real router with `oneshot`
+//! (no listener), against real NATS and Redis started per test. Each case asserts the status
+//! code and the JSON error body.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use clap::Parser;
+use serde_json::{Value, json};
+use tests::nats::NatsServer;
+use tests::redis::RedisServer;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+const ALICE: &str = "alice-token";
+const BOB: &str = "bob-token";
+
+/// A gateway router on its own NATS and Redis; its tasks stop when this is dropped.
+struct Gw {
+    router: Router,
+    cancel: CancellationToken,
+    _nats: NatsServer,
+    _redis: RedisServer,
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Gw {
+    async fn start() -> Gw {
+        let (nats, redis) = tokio::join!(NatsServer::start(), RedisServer::start());
+        let args = gateway::Args::try_parse_from([
+            "gateway",
+            "--nats-url",
+            &nats.url(),
+            "--redis-url",
+            &redis.url(),
+            "--auth-tokens",
+            &format!("{ALICE}=alice,{BOB}=bob"),
+        ])
+        .expect("arguments");
+        let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle();
+        let cancel = CancellationToken::new();
+        let router = gateway::router(&args, metrics, &cancel)
+            .await
+            .expect("gateway router");
+        Gw {
+            router,
+            cancel,
+            _nats: nats,
+            _redis: redis,
+        }
+    }
+
+    /// Sends one request; returns the status and the body as JSON (`Null` if empty, a string
+    /// if not JSON).
+    async fn call(&self, req: Request<Body>) -> (StatusCode, Value) {
+        let resp = self.router.clone().oneshot(req).await.expect("infallible");
+        let code = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        (code, body)
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+        self.call(request("GET", path, token, None, Body::empty()))
+            .await
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        content_type: Option<&str>,
+        body: impl Into<Body>,
+    ) -> (StatusCode, Value) {
+        self.call(request("POST", path, token, content_type, body.into()))
+            .await
+    }
+
+    /// Creates a conversation for `token`'s user; returns its id.
+    async fn create(&self, token: &str) -> String {
+        let (code, v) = self
+            .post("/api/conversations", Some(token), Some(JSON), "{}")
+            .await;
+        assert_eq!(code, StatusCode::OK, "{v}");
+        v["conversation_id"].as_str().expect("id").to_owned()
+    }
+}
+
+const JSON: &str = "application/json";
+
+fn request(
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    content_type: Option<&str>,
+    body: Body,
+) -> Request<Body> {
+    let mut b = Request::builder().method(method).uri(path);
+    if let Some(t) = token {
+        b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    if let Some(ct) = content_type {
+        b = b.header(header::CONTENT_TYPE, ct);
+    }
+    b.body(body).expect("request")
+}
+
+/// `{"detail": ...}` contains `needle`.
+fn detail_mentions(v: &Value, needle: &str) -> bool {
+    v["detail"].as_str().is_some_and(|d| d.contains(needle))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_validates_body_and_content_type() {
+    let gw = Gw::start().await;
+    let create = |ct: Option<&'static str>, body: &'static str| {
+        gw.post("/api/conversations", Some(ALICE), ct, body)
+    };
+
+    let (code, v) = create(Some(JSON), "{not json").await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(detail_mentions(&v, "key must be a string"), "{v}");
+
+    let (code, v) = create(Some(JSON), r#"{"initial_user_msg": "hi", "colour": 1}"#).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(detail_mentions(&v, "unknown field `colour`"), "{v}");
+
+    let (code, v) = create(Some(JSON), r#"{"initial_user_msg": 5}"#).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(detail_mentions(&v, "invalid type"), "{v}");
+
+    for ct in ["text/plain", "application/x-www-form-urlencoded"] {
+        let (code, v) = create(Some(ct), r#"{"initial_user_msg": "hi"}"#).await;
+        assert_eq!(code, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct}: {v}");
+        assert_eq!(
+            v,
+            json!({"detail": "Content-Type must be application/json"})
+        );
+    }
+
+    let (code, v) = create(Some(JSON), r#"{"conversation_id": "abc"}"#).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["status"], "error");
+    assert!(
+        v["message"].as_str().unwrap().contains("conversation_id"),
+        "{v}"
+    );
+
+    let (code, v) = create(
+        Some(JSON),
+        r#"{"replay_json": "[]", "initial_user_msg": "x"}"#,
+    )
+    .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("replay_json"),
+        "{v}"
+    );
+
+    let (code, v) = create(Some(JSON), r#"{"replay_json": "not a trajectory"}"#).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid replay_json"),
+        "{v}"
+    );
+
+    // Over the 32 MiB body limit.
+    let huge = format!(
+        r#"{{"initial_user_msg": "{}"}}"#,
+        "x".repeat(33 * 1024 * 1024)
+    );
+    let (code, v) = gw
+        .post("/api/conversations", Some(ALICE), Some(JSON), huge)
+        .await;
+    assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(detail_mentions(&v, "32 MiB"), "{v}");
+
+    // Accepted: an empty body, JSON without a declared type (FastAPI's rule), `+json` types.
+    for (ct, body) in [
+        (Some(JSON), ""),
+        (None, r#"{"initial_user_msg": "hi"}"#),
+        (Some("application/json; charset=utf-8"), "{}"),
+        (Some("application/vnd.api+json"), "{}"),
+    ] {
+        let (code, v) = create(ct, body).await;
+        assert_eq!(code, StatusCode::OK, "{ct:?} {body:?}: {v}");
+        assert_eq!(v["conversation_status"], "STARTING");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_invalid_token_is_401() {
+    let gw = Gw::start().await;
+    let sid = gw.create(ALICE).await;
+    let unauthorized = json!({"error": "Invalid token"});
+    let paths = [
+        "/api/conversations".to_owned(),
+        format!("/api/conversations/{sid}"),
+        format!("/api/conversations/{sid}/events"),
+    ];
+    for path in &paths {
+        for token in [None, Some("wrong"), Some("")] {
+            let (code, v) = gw.get(path, token).await;
+            assert_eq!(
+                (code, &v),
+                (StatusCode::UNAUTHORIZED, &unauthorized),
+                "{path}"
+            );
+        }
+    }
+    // Not a bearer header at all.
+    let req = Request::builder()
+        .uri("/api/conversations")
+        .header(header::AUTHORIZATION, format!("Basic {ALICE}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        gw.call(req).await,
+        (StatusCode::UNAUTHORIZED, unauthorized.clone())
+    );
+    for path in [
+        "/api/conversations".to_owned(),
+        format!("/api/conversations/{sid}/stop"),
+    ] {
+        let (code, v) = gw.post(&path, None, Some(JSON), "{}").await;
+        assert_eq!(
+            (code, &v),
+            (StatusCode::UNAUTHORIZED, &unauthorized),
+            "{path}"
+        );
+    }
+    // Health and metrics need no token.
+    assert_eq!(gw.get("/healthz", None).await.0, StatusCode::OK);
+    assert_eq!(
+        gw.get("/readyz", None).await,
+        (StatusCode::OK, json!({"nats": true, "redis": true}))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_unknown_and_foreign_ids() {
+    let gw = Gw::start().await;
+    let sid = gw.create(ALICE).await;
+    for bad in ["bad.id", "a%20b", &"x".repeat(65), "%E2%9C%93"] {
+        for suffix in ["", "/events", "/start", "/stop"] {
+            let path = format!("/api/conversations/{bad}{suffix}");
+            let (code, v) = if suffix == "/start" || suffix == "/stop" {
+                gw.post(&path, Some(ALICE), None, "").await
+            } else {
+                gw.get(&path, Some(ALICE)).await
+            };
+            assert_eq!(code, StatusCode::BAD_REQUEST, "{path}: {v}");
+            assert_eq!(v["status"], "error", "{path}: {v}");
+            assert!(
+                v["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("invalid conversation id"),
+                "{path}: {v}"
+            );
+        }
+    }
+    let not_found = json!({"status": "error", "message": "Conversation not found", "msg_id": "CONVERSATION$NOT_FOUND"});
+    let unknown = uuid::Uuid::new_v4().simple().to_string();
+    for (id, token) in [(unknown.as_str(), ALICE), (sid.as_str(), BOB)] {
+        for path in [
+            format!("/api/conversations/{id}"),
+            format!("/api/conversations/{id}/events"),
+        ] {
+            assert_eq!(
+                gw.get(&path, Some(token)).await,
+                (StatusCode::NOT_FOUND, not_found.clone()),
+                "{path}"
+            );
+        }
+        let path = format!("/api/conversations/{id}/stop");
+        assert_eq!(
+            gw.post(&path, Some(token), None, "").await,
+            (StatusCode::NOT_FOUND, not_found.clone())
+        );
+        let req = request(
+            "DELETE",
+            &format!("/api/conversations/{id}"),
+            Some(token),
+            None,
+            Body::empty(),
+        );
+        assert_eq!(gw.call(req).await, (StatusCode::OK, json!(false)));
+    }
+    // The owner still sees it.
+    let (code, v) = gw
+        .get(&format!("/api/conversations/{sid}"), Some(ALICE))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    assert_eq!(v["conversation_id"], sid.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_parameters_are_checked() {
+    let gw = Gw::start().await;
+    let mut created = Vec::new();
+    for _ in 0..3 {
+        created.push(gw.create(ALICE).await);
+    }
+    let invalid_limit = json!({"detail": "Invalid limit"});
+    for q in ["limit=0", "limit=101", "limit=-1"] {
+        let r = gw
+            .get(&format!("/api/conversations?{q}"), Some(ALICE))
+            .await;
+        assert_eq!(r, (StatusCode::BAD_REQUEST, invalid_limit.clone()), "{q}");
+    }
+    let (code, v) = gw.get("/api/conversations?limit=ten", Some(ALICE)).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(detail_mentions(&v, "limit"), "{v}");
+    for page in ["%%%", "bm90IGEgbnVtYmVy"] {
+        let r = gw
+            .get(&format!("/api/conversations?page_id={page}"), Some(ALICE))
+            .await;
+        assert_eq!(
+            r,
+            (
+                StatusCode::BAD_REQUEST,
+                json!({"status": "error", "message": "invalid page_id"})
+            ),
+            "{page}"
+        );
+    }
+    // Good paging walks every conversation once.
+    let (code, first) = gw.get("/api/conversations?limit=2", Some(ALICE)).await;
+    assert_eq!(code, StatusCode::OK, "{first}");
+    assert_eq!(first["results"].as_array().unwrap().len(), 2);
+    let next = first["next_page_id"].as_str().expect("next page");
+    let (_, second) = gw
+        .get(
+            &format!("/api/conversations?limit=2&page_id={next}"),
+            Some(ALICE),
+        )
+        .await;
+    assert_eq!(second["results"].as_array().unwrap().len(), 1);
+    assert_eq!(second["next_page_id"], Value::Null);
+    let mut seen: Vec<String> = first["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(second["results"].as_array().unwrap())
+        .map(|c| c["conversation_id"].as_str().unwrap().to_owned())
+        .collect();
+    seen.sort();
+    created.sort();
+    assert_eq!(seen, created);
+
+    let events = format!("/api/conversations/{}/events", created[0]);
+    for q in ["limit=abc", "limit=101", "limit=-5"] {
+        let r = gw.get(&format!("{events}?{q}"), Some(ALICE)).await;
+        assert_eq!(r, (StatusCode::BAD_REQUEST, invalid_limit.clone()), "{q}");
+    }
+    for (q, name) in [("start_id=-1", "start_id"), ("end_id=x", "end_id")] {
+        let r = gw.get(&format!("{events}?{q}"), Some(ALICE)).await;
+        assert_eq!(
+            r,
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"detail": format!("{name} must be a non-negative integer")})
+            ),
+            "{q}"
+        );
+    }
+    // No worker runs here, so the log is empty.
+    let r = gw
+        .get(
+            &format!("{events}?start_id=0&limit=5&reverse=true"),
+            Some(ALICE),
+        )
+        .await;
+    assert_eq!(
+        r,
+        (StatusCode::OK, json!({"events": [], "has_more": false}))
+    );
+}
