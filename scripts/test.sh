@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, unit tests, router tests and end-to-end tests that
-# start their own nats-server and redis-server processes and run the real binaries.
+# The whole test suite: formatting, lints, unit tests, the gateway's router tests
+# (gateway/tests/router.rs: oneshot on the real router) and task tests, and end-to-end tests;
+# all but unit tests start their own nats-server and redis-server processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/setup.sh
