@@ -20,7 +20,7 @@ const BOB: &str = "bob-token";
 struct Gw {
     router: Router,
     cancel: CancellationToken,
-    _nats: NatsServer,
+    nats: NatsServer,
     _redis: RedisServer,
 }
 
@@ -32,17 +32,24 @@ impl Drop for Gw {
 
 impl Gw {
     async fn start() -> Gw {
+        Gw::start_with(&[]).await
+    }
+
+    async fn start_with(extra: &[&str]) -> Gw {
         let (nats, redis) = tokio::join!(NatsServer::start(), RedisServer::start());
-        let args = gateway::Args::try_parse_from([
+        let tokens = format!("{ALICE}=alice,{BOB}=bob");
+        let (nats_url, redis_url) = (nats.url(), redis.url());
+        let mut argv = vec![
             "gateway",
             "--nats-url",
-            &nats.url(),
+            &nats_url,
             "--redis-url",
-            &redis.url(),
+            &redis_url,
             "--auth-tokens",
-            &format!("{ALICE}=alice,{BOB}=bob"),
-        ])
-        .expect("arguments");
+            &tokens,
+        ];
+        argv.extend_from_slice(extra);
+        let args = gateway::Args::try_parse_from(argv).expect("arguments");
         let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
             .build_recorder()
             .handle();
@@ -53,7 +60,7 @@ impl Gw {
         Gw {
             router,
             cancel,
-            _nats: nats,
+            nats,
             _redis: redis,
         }
     }
@@ -394,4 +401,23 @@ async fn paging_parameters_are_checked() {
         r,
         (StatusCode::OK, json!({"events": [], "has_more": false}))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_answers_503() {
+    let mut gw = Gw::start_with(&["--request-timeout-s", "1"]).await;
+    gw.create(ALICE).await;
+    // With NATS gone, reading the conversations waits for a reconnect (the client's own
+    // request timeout is longer): the router's limit answers first.
+    gw.nats.kill().await;
+    let started = std::time::Instant::now();
+    let (code, body) = gw.get("/api/conversations", Some(ALICE)).await;
+    let took = started.elapsed();
+    assert_eq!((code, body), (StatusCode::SERVICE_UNAVAILABLE, Value::Null));
+    assert!(
+        took >= std::time::Duration::from_millis(900) && took < std::time::Duration::from_secs(4),
+        "answered after {took:?}"
+    );
+    // Requests that need neither NATS nor Redis are unaffected.
+    assert_eq!(gw.get("/healthz", None).await.0, StatusCode::OK);
 }
