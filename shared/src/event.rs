@@ -24,12 +24,14 @@
 //!   (fields next to the type tag instead of inside `args`/`extras`) is refused.
 
 mod agent_state;
+mod build;
 mod normalize;
 mod pyliteral;
 mod schema;
 #[cfg(test)]
 mod tests;
 mod user_action;
+mod view;
 
 use serde::de::Error as _;
 use serde::ser::SerializeMap;
@@ -37,7 +39,13 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Number, Value};
 
 pub use agent_state::AgentState;
+pub use build::{
+    CmdObservation, EditArgs, EditObservation, ReadArgs, RecallContext, RecallType,
+    RecalledKnowledge, RunArgs, StatusLevel, StatusUpdate, ToolCallMetadata, ack_payload,
+    error_payload,
+};
 pub use user_action::{ActionError, UserAction};
+pub use view::{ActionView, ObservationView, RecallView, ToolCall};
 
 /// Who produced an event (`source`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -477,97 +485,6 @@ impl Event {
     /// (tables 4.3/4.4), e.g. `Running command: ls`.
     pub fn derived_message(&self) -> String {
         schema::derive_message(&self.kind)
-    }
-
-    fn build(kind: Kind, source: Option<Source>) -> Event {
-        let mut event = Event {
-            id: None,
-            timestamp: None,
-            source,
-            message: String::new(),
-            cause: None,
-            kind,
-            tool_call_metadata: None,
-            llm_metrics: None,
-            extra: Map::new(),
-        }
-        .with_defaults();
-        event.message = event.derived_message();
-        event
-    }
-
-    fn action(action: &str, args: Map<String, Value>, source: Option<Source>) -> Event {
-        Self::build(
-            Kind::Action {
-                action: action.to_owned(),
-                args,
-                timeout: None,
-            },
-            source,
-        )
-    }
-
-    fn observation(observation: &str, content: String, extras: Map<String, Value>) -> Event {
-        Self::build(
-            Kind::Observation {
-                observation: observation.to_owned(),
-                content,
-                extras,
-                success: None,
-            },
-            None,
-        )
-    }
-
-    /// A `message` action (all default args filled; `message` is the content).
-    pub fn message(source: Source, content: impl Into<String>, wait_for_response: bool) -> Event {
-        let mut args = Map::new();
-        args.insert("content".into(), Value::String(content.into()));
-        args.insert("wait_for_response".into(), Value::Bool(wait_for_response));
-        Self::action("message", args, Some(source))
-    }
-
-    /// The `system` action (source `agent`) carrying the system prompt and tool schemas.
-    pub fn system(
-        content: impl Into<String>,
-        tools: Option<Value>,
-        agent_class: &str,
-        openhands_version: &str,
-    ) -> Event {
-        let mut args = Map::new();
-        args.insert("content".into(), Value::String(content.into()));
-        args.insert("tools".into(), tools.unwrap_or(Value::Null));
-        args.insert("openhands_version".into(), openhands_version.into());
-        args.insert("agent_class".into(), agent_class.into());
-        Self::action("system", args, Some(Source::Agent))
-    }
-
-    /// A `change_agent_state` action as the server builds it (source `environment`;
-    /// message `Agent state changed to <state>`).
-    pub fn change_agent_state(state: AgentState) -> Event {
-        let mut args = Map::new();
-        args.insert("agent_state".into(), state.as_str().into());
-        Self::action("change_agent_state", args, Some(Source::Environment))
-    }
-
-    /// An `agent_state_changed` observation (source `environment`, content and message
-    /// `""`, extras `{agent_state, reason}`).
-    pub fn agent_state_changed(state: AgentState, reason: impl Into<String>) -> Event {
-        let mut extras = Map::new();
-        extras.insert("agent_state".into(), state.as_str().into());
-        extras.insert("reason".into(), Value::String(reason.into()));
-        let mut event = Self::observation("agent_state_changed", String::new(), extras);
-        event.source = Some(Source::Environment);
-        event
-    }
-
-    /// An `error` observation (`message` is the content; `error_id` e.g.
-    /// `AGENT_ERROR$ERROR_ACTION_NOT_EXECUTED_STOPPED`, or `""`). No source: the append path
-    /// sets it.
-    pub fn error_observation(content: impl Into<String>, error_id: &str) -> Event {
-        let mut extras = Map::new();
-        extras.insert("error_id".into(), error_id.into());
-        Self::observation("error", content.into(), extras)
     }
 
     /// The action type tag, if this is an action.

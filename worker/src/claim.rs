@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer};
 use futures::StreamExt;
-use shared::event::{AgentState, Event};
+use shared::event::{AgentState, Event, StatusUpdate};
 use shared::id::{SessionId, UserId};
 use shared::ownership;
 use shared::status::{self, SessionState};
@@ -394,9 +394,9 @@ async fn start_session(
             }
             let nats = ctx.nats.clone();
             let subject = names.status_subject(&sid);
-            let notify: Notify = Arc::new(move |v: serde_json::Value| {
+            let notify: Notify = Arc::new(move |update: StatusUpdate| {
                 let (nats, subject) = (nats.clone(), subject.clone());
-                let payload = bytes::Bytes::from(v.to_string());
+                let payload = bytes::Bytes::from(update.to_json());
                 // Status updates are live only: losing one is acceptable.
                 tokio::spawn(async move {
                     let _ = nats.publish(subject, payload).await;

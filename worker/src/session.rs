@@ -21,7 +21,7 @@
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use serde_json::Value;
-use shared::event::{AgentState, Event, Source, UserAction};
+use shared::event::{ActionView, AgentState, Event, RecallType, Source, UserAction};
 use shared::id::{SessionId, UserId};
 use shared::ownership::{self, Lease};
 use shared::status::{self, SessionState};
@@ -432,9 +432,14 @@ impl AgentSession {
                         self.end_turn(AgentState::Rejected).await?;
                     }
                     Some(ev)
-                        if ev.action_type() == Some("message")
-                            && ev.source == Some(Source::Agent)
-                            && ev.to_value()["args"]["wait_for_response"] != false =>
+                        if ev.source == Some(Source::Agent)
+                            && matches!(
+                                ev.action(),
+                                Some(ActionView::Message {
+                                    wait_for_response: true,
+                                    ..
+                                })
+                            ) =>
                     {
                         self.end_turn(AgentState::AwaitingUserInput).await?;
                     }
@@ -639,28 +644,17 @@ impl AgentSession {
             self.meta.conversation_instructions.as_deref(),
         );
         let recall_type = if first {
-            "workspace_context"
+            RecallType::WorkspaceContext
         } else {
-            "knowledge"
+            RecallType::Knowledge
         };
-        let action = Event::from_value(serde_json::json!({"source": "user", "action": "recall",
-            "args": {"recall_type": recall_type, "query": query, "thought": ""}}));
-        let Ok(mut action) = action.map(Event::with_defaults) else {
-            return Ok(());
+        let action = self.append(Event::recall(query, recall_type)).await?;
+        let mut obs = match extras {
+            Some(found) => Event::recall_observation(&found),
+            None => Event::null_observation(),
         };
-        action.message = action.derived_message();
-        let action = self.append(action).await?;
-        let obs = match extras {
-            Some(extras) => serde_json::json!({"source": "environment", "observation": "recall",
-                "content": "", "extras": extras}),
-            None => serde_json::json!({"source": "environment", "observation": "null",
-                "content": "", "extras": {}}),
-        };
-        if let Ok(mut obs) = Event::from_value(obs).map(Event::with_defaults) {
-            obs.message = obs.derived_message();
-            obs.cause = action.id.and_then(|i| i64::try_from(i).ok());
-            self.append(obs).await?;
-        }
+        obs.set_cause(action.id);
+        self.append(obs).await?;
         Ok(())
     }
 
