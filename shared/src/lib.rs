@@ -8,6 +8,7 @@
 //! - [`wire`]: the messages that cross NATS between gateway and worker (start requests, headers).
 //! - [`store`]: JetStream setup and reads of a session's event log (replay seek, ranges, blobs).
 //! - [`ownership`]: the Redis lease protocol (acquire, renew, release by compare-and-set).
+//! - [`queue`]: the work queues (user actions per session, start requests), both sides.
 //! - [`journal`]: the fenced append to a session's log (the other half of ownership).
 //! - [`status`]: the live session status hash in Redis.
 //! - [`telemetry`]: tracing and Prometheus metrics setup.
@@ -20,6 +21,7 @@ pub mod id;
 pub mod journal;
 pub mod names;
 pub mod ownership;
+pub mod queue;
 pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -53,6 +53,13 @@ pub struct Lease {
     pub token: String,
 }
 
+impl Lease {
+    /// This acquisition's own nonce: unique per claim, it scopes the claim's append ids.
+    pub fn claim_id(&self) -> &str {
+        self.token.rsplit('/').next().unwrap_or_default()
+    }
+}
+
 /// Tries to take the lease of `sid` for `worker`.
 ///
 /// Returns `None` if someone else holds it.

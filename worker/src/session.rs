@@ -674,7 +674,7 @@ impl AgentSession {
     /// have not expired).
     async fn watched(&mut self) -> bool {
         let mut conn = self.ctx.redis.clone();
-        let key = self.ctx.store.names.presence_key(&self.sid);
+        let key = self.ctx.store.names().presence_key(&self.sid);
         let now = chrono::Utc::now().timestamp_millis();
         // A read only: entries are scored by expiry; stale ones go with the key's own expiry,
         // which the gateways refresh.
@@ -714,7 +714,7 @@ impl AgentSession {
             return;
         };
         let mut redis = self.ctx.redis.clone();
-        let names = self.ctx.store.names.clone();
+        let names = self.ctx.store.names().clone();
         let sid = self.sid.clone();
         let worker_id = self.ctx.worker_id.to_string();
         let agent_state = self.agent_state.as_str().to_owned();
@@ -761,7 +761,7 @@ impl AgentSession {
         {
             w.await;
         }
-        let names = &self.ctx.store.names;
+        let names = self.ctx.store.names();
         let mut redis = self.ctx.redis.clone();
         self.ctx.leases.remove(&self.sid).await;
         if matches!(end, End::Lost) {

@@ -21,7 +21,7 @@ pub(crate) fn interval(ctx: &Ctx) -> Duration {
 pub(crate) async fn sweep_loop(ctx: Ctx, cancel: CancellationToken) {
     let every = interval(&ctx);
     let lock = Lease {
-        key: ctx.store.names.sweeper_key(),
+        key: ctx.store.names().sweeper_key(),
         token: format!("{}/{}", ctx.worker_id, uuid::Uuid::new_v4().simple()),
     };
     let mut tick = tokio::time::interval(every);
@@ -53,7 +53,7 @@ async fn hold(ctx: &Ctx, lock: &Lease, ttl: Duration) -> redis::RedisResult<bool
 }
 
 async fn sweep_once(ctx: &Ctx) -> anyhow::Result<()> {
-    let names = &ctx.store.names;
+    let names = ctx.store.names();
     let mut conn = ctx.redis.clone();
     let members: Vec<String> = redis::cmd("SMEMBERS")
         .arg(names.should_run_key())
