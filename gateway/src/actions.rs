@@ -2,11 +2,11 @@
 //! action subject, and start requests on its work subject. Used by both the socket and REST.
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use serde_json::Value;
 use shared::event::{ActionError, UserAction};
 use shared::id::{SessionId, UserId};
+use shared::queue::ActionMsgId;
 use shared::status::{self, SessionState};
 use shared::wire::{Control, HDR_CONTROL, HDR_USER, StartReason, StartRequest};
 use tracing::warn;
@@ -77,7 +77,7 @@ pub(crate) async fn send(
     sid: &SessionId,
     uid: &UserId,
     payload: Bytes,
-    msg_id: &str,
+    msg_id: &ActionMsgId,
 ) -> Result<u64, SendError> {
     let mut headers = HeaderMap::new();
     headers.insert(HDR_USER, uid.as_str());
@@ -97,7 +97,7 @@ pub(crate) async fn send_stored_only(
     sid: &SessionId,
     uid: &UserId,
     payload: Bytes,
-    msg_id: &str,
+    msg_id: &ActionMsgId,
 ) -> Result<u64, SendError> {
     let mut headers = HeaderMap::new();
     headers.insert(HDR_USER, uid.as_str());
@@ -127,7 +127,7 @@ pub(crate) async fn claim_msg_id(
 ) -> Result<Option<MsgIdClaim>, SendError> {
     use sha2::Digest;
     let digest = hex(&sha2::Sha256::digest(canonical(action).as_bytes()));
-    let key = state.store.names.msg_id_key(uid, sid, client_msg_id);
+    let key = state.store.names().msg_id_key(uid, sid, client_msg_id);
     // Outlives JetStream's window, which starts later (when the message is stored).
     let hold = shared::store::DUPLICATE_WINDOW + std::time::Duration::from_secs(30);
     let hold = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
@@ -214,35 +214,24 @@ pub(crate) async fn send_control(
     let mut headers = HeaderMap::new();
     headers.insert(HDR_USER, uid.as_str());
     headers.insert(HDR_CONTROL, ctl.as_str());
-    let msg_id = uuid::Uuid::new_v4().simple().to_string();
-    publish(state, sid, Bytes::new(), headers, &msg_id).await
+    publish(state, sid, Bytes::new(), headers, &ActionMsgId::fresh()).await
 }
 
 async fn publish(
     state: &AppState,
     sid: &SessionId,
     payload: Bytes,
-    mut headers: HeaderMap,
-    msg_id: &str,
+    headers: HeaderMap,
+    msg_id: &ActionMsgId,
 ) -> Result<u64, SendError> {
     let started = std::time::Instant::now();
-    let payload = state
+    let res = state
         .store
-        .pack(sid, payload, &mut headers)
-        .await
-        .map_err(|e| SendError::Unavailable(e.to_string()))?;
-    let msg = PublishMessage::build()
-        .payload(payload)
-        .headers(headers)
-        .message_id(msg_id);
-    let subject = state.store.names.actions_subject(sid);
-    let res = match state.store.js.send_publish(subject, msg).await {
-        Ok(ack) => ack.await,
-        Err(e) => Err(e),
-    };
+        .publish_action(sid, payload, headers, msg_id)
+        .await;
     metrics::histogram!("oh_gateway_action_publish_seconds").record(started.elapsed());
     match res {
-        Ok(ack) => Ok(ack.sequence),
+        Ok(seq) => Ok(seq),
         Err(e) => {
             metrics::counter!("oh_gateway_action_publish_failed_total").increment(1);
             Err(SendError::Unavailable(e.to_string()))
@@ -254,7 +243,7 @@ async fn publish(
 /// the action itself is already stored and runs when the session next starts.
 pub(crate) async fn ensure_running(state: &AppState, sid: &SessionId, uid: &UserId) {
     let mut redis = state.redis.clone();
-    match shared::ownership::owner(&mut redis, &state.store.names, sid).await {
+    match shared::ownership::owner(&mut redis, state.store.names(), sid).await {
         Ok(Some(_)) => {}
         Ok(None) => {
             if let Err(e) = enqueue(state, sid, uid, StartReason::Start).await {
@@ -279,7 +268,7 @@ pub(crate) async fn enqueue(
         let mut redis = state.redis.clone();
         let res = status::write(
             &mut redis,
-            &state.store.names,
+            state.store.names(),
             sid,
             status::Update {
                 state: Some(SessionState::Queued),

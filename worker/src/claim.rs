@@ -26,8 +26,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::Ctx;
 use crate::agent::{AgentImpl, CodeAct, Echo, Notify, Replay};
 use crate::controller::Controller;
-use crate::runtime::RuntimeConfig;
 use crate::llm::LlmSetupError;
+use crate::runtime::RuntimeConfig;
 use crate::session::{AgentSession, Start};
 
 /// Most events of a conversation loaded into a new owner's controller.

@@ -340,7 +340,10 @@ impl Event {
             ("file_text", opt_str(args.file_text)),
             ("old_str", opt_str(args.old_str)),
             ("new_str", opt_str(args.new_str)),
-            ("insert_line", args.insert_line.map_or(Value::Null, Value::from)),
+            (
+                "insert_line",
+                args.insert_line.map_or(Value::Null, Value::from),
+            ),
         ]);
         Self::new_action("edit", args, Some(Source::Agent))
     }
@@ -568,7 +571,10 @@ mod tests {
         let ev = reparsed(&Event::finish("done", "all good"));
         assert_eq!(ev.to_value()["args"]["final_thought"], "done");
         assert_eq!(ev.action(), Some(ActionView::Finish));
-        assert_eq!(reparsed(&Event::think("hm")).action(), Some(ActionView::Think));
+        assert_eq!(
+            reparsed(&Event::think("hm")).action(),
+            Some(ActionView::Think)
+        );
 
         let ev = reparsed(&Event::message(Source::Agent, "hi", true));
         assert_eq!(ev.message_content(), Some("hi"));
@@ -672,7 +678,10 @@ mod tests {
         assert_eq!(call.function_name, "execute_bash");
         assert_eq!(call.tool_call_id, "call_2");
         assert_eq!(call.arguments(), Some("{\"command\":\"ls\"}"));
-        assert_eq!(ev.to_value()["tool_call_metadata"]["total_calls_in_response"], 2);
+        assert_eq!(
+            ev.to_value()["tool_call_metadata"]["total_calls_in_response"],
+            2
+        );
     }
 
     #[test]
