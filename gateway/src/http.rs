@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use shared::event::load_trajectory;
 use shared::id::{SessionId, UserId};
-use shared::queue::ActionMsgId;
+use shared::msg_id::ActionMsgId;
 use shared::status::{self, SessionState, Status};
 use shared::store::{ConversationMeta, StoreError};
 use shared::wire::{Control, StartReason};

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::{Value, json};
 use shared::id::{SessionId, UserId};
-use shared::queue::ActionMsgId;
+use shared::msg_id::ActionMsgId;
 use shared::store::StoreError;
 use socketioxide::SocketIo;
 use socketioxide::extract::{AckSender, SocketRef, State, TryData};

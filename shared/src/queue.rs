@@ -1,7 +1,8 @@
 //! The two work queues between gateways and workers, both sides of each.
 //!
 //! - **Actions** (`{ns}_actions`, subject `{ns}.act.{sid}`): gateways publish user actions and
-//!   control requests ([`Store::publish_action`]) with a `Nats-Msg-Id` ([`ActionMsgId`]), so a
+//!   control requests ([`Store::publish_action`]) with a `Nats-Msg-Id` (an
+//!   [`ActionMsgId`], see [`crate::msg_id`]), so a
 //!   retried publish is stored once within JetStream's duplicate window. The session's owner
 //!   reads them, one at a time and acked after they are applied, through the durable consumer
 //!   `act_{sid}` ([`Store::create_action_consumer`], [`Store::replace_action_consumer`]). A new
@@ -19,39 +20,10 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
 
-use crate::id::{SessionId, UserId};
+use crate::id::SessionId;
+use crate::msg_id::ActionMsgId;
 use crate::store::{Store, StoreError, boxed, nats};
 use crate::wire::StartRequest;
-
-/// The `Nats-Msg-Id` of a published action: what makes its retries idempotent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ActionMsgId(String);
-
-impl ActionMsgId {
-    /// A new id, for an action the gateway publishes once (control requests, client actions
-    /// without their own id).
-    pub fn fresh() -> Self {
-        Self(uuid::Uuid::new_v4().simple().to_string())
-    }
-
-    /// The id of a conversation's initial message: created twice (a retried create), stored
-    /// once.
-    pub fn initial(sid: &SessionId) -> Self {
-        Self(format!("{sid}:initial"))
-    }
-
-    /// The id of an action the client sent with its own `msg_id` (already validated): the
-    /// client's retries are stored once. Scoped by user and session, so two clients' ids never
-    /// collide.
-    pub fn client(uid: &UserId, sid: &SessionId, client_msg_id: &str) -> Self {
-        Self(format!("{uid}:{sid}:{client_msg_id}"))
-    }
-
-    /// The header value.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
 
 /// A session's action feed, as its owner reads it.
 pub struct ActionFeed {

@@ -24,6 +24,7 @@ use serde_json::Value;
 use shared::event::{ActionView, AgentState, Event, RecallType, Source, UserAction};
 use shared::id::{SessionId, UserId};
 use shared::ownership::{self, Lease};
+use shared::presence;
 use shared::status::{self, SessionState};
 use shared::store::ConversationMeta;
 use shared::wire::{Control, HDR_CONTROL, StartReason, StartRequest};
@@ -674,18 +675,9 @@ impl AgentSession {
     /// have not expired).
     async fn watched(&mut self) -> bool {
         let mut conn = self.ctx.redis.clone();
-        let key = self.ctx.store.names().presence_key(&self.sid);
-        let now = chrono::Utc::now().timestamp_millis();
-        // A read only: entries are scored by expiry; stale ones go with the key's own expiry,
-        // which the gateways refresh.
-        let res: redis::RedisResult<i64> = redis::cmd("ZCOUNT")
-            .arg(&key)
-            .arg(format!("({now}"))
-            .arg("+inf")
-            .query_async(&mut conn)
-            .await;
+        let res = presence::is_watched(&mut conn, self.ctx.store.names(), &self.sid).await;
         match res {
-            Ok(n) => n > 0,
+            Ok(watched) => watched,
             Err(e) => {
                 // Unknown: keep the session rather than passivate on a Redis hiccup.
                 warn!(error = %e, "presence check failed");
