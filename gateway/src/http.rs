@@ -201,8 +201,7 @@ async fn create(
     if let Some(replay) = &body.replay_json {
         let events = load_trajectory(replay.as_bytes())
             .map_err(|e| ApiError::BadRequest(format!("invalid replay_json: {e}")))?;
-        let name = format!("replay.{sid}");
-        state.store.put_blob(&name, replay.as_bytes()).await?;
+        let name = state.store.put_replay(&sid, replay.as_bytes()).await?;
         info!(session_id = %sid, events = events.len(), "replay trajectory stored");
         replay_blob = Some(name);
     }

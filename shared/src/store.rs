@@ -583,7 +583,7 @@ impl Store {
         if payload.len() <= self.inline_limit {
             return Ok(payload);
         }
-        let name = format!("{sid}.{}", uuid::Uuid::new_v4().simple());
+        let name = self.names.payload_blob(sid);
         self.blobs
             .put(name.as_str(), &mut payload.as_ref())
             .await
@@ -603,17 +603,19 @@ impl Store {
         }
     }
 
-    /// Stores a named blob (e.g. a `replay_json` trajectory).
+    /// Stores a conversation's `replay_json` trajectory; returns the blob's name, which its
+    /// metadata records.
     ///
     /// # Errors
     /// [`StoreError`] if NATS failed.
-    pub async fn put_blob(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
+    pub async fn put_replay(&self, sid: &SessionId, data: &[u8]) -> Result<String, StoreError> {
+        let name = self.names.replay_blob(sid);
         let mut reader = data;
         self.blobs
-            .put(name, &mut reader)
+            .put(name.as_str(), &mut reader)
             .await
             .map_err(|e| nats("blob put")(boxed(e)))?;
-        Ok(())
+        Ok(name)
     }
 
     /// Reads a named blob.
