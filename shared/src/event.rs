@@ -1,11 +1,12 @@
-//! The OpenHands event model: the wire JSON of actions and observations (section 4 of
-//! `openhands-protocol.md`). This is the only module that knows that JSON shape.
+//! The OpenHands event model: the wire JSON of actions and observations, as OpenHands'
+//! `event_to_dict`/`event_from_dict` write and read it. This is the only module that knows
+//! that JSON shape.
 //!
 //! Layout:
 //! - [`Event`]: one stored event dict, with the common top-level fields and a [`Kind`]
 //!   (action with `args`, or observation with `content`/`extras`).
 //! - [`Event::from_json`]/[`Event::from_value`] parse and validate; [`Event::normalize`]
-//!   applies the tolerance rules for old data and client payloads (section 4.6) as a separate
+//!   applies the tolerance rules for old data and client payloads as a separate
 //!   step; [`load_trajectory`] does both for a `replay_json` array.
 //! - [`UserAction`]: a validated `oh_user_action` payload; [`AgentState`]: the state strings.
 //! - [`Event::live_copy`] (live forwarding filter, 3.3) and [`replay_order`] (replay on
@@ -84,7 +85,7 @@ impl Source {
 pub enum Kind {
     /// `"action": <type>` with its fields in `args`.
     Action {
-        /// The type tag (table 4.3), e.g. `message`, `run`.
+        /// The type tag, e.g. `message`, `run`.
         action: String,
         /// All fields of the action type (unknown keys kept).
         args: Map<String, Value>,
@@ -93,7 +94,7 @@ pub enum Kind {
     },
     /// `"observation": <type>` with its main text in `content` and other fields in `extras`.
     Observation {
-        /// The type tag (table 4.4), e.g. `run`, `agent_state_changed`.
+        /// The type tag, e.g. `run`, `agent_state_changed`.
         observation: String,
         /// Main text; `""` if none.
         content: String,
@@ -201,7 +202,7 @@ pub enum EventError {
     },
 }
 
-/// What connect-replay does with a stored event (section 2.5).
+/// What connect-replay does with a stored event (OpenHands' replay rule on connect).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplayClass {
     /// Not replayed: `null` actions/observations and `recall` actions.
@@ -424,7 +425,7 @@ impl Event {
         serde_json::to_string(self).expect("an Event always serializes to JSON")
     }
 
-    /// Applies the tolerance rules of section 4.6 for old data and client payloads:
+    /// Applies OpenHands' tolerance rules for old data and client payloads:
     /// - action args: `timestamp` becomes the event timestamp if it has none (and is dropped
     ///   from args); `is_confirmed` → `confirmation_state`; `images_urls` → `image_urls`;
     ///   `keep_prompt`, `task_completed` and an invalid `security_risk` are dropped; the
@@ -482,7 +483,7 @@ impl Event {
     }
 
     /// The `message` text OpenHands derives from the event's type and fields
-    /// (tables 4.3/4.4), e.g. `Running command: ls`.
+    /// (per action/observation type), e.g. `Running command: ls`.
     pub fn derived_message(&self) -> String {
         schema::derive_message(&self.kind)
     }
@@ -523,7 +524,8 @@ impl Event {
         self.action_type() == Some("null") || self.observation_type() == Some("null")
     }
 
-    /// The copy sent to connected clients when this event is appended (section 3.3), or
+    /// The copy sent to connected clients when this event is appended (OpenHands' live
+    /// filter), or
     /// `None` if it is not forwarded live:
     /// - `null` actions/observations: not sent;
     /// - source `agent`/`user`: sent unchanged;
@@ -549,7 +551,7 @@ impl Event {
         }
     }
 
-    /// How connect-replay treats this event (section 2.5).
+    /// How connect-replay treats this event.
     pub fn replay_class(&self) -> ReplayClass {
         if self.is_null() || self.action_type() == Some("recall") {
             ReplayClass::Skip
@@ -645,7 +647,7 @@ impl<'de> Deserialize<'de> for Event {
     }
 }
 
-/// Reads a trajectory (`replay_json`, section 10): a JSON array of event dicts, each parsed
+/// Reads a trajectory (`replay_json`): a JSON array of event dicts, each parsed
 /// and normalized.
 ///
 /// # Errors
@@ -669,7 +671,8 @@ pub fn load_trajectory(bytes: &[u8]) -> Result<Vec<Event>, EventError> {
         .collect()
 }
 
-/// The events connect-replay sends for a range of stored events, in order (section 2.5):
+/// The events connect-replay sends for a range of stored events, in order (OpenHands'
+/// replay rule):
 /// skipped events left out, every event but `agent_state_changed` in the given order, then
 /// the last `agent_state_changed` of the range (if any). `events` is the range to replay
 /// (ids `>= latest_event_id + 1`, in id order).

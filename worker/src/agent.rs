@@ -113,7 +113,7 @@ impl Agent for Echo {
     }
 }
 
-/// Replays a trajectory (`replay_json`) with OpenHands' rules (protocol §10): each step takes
+/// Replays a trajectory (`replay_json`) with OpenHands' rules: each step takes
 /// the next action of the list instead of asking the model; the runtime executes it for real,
 /// producing fresh observations (the list's own observations are never reused). When the list
 /// is exhausted, the inner agent (if any) takes over.
