@@ -181,10 +181,10 @@ fn to_action(call: &ToolCall, thought: &str) -> Result<Event, String> {
                 "create" | "str_replace" | "insert" | "undo_edit" => Event::edit(EditArgs {
                     path,
                     command,
-                    file_text: args.opt("file_text")?,
-                    old_str: args.opt("old_str")?,
-                    new_str: args.opt("new_str")?,
-                    insert_line: args.opt_int("insert_line")?,
+                    file_text: args.opt("file_text", Value::as_str, "a string")?,
+                    old_str: args.opt("old_str", Value::as_str, "a string")?,
+                    new_str: args.opt("new_str", Value::as_str, "a string")?,
+                    insert_line: args.opt("insert_line", Value::as_i64, "an integer")?,
                     thought,
                 }),
                 other => return Err(format!("unknown editor command `{other}`")),
@@ -210,24 +210,16 @@ impl<'a> ToolArgs<'a> {
             .ok_or_else(|| format!("missing string argument `{k}`"))
     }
 
-    fn opt(&self, k: &str) -> Result<Option<&'a str>, String> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| format!("`{k}` must be a string")),
-        }
-    }
-
-    fn opt_int(&self, k: &str) -> Result<Option<i64>, String> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(v) => v
-                .as_i64()
-                .map(Some)
-                .ok_or_else(|| format!("`{k}` must be an integer")),
-        }
+    /// An optional argument: absent or null is `None`, another JSON type an error.
+    fn opt<T>(
+        &self,
+        k: &str,
+        read: impl Fn(&'a Value) -> Option<T>,
+        what: &str,
+    ) -> Result<Option<T>, String> {
+        self.get(k)
+            .map(|v| read(v).ok_or_else(|| format!("`{k}` must be {what}")))
+            .transpose()
     }
 
     fn is_input(&self) -> Result<bool, String> {
