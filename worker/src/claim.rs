@@ -216,6 +216,7 @@ async fn try_claim(
         .insert(sid.clone(), uid.clone(), lease.clone(), lost.clone());
     let mut claim = Claim {
         ctx,
+        reason: req.reason,
         sid,
         uid,
         lease,
@@ -285,6 +286,7 @@ async fn take_lease(
 /// phase of `oh_worker_claim_phase_seconds`.
 struct Claim<'a> {
     ctx: &'a Ctx,
+    reason: StartReason,
     sid: SessionId,
     uid: UserId,
     lease: Lease,
@@ -323,6 +325,7 @@ impl Claim<'_> {
             fresh = fenced.fresh,
             interrupted = fenced.interrupted,
             pending = actions.pending,
+            reason = ?self.reason,
             "claimed"
         );
         self.publish_running(&fenced.journal).await?;
