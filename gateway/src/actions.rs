@@ -2,11 +2,11 @@
 //! action subject, and start requests on its work subject. Used by both the socket and REST.
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use serde_json::Value;
 use shared::event::{ActionError, UserAction};
 use shared::id::{SessionId, UserId};
+use shared::msg_id::{self, ActionMsgId, ClientMsgId, ClientMsgIdClaim};
 use shared::status::{self, SessionState};
 use shared::wire::{Control, HDR_CONTROL, HDR_USER, StartReason, StartRequest};
 use tracing::warn;
@@ -85,7 +85,7 @@ pub(crate) async fn send(
     sid: &SessionId,
     uid: &UserId,
     payload: Bytes,
-    msg_id: &str,
+    msg_id: &ActionMsgId,
 ) -> Result<u64, SendError> {
     let mut headers = HeaderMap::new();
     headers.insert(HDR_USER, uid.as_str());
@@ -105,61 +105,33 @@ pub(crate) async fn send_stored_only(
     sid: &SessionId,
     uid: &UserId,
     payload: Bytes,
-    msg_id: &str,
+    msg_id: &ActionMsgId,
 ) -> Result<u64, SendError> {
     let mut headers = HeaderMap::new();
     headers.insert(HDR_USER, uid.as_str());
     publish(state, sid, payload, headers, msg_id).await
 }
 
-/// A client's own `msg_id` taken for one action (see [`claim_msg_id`]).
-pub(crate) struct MsgIdClaim {
-    key: String,
-    digest: String,
-    /// This call recorded the digest (first use of the id).
-    first: bool,
-}
-
 /// A client's own `msg_id` may be reused only for the same action: the first action sent with
 /// it wins (JetStream stores it once) and a different one under the same id within the
 /// duplicate window is refused with [`SendError::MsgIdConflict`] before anything is
-/// published. "The same action" is the same JSON value (key order does not matter). Costs one
-/// Redis round trip, for actions that carry a `msg_id` only. If Redis does not answer, the
-/// action goes through (JetStream still stores an id once).
+/// published. One Redis round trip, for actions that carry a `msg_id` only. If Redis does not
+/// answer, the action goes through (JetStream still stores an id once).
 pub(crate) async fn claim_msg_id(
     state: &AppState,
     sid: &SessionId,
     uid: &UserId,
     client_msg_id: &str,
     action: &Value,
-) -> Result<Option<MsgIdClaim>, SendError> {
-    use sha2::Digest;
-    let digest = hex(&sha2::Sha256::digest(canonical(action).as_bytes()));
-    let key = state.store.names.msg_id_key(uid, sid, client_msg_id);
-    // Outlives JetStream's window, which starts later (when the message is stored).
-    let hold = shared::store::DUPLICATE_WINDOW + std::time::Duration::from_secs(30);
-    let hold = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
+) -> Result<Option<ClientMsgIdClaim>, SendError> {
     let mut redis = state.redis.clone();
-    // SET NX ... GET: the previous digest if the id was taken, nil if this call took it.
-    let res: redis::RedisResult<Option<String>> = redis::cmd("SET")
-        .arg(&key)
-        .arg(&digest)
-        .arg("NX")
-        .arg("GET")
-        .arg("PX")
-        .arg(hold)
-        .query_async(&mut redis)
-        .await;
-    match res {
-        Ok(Some(first)) if first != digest => {
+    let names = state.store.names();
+    match msg_id::claim_client_msg_id(&mut redis, names, (uid, sid), client_msg_id, action).await {
+        Ok(ClientMsgId::Ok(claim)) => Ok(Some(claim)),
+        Ok(ClientMsgId::Conflict) => {
             metrics::counter!("oh_gateway_msg_id_conflicts_total").increment(1);
             Err(SendError::MsgIdConflict(client_msg_id.to_owned()))
         }
-        Ok(previous) => Ok(Some(MsgIdClaim {
-            key,
-            digest,
-            first: previous.is_none(),
-        })),
         Err(e) => {
             warn!(session_id = %sid, error = %e, "msg_id check skipped (Redis)");
             Ok(None)
@@ -167,49 +139,13 @@ pub(crate) async fn claim_msg_id(
     }
 }
 
-/// Gives a first-used `msg_id` back after its action was not stored, so the client may send
-/// another action under it. Compare-and-delete: a retry that re-took it keeps it.
-pub(crate) async fn release_msg_id(state: &AppState, claim: MsgIdClaim) {
-    if !claim.first {
-        return;
-    }
-    // The lease's compare-and-delete: the key goes only if it still holds our digest.
-    let held = shared::ownership::Lease {
-        key: claim.key,
-        token: claim.digest,
-    };
+/// Gives a first-used `msg_id` back after its action was not stored (see
+/// [`msg_id::release_client_msg_id`]).
+pub(crate) async fn release_msg_id(state: &AppState, claim: ClientMsgIdClaim) {
     let mut redis = state.redis.clone();
-    if let Err(e) = shared::ownership::release(&mut redis, &held).await {
+    if let Err(e) = msg_id::release_client_msg_id(&mut redis, claim).await {
         warn!(error = %e, "msg_id release failed; it expires by itself");
     }
-}
-
-/// JSON with object keys sorted, for a digest that does not depend on key order.
-fn canonical(v: &Value) -> String {
-    fn sorted(v: &Value) -> Value {
-        match v {
-            Value::Object(m) => {
-                let mut keys: Vec<&String> = m.keys().collect();
-                keys.sort();
-                Value::Object(
-                    keys.into_iter()
-                        .map(|k| (k.clone(), sorted(&m[k])))
-                        .collect(),
-                )
-            }
-            Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
-            other => other.clone(),
-        }
-    }
-    sorted(v).to_string()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}"); // writing to a String cannot fail
-        s
-    })
 }
 
 /// Publishes a control request (ordered with the user's actions).
@@ -222,35 +158,24 @@ pub(crate) async fn send_control(
     let mut headers = HeaderMap::new();
     headers.insert(HDR_USER, uid.as_str());
     headers.insert(HDR_CONTROL, ctl.as_str());
-    let msg_id = uuid::Uuid::new_v4().simple().to_string();
-    publish(state, sid, Bytes::new(), headers, &msg_id).await
+    publish(state, sid, Bytes::new(), headers, &ActionMsgId::fresh()).await
 }
 
 async fn publish(
     state: &AppState,
     sid: &SessionId,
     payload: Bytes,
-    mut headers: HeaderMap,
-    msg_id: &str,
+    headers: HeaderMap,
+    msg_id: &ActionMsgId,
 ) -> Result<u64, SendError> {
     let started = std::time::Instant::now();
-    let payload = state
+    let res = state
         .store
-        .pack(sid, payload, &mut headers)
-        .await
-        .map_err(|e| SendError::Unavailable(e.to_string()))?;
-    let msg = PublishMessage::build()
-        .payload(payload)
-        .headers(headers)
-        .message_id(msg_id);
-    let subject = state.store.names.actions_subject(sid);
-    let res = match state.store.js.send_publish(subject, msg).await {
-        Ok(ack) => ack.await,
-        Err(e) => Err(e),
-    };
+        .publish_action(sid, payload, headers, msg_id)
+        .await;
     metrics::histogram!("oh_gateway_action_publish_seconds").record(started.elapsed());
     match res {
-        Ok(ack) => Ok(ack.sequence),
+        Ok(seq) => Ok(seq),
         Err(e) => {
             metrics::counter!("oh_gateway_action_publish_failed_total").increment(1);
             Err(SendError::Unavailable(e.to_string()))
@@ -262,7 +187,7 @@ async fn publish(
 /// the action itself is already stored and runs when the session next starts.
 pub(crate) async fn ensure_running(state: &AppState, sid: &SessionId, uid: &UserId) {
     let mut redis = state.redis.clone();
-    match shared::ownership::owner(&mut redis, &state.store.names, sid).await {
+    match shared::ownership::owner(&mut redis, state.store.names(), sid).await {
         Ok(Some(_)) => {}
         Ok(None) => {
             if let Err(e) = enqueue(state, sid, uid, StartReason::Start).await {
@@ -287,7 +212,7 @@ pub(crate) async fn enqueue(
         let mut redis = state.redis.clone();
         let res = status::write(
             &mut redis,
-            &state.store.names,
+            state.store.names(),
             sid,
             status::Update {
                 state: Some(SessionState::Queued),
@@ -300,18 +225,4 @@ pub(crate) async fn enqueue(
         }
     }
     Ok(queued)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn canonical_json_ignores_key_order_only() {
-        let a = serde_json::json!({"b": 1, "a": {"d": [2, {"y": 1, "x": 0}], "c": 3}});
-        let b = serde_json::json!({"a": {"c": 3, "d": [2, {"x": 0, "y": 1}]}, "b": 1});
-        assert_eq!(canonical(&a), canonical(&b));
-        let c = serde_json::json!({"a": {"c": 3, "d": [{"x": 0, "y": 1}, 2]}, "b": 1});
-        assert_ne!(canonical(&a), canonical(&c), "array order matters");
-    }
 }

@@ -137,7 +137,7 @@ impl Fanout {
     ) -> Self {
         let presence = Presence {
             redis,
-            names: store.names.clone(),
+            names: store.names().clone(),
             gateway_id: Arc::from(gateway_id),
         };
         Self {
@@ -218,7 +218,7 @@ impl Fanout {
         }
         let sub = self
             .nats
-            .subscribe(self.store.names.session_subjects(sid))
+            .subscribe(self.store.names().session_subjects(sid))
             .await?;
         self.nats.flush().await?;
         let (tx, rx) = broadcast::channel(16);
@@ -253,8 +253,8 @@ async fn pump(
     mut sub: async_nats::Subscriber,
     tx: broadcast::Sender<Feed>,
 ) {
-    let status_subject = store.names.status_subject(&sid);
-    let events_subject = store.names.events_subject(&sid);
+    let status_subject = store.names().status_subject(&sid);
+    let events_subject = store.names().events_subject(&sid);
     while let Some(msg) = sub.next().await {
         if msg.subject.as_str() == status_subject {
             let raw = std::str::from_utf8(&msg.payload)

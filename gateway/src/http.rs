@@ -19,6 +19,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use shared::event::load_trajectory;
 use shared::id::{SessionId, UserId};
+use shared::msg_id::ActionMsgId;
 use shared::status::{self, SessionState, Status};
 use shared::store::{ConversationMeta, StoreError};
 use shared::wire::{Control, StartReason};
@@ -275,8 +276,7 @@ async fn create(
     if let Some(replay) = &body.replay_json {
         let events = load_trajectory(replay.as_bytes())
             .map_err(|e| ApiError::BadRequest(format!("invalid replay_json: {e}")))?;
-        let name = format!("replay.{sid}");
-        state.store.put_blob(&name, replay.as_bytes()).await?;
+        let name = state.store.put_replay(&sid, replay.as_bytes()).await?;
         info!(session_id = %sid, events = events.len(), "replay trajectory stored");
         replay_blob = Some(name);
     }
@@ -314,7 +314,7 @@ async fn create(
     ); // accepted, not used yet
     state.store.put_meta(&uid, &meta).await?;
     if let Some(payload) = initial {
-        let msg_id = format!("{sid}:initial");
+        let msg_id = ActionMsgId::initial(&sid);
         actions::send_stored_only(&state, &sid, &uid, payload, &msg_id).await?;
     }
     actions::enqueue(&state, &sid, &uid, StartReason::Create).await?;
@@ -334,7 +334,7 @@ async fn info(state: &AppState, meta: &ConversationMeta) -> Result<Value, ApiErr
     let sid =
         SessionId::parse(&meta.conversation_id).map_err(|e| ApiError::Internal(e.to_string()))?;
     let (mut r1, mut r2) = (state.redis.clone(), state.redis.clone());
-    let names = &state.store.names;
+    let names = state.store.names();
     let (st, owner) = tokio::try_join!(
         status::read(&mut r1, names, &sid),
         shared::ownership::owner(&mut r2, names, &sid),
@@ -519,7 +519,7 @@ async fn start(
 ) -> Result<Json<Value>, ApiError> {
     meta_of(&state, &uid, &sid).await?;
     let mut redis = state.redis.clone();
-    let owner = shared::ownership::owner(&mut redis, &state.store.names, &sid).await?;
+    let owner = shared::ownership::owner(&mut redis, state.store.names(), &sid).await?;
     let status = if owner.is_some() {
         "RUNNING"
     } else {
@@ -539,7 +539,7 @@ async fn stop_session(
     sid: &SessionId,
 ) -> Result<Option<&'static str>, ApiError> {
     let mut redis = state.redis.clone();
-    let names = &state.store.names;
+    let names = state.store.names();
     if shared::ownership::owner(&mut redis, names, sid)
         .await?
         .is_some()
@@ -551,9 +551,7 @@ async fn stop_session(
     if st.state == Some(SessionState::Queued) {
         state
             .store
-            .work()
-            .purge()
-            .filter(names.work_subject(sid))
+            .withdraw_start(sid)
             .await
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
         status::write(
@@ -598,7 +596,7 @@ async fn delete_one(
         // Wait (bounded) for the owner to let go, so its last events are purged too.
         let mut redis = state.redis.clone();
         for _ in 0..50 {
-            if shared::ownership::owner(&mut redis, &state.store.names, &sid)
+            if shared::ownership::owner(&mut redis, state.store.names(), &sid)
                 .await?
                 .is_none()
             {
@@ -609,8 +607,8 @@ async fn delete_one(
     }
     state.store.purge_session(&sid).await?;
     let mut redis = state.redis.clone();
-    status::delete(&mut redis, &state.store.names, &sid).await?;
-    shared::ownership::unmark_should_run(&mut redis, &state.store.names, &uid, &sid).await?;
+    status::delete(&mut redis, state.store.names(), &sid).await?;
+    shared::ownership::unmark_should_run(&mut redis, state.store.names(), &uid, &sid).await?;
     Ok(Json(json!(true)))
 }
 

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::{Value, json};
 use shared::id::{SessionId, UserId};
+use shared::msg_id::ActionMsgId;
 use shared::store::StoreError;
 use socketioxide::SocketIo;
 use socketioxide::extract::{AckSender, SocketRef, State, TryData};
@@ -255,9 +256,9 @@ async fn on_action(
             Some(id) => {
                 let claim =
                     actions::claim_msg_id(&state, &conn.sid, &conn.uid, id, &payload).await?;
-                (format!("{}:{}:{id}", conn.uid, conn.sid), claim)
+                (ActionMsgId::client(&conn.uid, &conn.sid, id), claim)
             }
-            None => (uuid::Uuid::new_v4().simple().to_string(), None),
+            None => (ActionMsgId::fresh(), None),
         };
         let sent = actions::send(&state, &conn.sid, &conn.uid, valid.raw, &msg_id).await;
         if sent.is_err()

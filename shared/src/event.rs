@@ -1,11 +1,12 @@
-//! The OpenHands event model: the wire JSON of actions and observations (section 4 of
-//! `openhands-protocol.md`). This is the only module that knows that JSON shape.
+//! The OpenHands event model: the wire JSON of actions and observations, as OpenHands'
+//! `event_to_dict`/`event_from_dict` write and read it. This is the only module that knows
+//! that JSON shape.
 //!
 //! Layout:
 //! - [`Event`]: one stored event dict, with the common top-level fields and a [`Kind`]
 //!   (action with `args`, or observation with `content`/`extras`).
 //! - [`Event::from_json`]/[`Event::from_value`] parse and validate; [`Event::normalize`]
-//!   applies the tolerance rules for old data and client payloads (section 4.6) as a separate
+//!   applies the tolerance rules for old data and client payloads as a separate
 //!   step; [`load_trajectory`] does both for a `replay_json` array.
 //! - [`UserAction`]: a validated `oh_user_action` payload; [`AgentState`]: the state strings.
 //! - [`Event::live_copy`] (live forwarding filter, 3.3) and [`replay_order`] (replay on
@@ -24,12 +25,14 @@
 //!   (fields next to the type tag instead of inside `args`/`extras`) is refused.
 
 mod agent_state;
+mod build;
 mod normalize;
 mod pyliteral;
 mod schema;
 #[cfg(test)]
 mod tests;
 mod user_action;
+mod view;
 
 use serde::de::Error as _;
 use serde::ser::SerializeMap;
@@ -37,7 +40,13 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Number, Value};
 
 pub use agent_state::AgentState;
+pub use build::{
+    CmdObservation, EditArgs, EditObservation, ReadArgs, RecallContext, RecallType,
+    RecalledKnowledge, RunArgs, StatusLevel, StatusUpdate, ToolCallMetadata, ack_payload,
+    error_payload,
+};
 pub use user_action::{ActionError, UserAction};
+pub use view::{ActionView, ObservationView, RecallView, ToolCall};
 
 /// Who produced an event (`source`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -76,7 +85,7 @@ impl Source {
 pub enum Kind {
     /// `"action": <type>` with its fields in `args`.
     Action {
-        /// The type tag (table 4.3), e.g. `message`, `run`.
+        /// The type tag, e.g. `message`, `run`.
         action: String,
         /// All fields of the action type (unknown keys kept).
         args: Map<String, Value>,
@@ -85,7 +94,7 @@ pub enum Kind {
     },
     /// `"observation": <type>` with its main text in `content` and other fields in `extras`.
     Observation {
-        /// The type tag (table 4.4), e.g. `run`, `agent_state_changed`.
+        /// The type tag, e.g. `run`, `agent_state_changed`.
         observation: String,
         /// Main text; `""` if none.
         content: String,
@@ -193,7 +202,7 @@ pub enum EventError {
     },
 }
 
-/// What connect-replay does with a stored event (section 2.5).
+/// What connect-replay does with a stored event (OpenHands' replay rule on connect).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplayClass {
     /// Not replayed: `null` actions/observations and `recall` actions.
@@ -416,7 +425,7 @@ impl Event {
         serde_json::to_string(self).expect("an Event always serializes to JSON")
     }
 
-    /// Applies the tolerance rules of section 4.6 for old data and client payloads:
+    /// Applies OpenHands' tolerance rules for old data and client payloads:
     /// - action args: `timestamp` becomes the event timestamp if it has none (and is dropped
     ///   from args); `is_confirmed` → `confirmation_state`; `images_urls` → `image_urls`;
     ///   `keep_prompt`, `task_completed` and an invalid `security_risk` are dropped; the
@@ -474,100 +483,9 @@ impl Event {
     }
 
     /// The `message` text OpenHands derives from the event's type and fields
-    /// (tables 4.3/4.4), e.g. `Running command: ls`.
+    /// (per action/observation type), e.g. `Running command: ls`.
     pub fn derived_message(&self) -> String {
         schema::derive_message(&self.kind)
-    }
-
-    fn build(kind: Kind, source: Option<Source>) -> Event {
-        let mut event = Event {
-            id: None,
-            timestamp: None,
-            source,
-            message: String::new(),
-            cause: None,
-            kind,
-            tool_call_metadata: None,
-            llm_metrics: None,
-            extra: Map::new(),
-        }
-        .with_defaults();
-        event.message = event.derived_message();
-        event
-    }
-
-    fn action(action: &str, args: Map<String, Value>, source: Option<Source>) -> Event {
-        Self::build(
-            Kind::Action {
-                action: action.to_owned(),
-                args,
-                timeout: None,
-            },
-            source,
-        )
-    }
-
-    fn observation(observation: &str, content: String, extras: Map<String, Value>) -> Event {
-        Self::build(
-            Kind::Observation {
-                observation: observation.to_owned(),
-                content,
-                extras,
-                success: None,
-            },
-            None,
-        )
-    }
-
-    /// A `message` action (all default args filled; `message` is the content).
-    pub fn message(source: Source, content: impl Into<String>, wait_for_response: bool) -> Event {
-        let mut args = Map::new();
-        args.insert("content".into(), Value::String(content.into()));
-        args.insert("wait_for_response".into(), Value::Bool(wait_for_response));
-        Self::action("message", args, Some(source))
-    }
-
-    /// The `system` action (source `agent`) carrying the system prompt and tool schemas.
-    pub fn system(
-        content: impl Into<String>,
-        tools: Option<Value>,
-        agent_class: &str,
-        openhands_version: &str,
-    ) -> Event {
-        let mut args = Map::new();
-        args.insert("content".into(), Value::String(content.into()));
-        args.insert("tools".into(), tools.unwrap_or(Value::Null));
-        args.insert("openhands_version".into(), openhands_version.into());
-        args.insert("agent_class".into(), agent_class.into());
-        Self::action("system", args, Some(Source::Agent))
-    }
-
-    /// A `change_agent_state` action as the server builds it (source `environment`;
-    /// message `Agent state changed to <state>`).
-    pub fn change_agent_state(state: AgentState) -> Event {
-        let mut args = Map::new();
-        args.insert("agent_state".into(), state.as_str().into());
-        Self::action("change_agent_state", args, Some(Source::Environment))
-    }
-
-    /// An `agent_state_changed` observation (source `environment`, content and message
-    /// `""`, extras `{agent_state, reason}`).
-    pub fn agent_state_changed(state: AgentState, reason: impl Into<String>) -> Event {
-        let mut extras = Map::new();
-        extras.insert("agent_state".into(), state.as_str().into());
-        extras.insert("reason".into(), Value::String(reason.into()));
-        let mut event = Self::observation("agent_state_changed", String::new(), extras);
-        event.source = Some(Source::Environment);
-        event
-    }
-
-    /// An `error` observation (`message` is the content; `error_id` e.g.
-    /// `AGENT_ERROR$ERROR_ACTION_NOT_EXECUTED_STOPPED`, or `""`). No source: the append path
-    /// sets it.
-    pub fn error_observation(content: impl Into<String>, error_id: &str) -> Event {
-        let mut extras = Map::new();
-        extras.insert("error_id".into(), error_id.into());
-        Self::observation("error", content.into(), extras)
     }
 
     /// The action type tag, if this is an action.
@@ -606,7 +524,8 @@ impl Event {
         self.action_type() == Some("null") || self.observation_type() == Some("null")
     }
 
-    /// The copy sent to connected clients when this event is appended (section 3.3), or
+    /// The copy sent to connected clients when this event is appended (OpenHands' live
+    /// filter), or
     /// `None` if it is not forwarded live:
     /// - `null` actions/observations: not sent;
     /// - source `agent`/`user`: sent unchanged;
@@ -632,7 +551,7 @@ impl Event {
         }
     }
 
-    /// How connect-replay treats this event (section 2.5).
+    /// How connect-replay treats this event.
     pub fn replay_class(&self) -> ReplayClass {
         if self.is_null() || self.action_type() == Some("recall") {
             ReplayClass::Skip
@@ -728,7 +647,7 @@ impl<'de> Deserialize<'de> for Event {
     }
 }
 
-/// Reads a trajectory (`replay_json`, section 10): a JSON array of event dicts, each parsed
+/// Reads a trajectory (`replay_json`): a JSON array of event dicts, each parsed
 /// and normalized.
 ///
 /// # Errors
@@ -752,7 +671,8 @@ pub fn load_trajectory(bytes: &[u8]) -> Result<Vec<Event>, EventError> {
         .collect()
 }
 
-/// The events connect-replay sends for a range of stored events, in order (section 2.5):
+/// The events connect-replay sends for a range of stored events, in order (OpenHands'
+/// replay rule):
 /// skipped events left out, every event but `agent_state_changed` in the given order, then
 /// the last `agent_state_changed` of the range (if any). `events` is the range to replay
 /// (ids `>= latest_event_id + 1`, in id order).

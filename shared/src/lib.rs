@@ -8,6 +8,9 @@
 //! - [`wire`]: the messages that cross NATS between gateway and worker (start requests, headers).
 //! - [`store`]: JetStream setup and reads of a session's event log (replay seek, ranges, blobs).
 //! - [`ownership`]: the Redis lease protocol (acquire, renew, release by compare-and-set).
+//! - [`presence`]: which gateways have sockets on a session (gateways write, workers read).
+//! - [`queue`]: the work queues (user actions per session, start requests), both sides.
+//! - [`msg_id`]: the `Nats-Msg-Id`s of user actions and the guard on a client's own `msg_id`.
 //! - [`journal`]: the fenced append to a session's log (the other half of ownership).
 //! - [`status`]: the live session status hash in Redis.
 //! - [`telemetry`]: tracing and Prometheus metrics setup.
@@ -18,8 +21,11 @@ pub mod config;
 pub mod event;
 pub mod id;
 pub mod journal;
+pub mod msg_id;
 pub mod names;
 pub mod ownership;
+pub mod presence;
+pub mod queue;
 pub mod status;
 pub mod store;
 pub mod telemetry;

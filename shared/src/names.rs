@@ -9,13 +9,14 @@
 //! | user actions not yet applied | stream `{ns}_actions` (work queue), subject `{ns}.act.{sid}`, durable consumer `act_{sid}` |
 //! | start/resume requests | stream `{ns}_work` (work queue, one per session at a time), subject `{ns}.work.{sid}`, consumer `workers` |
 //! | conversation metadata | stream `{ns}_meta`, subject `{ns}.meta.{uid}.{sid}`, one message each |
-//! | large payloads stored out of line | object store `{ns}_blobs` |
+//! | large payloads stored out of line | object store `{ns}_blobs`, objects `{sid}.{uuid}` and `replay.{sid}` |
 //! | owner lease | Redis `{ns}:lease:{sid}` |
 //! | live status | Redis hash `{ns}:status:{sid}` |
 //! | sessions that should run (sweeper) | Redis set `{ns}:should_run` of `{sid}:{uid}` |
 //! | a user's running sessions | Redis sorted set `{ns}:user_running:{uid}` |
 //! | sweeper lock | Redis `{ns}:sweeper` |
 //! | gateways with sockets on a session | Redis sorted set `{ns}:presence:{sid}` |
+//! | first action sent under a client `msg_id` | Redis `{ns}:msgid:{uid}:{sid}:{msg_id}` |
 
 use crate::id::{IdError, SessionId, UserId};
 
@@ -146,6 +147,14 @@ impl Names {
     pub fn blob_bucket(&self) -> String {
         format!("{}_blobs", self.ns)
     }
+    /// Blob of one payload stored out of line (unique per payload; named in header `Oh-Blob`).
+    pub fn payload_blob(&self, sid: &SessionId) -> String {
+        format!("{sid}.{}", uuid::Uuid::new_v4().simple())
+    }
+    /// Blob of a conversation's `replay_json` trajectory (named in its metadata).
+    pub fn replay_blob(&self, sid: &SessionId) -> String {
+        format!("replay.{sid}")
+    }
 
     /// Redis key of a session's owner lease.
     pub fn lease_key(&self, sid: &SessionId) -> String {
@@ -163,12 +172,12 @@ impl Names {
     pub fn sweeper_key(&self) -> String {
         format!("{}:sweeper", self.ns)
     }
-    /// Redis sorted set of the gateways with sockets on a session (score: expiry ms).
-    /// Digest of the action first sent with a client `msg_id` (fault plan row 16: the first
-    /// write wins and a different payload under the same id is refused, not dropped).
+    /// Digest of the action first sent with a client `msg_id` (the first write wins and a
+    /// different payload under the same id is refused, not dropped).
     pub fn msg_id_key(&self, uid: &UserId, sid: &SessionId, msg_id: &str) -> String {
         format!("{}:msgid:{uid}:{sid}:{msg_id}", self.ns)
     }
+    /// Redis sorted set of the gateways with sockets on a session (score: expiry ms).
     pub fn presence_key(&self, sid: &SessionId) -> String {
         format!("{}:presence:{sid}", self.ns)
     }

@@ -1,4 +1,5 @@
-//! The owner lease of a session, in Redis (reliability.md §3).
+//! The owner lease of a session, in Redis, and the lists that follow leases: the should-run
+//! set (sessions the sweeper resumes when they lose their owner) and per-user running slots.
 //!
 //! - Acquire: `SET {ns}:lease:{sid} {worker}/{nonce} NX PX ttl`.
 //! - Renew: a Lua compare-and-`PEXPIRE` that never recreates a missing key.
@@ -53,6 +54,26 @@ pub struct Lease {
     pub token: String,
 }
 
+impl Lease {
+    /// This acquisition's own nonce: unique per claim, it scopes the claim's append ids.
+    pub fn claim_id(&self) -> &str {
+        self.token.rsplit('/').next().unwrap_or_default()
+    }
+}
+
+/// The sweeper's lock (one sweeper at a time across workers): a lease on `{ns}:sweeper` that
+/// its holder keeps by renewing (or reacquiring) it.
+pub fn sweeper_lock(names: &Names, worker: &WorkerId) -> Lease {
+    Lease {
+        key: names.sweeper_key(),
+        token: new_token(worker),
+    }
+}
+
+fn new_token(worker: &WorkerId) -> String {
+    format!("{worker}/{}", uuid::Uuid::new_v4().simple())
+}
+
 /// Tries to take the lease of `sid` for `worker`.
 ///
 /// Returns `None` if someone else holds it.
@@ -67,7 +88,7 @@ pub async fn acquire(
     ttl: Duration,
 ) -> redis::RedisResult<Option<Lease>> {
     let key = names.lease_key(sid);
-    let token = format!("{worker}/{}", uuid::Uuid::new_v4().simple());
+    let token = new_token(worker);
     let set: Option<String> = redis::cmd("SET")
         .arg(&key)
         .arg(&token)
@@ -179,6 +200,47 @@ pub async fn release_user_slot(
         .await
 }
 
+/// A member of the should-run set: `{sid}:{uid}` (neither id can contain `:`).
+fn should_run_member(sid: &SessionId, uid: &crate::id::UserId) -> String {
+    format!("{sid}:{uid}")
+}
+
+/// The sessions that should be running and have no lease (their owner died or let go without
+/// stopping them): the sweeper's work list. Two round trips, whatever the number of sessions.
+/// Members that do not parse are skipped.
+///
+/// # Errors
+/// The Redis error if a command could not be run.
+pub async fn orphans(
+    conn: &mut ConnectionManager,
+    names: &Names,
+) -> redis::RedisResult<Vec<(SessionId, crate::id::UserId)>> {
+    let members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(names.should_run_key())
+        .query_async(conn)
+        .await?;
+    let parsed: Vec<(SessionId, crate::id::UserId)> = members
+        .iter()
+        .filter_map(|m| {
+            let (s, u) = m.split_once(':')?;
+            Some((SessionId::parse(s).ok()?, crate::id::UserId::parse(u).ok()?))
+        })
+        .collect();
+    if parsed.is_empty() {
+        return Ok(parsed);
+    }
+    let mut pipe = redis::pipe();
+    for (sid, _) in &parsed {
+        pipe.cmd("EXISTS").arg(names.lease_key(sid));
+    }
+    let owned: Vec<bool> = pipe.query_async(conn).await?;
+    Ok(parsed
+        .into_iter()
+        .zip(owned)
+        .filter_map(|(pair, owned)| (!owned).then_some(pair))
+        .collect())
+}
+
 /// Records that `sid` should be running (the sweeper resumes it if it loses its owner).
 ///
 /// # Errors
@@ -191,7 +253,7 @@ pub async fn mark_should_run(
 ) -> redis::RedisResult<()> {
     redis::cmd("SADD")
         .arg(names.should_run_key())
-        .arg(format!("{sid}:{uid}"))
+        .arg(should_run_member(sid, uid))
         .query_async(conn)
         .await
 }
@@ -208,7 +270,7 @@ pub async fn unmark_should_run(
 ) -> redis::RedisResult<()> {
     redis::cmd("SREM")
         .arg(names.should_run_key())
-        .arg(format!("{sid}:{uid}"))
+        .arg(should_run_member(sid, uid))
         .query_async(conn)
         .await
 }

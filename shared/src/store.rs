@@ -3,7 +3,7 @@
 //!
 //! **Invariant:** a session's events are the messages of its subject `{ns}.ev.{sid}`, in stream
 //! order, with dense ids 0..n (header `Oh-Event-Id`). Only the owning worker appends
-//! (`worker::journal`); everyone may read.
+//! ([`crate::journal`]); everyone may read. The work queues are in [`crate::queue`].
 //!
 //! Replay seek ([`Store::seek`]) is a binary search over stream sequences with direct gets,
 //! bounded by the fact that ids are dense: `seq(k)` lies in
@@ -62,11 +62,11 @@ pub enum StoreError {
     },
 }
 
-fn nats(op: &'static str) -> impl FnOnce(async_nats::Error) -> StoreError {
+pub(crate) fn nats(op: &'static str) -> impl FnOnce(async_nats::Error) -> StoreError {
     move |source| StoreError::Nats { op, source }
 }
 
-fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> async_nats::Error {
+pub(crate) fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> async_nats::Error {
     Box::new(e)
 }
 
@@ -128,13 +128,11 @@ pub struct StoredEvent {
 /// Handles to every stream and bucket of one namespace.
 #[derive(Clone)]
 pub struct Store {
-    /// JetStream context.
-    pub js: jetstream::Context,
-    /// Names of the namespace.
-    pub names: Names,
+    pub(crate) js: jetstream::Context,
+    pub(crate) names: Names,
     events: stream::Stream,
-    actions: stream::Stream,
-    work: stream::Stream,
+    pub(crate) actions: stream::Stream,
+    pub(crate) work: stream::Stream,
     meta: stream::Stream,
     blobs: object_store::ObjectStore,
     inline_limit: usize,
@@ -265,17 +263,9 @@ impl Store {
         })
     }
 
-    /// The actions stream (the worker creates per-session consumers on it).
-    pub fn actions(&self) -> &stream::Stream {
-        &self.actions
-    }
-    /// The work stream.
-    pub fn work(&self) -> &stream::Stream {
-        &self.work
-    }
-    /// The events stream.
-    pub fn events(&self) -> &stream::Stream {
-        &self.events
+    /// The names of this store's namespace (subjects for core NATS subscribers, Redis keys).
+    pub fn names(&self) -> &Names {
+        &self.names
     }
     /// Largest payload sent inline; larger ones go to the blob store.
     pub fn inline_limit(&self) -> usize {
@@ -593,7 +583,7 @@ impl Store {
         if payload.len() <= self.inline_limit {
             return Ok(payload);
         }
-        let name = format!("{sid}.{}", uuid::Uuid::new_v4().simple());
+        let name = self.names.payload_blob(sid);
         self.blobs
             .put(name.as_str(), &mut payload.as_ref())
             .await
@@ -613,53 +603,19 @@ impl Store {
         }
     }
 
-    /// Stores a named blob (e.g. a `replay_json` trajectory).
+    /// Stores a conversation's `replay_json` trajectory; returns the blob's name, which its
+    /// metadata records.
     ///
     /// # Errors
     /// [`StoreError`] if NATS failed.
-    pub async fn put_blob(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
+    pub async fn put_replay(&self, sid: &SessionId, data: &[u8]) -> Result<String, StoreError> {
+        let name = self.names.replay_blob(sid);
         let mut reader = data;
         self.blobs
-            .put(name, &mut reader)
+            .put(name.as_str(), &mut reader)
             .await
             .map_err(|e| nats("blob put")(boxed(e)))?;
-        Ok(())
-    }
-
-    /// Queues a start request for the session. Returns `false` if one is already queued (the
-    /// work stream keeps at most one per session: `discard_new_per_subject`).
-    ///
-    /// # Errors
-    /// [`StoreError`] if JetStream did not confirm the request.
-    pub async fn enqueue_start(&self, req: &crate::wire::StartRequest) -> Result<bool, StoreError> {
-        use async_nats::jetstream::context::PublishErrorKind;
-        let sid = SessionId::parse(&req.session_id).map_err(|e| StoreError::Corrupt {
-            what: "start request",
-            session: req.session_id.clone(),
-            detail: e.to_string(),
-        })?;
-        let res = match self
-            .js
-            .publish(self.names.work_subject(&sid), req.encode())
-            .await
-        {
-            Ok(ack) => ack.await,
-            Err(e) => Err(e),
-        };
-        match res {
-            Ok(_) => Ok(true),
-            Err(e)
-                if e.kind() == PublishErrorKind::Other
-                    && std::error::Error::source(&e)
-                        .and_then(|s| s.downcast_ref::<jetstream::Error>())
-                        .is_some_and(|j| {
-                            j.error_code() == jetstream::ErrorCode::STREAM_STORE_FAILED
-                        }) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(nats("start request")(boxed(e))),
-        }
+        Ok(name)
     }
 
     /// Reads a named blob.

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt;
 use shared::id::{SessionId, UserId};
@@ -14,11 +15,13 @@ use shared::store::{ConversationMeta, Store};
 use shared::wire::{HDR_EVENT_ID, StartReason, StartRequest};
 use tests::nats::NatsServer;
 
+fn names() -> Names {
+    Names::new("st").unwrap()
+}
+
 async fn open(nats: &NatsServer) -> Store {
     let client = async_nats::connect(nats.url()).await.unwrap();
-    Store::open(client, Names::new("st").unwrap())
-        .await
-        .unwrap()
+    Store::open(client, names()).await.unwrap()
 }
 
 fn meta(sid: &SessionId, uid: &UserId, created: &str) -> ConversationMeta {
@@ -99,11 +102,7 @@ async fn at_most_one_start_request_is_queued_per_session() {
         "second request must be refused"
     );
     // Once a worker has taken (acked) it, a new one can be queued at once.
-    let consumer: async_nats::jetstream::consumer::PullConsumer = store
-        .work()
-        .get_consumer(store.names.work_consumer())
-        .await
-        .unwrap();
+    let consumer = store.work_consumer().await.unwrap();
     let mut batch = consumer
         .fetch()
         .max_messages(1)
@@ -118,15 +117,14 @@ async fn at_most_one_start_request_is_queued_per_session() {
     assert!(store.enqueue_start(&req).await.unwrap());
 }
 
-async fn append(store: &Store, sid: &SessionId, id: u64, body: &str) {
+/// Appends an event the way a journal does (without its fence), so that sessions interleave.
+async fn append(js: &jetstream::Context, sid: &SessionId, id: u64, body: &str) {
     let mut h = HeaderMap::new();
     h.insert(HDR_EVENT_ID, id.to_string().as_str());
     let payload = format!(
         r#"{{"id":{id},"source":"agent","message":"{body}","action":"message","args":{{"content":"{body}"}}}}"#
     );
-    store
-        .js
-        .publish_with_headers(store.names.events_subject(sid), h, payload.into())
+    js.publish_with_headers(names().events_subject(sid), h, payload.into())
         .await
         .unwrap()
         .await
@@ -137,16 +135,17 @@ async fn append(store: &Store, sid: &SessionId, id: u64, body: &str) {
 async fn seek_and_read_over_interleaved_sessions() {
     let nats = NatsServer::start().await;
     let store = open(&nats).await;
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let (a, b) = (SessionId::generate(), SessionId::generate());
     // a: 0..300, interleaved with b in irregular runs, so sequences and ids diverge.
     let (mut ia, mut ib) = (0u64, 0u64);
     while ia < 300 {
         for _ in 0..(ia % 7 + 1) {
-            append(&store, &a, ia, "a").await;
+            append(&js, &a, ia, "a").await;
             ia += 1;
         }
         for _ in 0..(ib % 5 + 2) {
-            append(&store, &b, ib, "b").await;
+            append(&js, &b, ib, "b").await;
             ib += 1;
         }
     }

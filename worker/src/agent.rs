@@ -11,7 +11,7 @@ use std::future::Future;
 
 pub(crate) use codeact::{CodeAct, Notify};
 
-use shared::event::{AgentState, Event, Source};
+use shared::event::{ActionView, AgentState, Event, Source};
 use tokio_util::sync::CancellationToken;
 
 /// Why a step produced no events.
@@ -87,10 +87,7 @@ impl Agent for Echo {
             .collect();
         let mut out = Vec::new();
         for user in unanswered.into_iter().rev() {
-            let content = user.to_value()["args"]["content"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
+            let content = user.message_content().unwrap_or_default();
             if self.faults && content == "/crash" {
                 tracing::error!("echo agent fault hook: aborting the worker mid-step");
                 std::process::abort();
@@ -116,7 +113,7 @@ impl Agent for Echo {
     }
 }
 
-/// Replays a trajectory (`replay_json`) with OpenHands' rules (protocol §10): each step takes
+/// Replays a trajectory (`replay_json`) with OpenHands' rules: each step takes
 /// the next action of the list instead of asking the model; the runtime executes it for real,
 /// producing fresh observations (the list's own observations are never reused). When the list
 /// is exhausted, the inner agent (if any) takes over.
@@ -160,14 +157,15 @@ impl Replay {
             .collect();
         let n = queue.len();
         for (i, e) in queue.iter_mut().enumerate() {
-            if e.action_type() == Some("message") && i + 1 < n {
-                let mut v = e.to_value();
-                if v["args"]["wait_for_response"] == true {
-                    v["args"]["wait_for_response"] = serde_json::Value::Bool(false);
-                    if let Ok(ev) = Event::from_value(v) {
-                        *e = ev;
-                    }
-                }
+            let waits = matches!(
+                e.action(),
+                Some(ActionView::Message {
+                    wait_for_response: true,
+                    ..
+                })
+            );
+            if waits && i + 1 < n {
+                e.set_wait_for_response(false);
             }
         }
         // Resuming: skip what the log shows was replayed already (every non-environment

@@ -7,12 +7,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer};
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
-use shared::event::{AgentState, Event};
+use shared::event::{AgentState, Event, StatusUpdate};
 use shared::id::{SessionId, UserId};
-use shared::ownership;
+use shared::journal::{AppendError, Journal};
+use shared::ownership::{self, Lease};
+use shared::queue::ActionFeed;
 use shared::status::{self, SessionState};
+use shared::store::{ConversationMeta, StoreError};
 use shared::wire::{StartReason, StartRequest};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -22,9 +26,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::Ctx;
 use crate::agent::{AgentImpl, CodeAct, Echo, Notify, Replay};
 use crate::controller::Controller;
+use crate::llm::LlmSetupError;
 use crate::runtime::RuntimeConfig;
 use crate::session::{AgentSession, Start};
-use shared::journal::Journal;
 
 /// Most events of a conversation loaded into a new owner's controller.
 const HISTORY_LIMIT: u64 = 2000;
@@ -35,7 +39,7 @@ pub(crate) const TOO_MANY: &str = "AGENT_ERROR$TOO_MANY_CONVERSATIONS: too many 
 pub(crate) async fn pull_loop(ctx: Ctx, sessions: TaskTracker, cancel: CancellationToken) {
     let slots = Arc::new(Semaphore::new(ctx.args.max_sessions as usize));
     let mut backoff = Duration::from_millis(100);
-    let mut work: Option<consumer::PullConsumer> = None;
+    let mut work: Option<PullConsumer> = None;
     loop {
         // Capacity first: never pull work we cannot run.
         let first = tokio::select! {
@@ -88,17 +92,12 @@ pub(crate) async fn pull_loop(ctx: Ctx, sessions: TaskTracker, cancel: Cancellat
 /// fetch drops it, so the next one looks it up again (e.g. after a NATS restart).
 async fn fetch(
     ctx: &Ctx,
-    handle: &mut Option<consumer::PullConsumer>,
+    handle: &mut Option<PullConsumer>,
     n: usize,
 ) -> Result<Vec<jetstream::Message>, async_nats::Error> {
     let consumer = match handle {
         Some(c) => c,
-        None => handle.insert(
-            ctx.store
-                .work()
-                .get_consumer(ctx.store.names.work_consumer())
-                .await?,
-        ),
+        None => handle.insert(ctx.store.work_consumer().await?),
     };
     let mut batch = consumer
         .fetch()
@@ -172,6 +171,23 @@ enum Claimed {
     Later,
 }
 
+/// Why a claim failed; the start request goes back to the queue.
+#[derive(Debug, thiserror::Error)]
+enum ClaimError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("takeover record: {0}")]
+    Takeover(#[from] AppendError),
+    #[error(transparent)]
+    Llm(#[from] LlmSetupError),
+    #[error("replay trajectory: {0}")]
+    Trajectory(#[from] shared::event::EventError),
+    #[error("replay trajectory: {0}")]
+    Replay(String),
+}
+
 async fn try_claim(
     ctx: &Ctx,
     sessions: &TaskTracker,
@@ -180,126 +196,178 @@ async fn try_claim(
     sid: SessionId,
     uid: UserId,
     permit: OwnedSemaphorePermit,
-) -> anyhow::Result<Claimed> {
-    let store = &ctx.store;
-    let names = &store.names;
+) -> Result<Claimed, ClaimError> {
     let mut redis = ctx.redis.clone();
     let mut phases = Phases::new();
-    let Some(meta) = store.get_meta(&uid, &sid).await? else {
-        ownership::unmark_should_run(&mut redis, names, &uid, &sid).await?;
+    let Some(meta) = ctx.store.get_meta(&uid, &sid).await? else {
+        ownership::unmark_should_run(&mut redis, ctx.store.names(), &uid, &sid).await?;
         return Ok(Claimed::Skip("conversation deleted"));
     };
     phases.mark("meta");
-    let Some(lease) =
-        ownership::acquire(&mut redis, names, &sid, &ctx.worker_id, ctx.args.lease_ttl).await?
-    else {
-        // Someone runs it. A resume request may have come before the old owner's lease
-        // expired: try again shortly; other requests are satisfied.
-        return Ok(if req.reason == StartReason::Resume {
-            Claimed::Later
-        } else {
-            Claimed::Skip("already running")
-        });
+    let lease = match take_lease(ctx, req, &sid, &uid).await? {
+        Ok(lease) => lease,
+        Err(not_now) => return Ok(not_now),
     };
-    if let Some(limit) = ctx.args.max_conversations_per_user {
-        let hold = ctx.args.lease_ttl * 3;
-        if !ownership::reserve_user_slot(&mut redis, names, &uid, &sid, limit, hold).await? {
-            let _ = ownership::release(&mut redis, &lease).await; // expires by itself otherwise
-            info!(
-                limit,
-                "user at the running-conversation limit; start refused"
-            );
-            status::write(
-                &mut redis,
-                names,
-                &sid,
-                status::Update {
-                    state: Some(SessionState::Error),
-                    worker_id: Some(""),
-                    reason: Some(TOO_MANY),
-                    ..Default::default()
-                },
-            )
-            .await?;
-            return Ok(Claimed::Skip("user at the running-conversation limit"));
-        }
-    }
     phases.mark("lease");
     // Renewal starts now, not after the (possibly slow) takeover and history read: the lease
     // must not run out while the claim is still in progress.
     let lost = CancellationToken::new();
     ctx.leases
         .insert(sid.clone(), uid.clone(), lease.clone(), lost.clone());
-    match start_session(
+    let mut claim = Claim {
         ctx,
-        sessions,
-        cancel,
-        req,
-        (&sid, &uid),
-        meta,
-        &lease,
-        lost,
-        permit,
+        reason: req.reason,
+        sid,
+        uid,
+        lease,
         phases,
-    )
-    .await
-    {
-        Ok(()) => Ok(Claimed::Started),
+    };
+    match claim.start(meta).await {
+        Ok(ready) => {
+            claim.spawn(ready, sessions, cancel.clone(), lost, permit);
+            Ok(Claimed::Started)
+        }
         Err(e) => {
-            ctx.leases.remove(&sid).await;
-            let _ = ownership::release(&mut redis, &lease).await; // expires by itself otherwise
-            if ctx.args.max_conversations_per_user.is_some() {
-                let _ = ownership::release_user_slot(&mut redis, names, &uid, &sid).await; // expires too
-            }
+            claim.abandon().await;
             Err(e)
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn start_session(
+/// Takes the session's lease (and, with a per-user limit, a slot of its user); `Err` says
+/// what to do with the request when that is not possible now.
+async fn take_lease(
     ctx: &Ctx,
-    sessions: &TaskTracker,
-    cancel: &CancellationToken,
     req: &StartRequest,
-    (sid, uid): (&SessionId, &UserId),
-    meta: shared::store::ConversationMeta,
-    lease: &ownership::Lease,
-    lost: CancellationToken,
-    permit: OwnedSemaphorePermit,
-    mut phases: Phases,
-) -> anyhow::Result<()> {
-    let (sid, uid) = (sid.clone(), uid.clone());
-    let store = &ctx.store;
-    let names = &store.names;
+    sid: &SessionId,
+    uid: &UserId,
+) -> Result<Result<Lease, Claimed>, ClaimError> {
+    let names = ctx.store.names();
     let mut redis = ctx.redis.clone();
-    let claim_id = lease
-        .token
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let result = async {
-        let mut journal = Journal::open(store.clone(), sid.clone(), claim_id).await?;
-        phases.mark("log_head");
-        let empty = journal.is_empty();
-        // The previous owner died in the middle of a turn if the log's state says running.
-        let interrupted = journal.agent_state() == Some(AgentState::Running.as_str());
-        let config = consumer::pull::Config {
-            durable_name: Some(names.actions_consumer(&sid)),
-            filter_subject: names.actions_subject(&sid),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
-            max_ack_pending: 1,
+    let Some(lease) =
+        ownership::acquire(&mut redis, names, sid, &ctx.worker_id, ctx.args.lease_ttl).await?
+    else {
+        // Someone runs it. A resume request may have come before the old owner's lease
+        // expired: try again shortly; other requests are satisfied.
+        return Ok(Err(if req.reason == StartReason::Resume {
+            Claimed::Later
+        } else {
+            Claimed::Skip("already running")
+        }));
+    };
+    let Some(limit) = ctx.args.max_conversations_per_user else {
+        return Ok(Ok(lease));
+    };
+    let hold = ctx.args.lease_ttl * 3;
+    if ownership::reserve_user_slot(&mut redis, names, uid, sid, limit, hold).await? {
+        return Ok(Ok(lease));
+    }
+    let _ = ownership::release(&mut redis, &lease).await; // expires by itself otherwise
+    info!(
+        limit,
+        "user at the running-conversation limit; start refused"
+    );
+    status::write(
+        &mut redis,
+        names,
+        sid,
+        status::Update {
+            state: Some(SessionState::Error),
+            worker_id: Some(""),
+            reason: Some(TOO_MANY),
             ..Default::default()
+        },
+    )
+    .await?;
+    Ok(Err(Claimed::Skip("user at the running-conversation limit")))
+}
+
+/// A session whose lease this worker holds, on its way to running: each step below is one
+/// phase of `oh_worker_claim_phase_seconds`.
+struct Claim<'a> {
+    ctx: &'a Ctx,
+    reason: StartReason,
+    sid: SessionId,
+    uid: UserId,
+    lease: Lease,
+    phases: Phases,
+}
+
+/// The log fenced for this claim, and what its head said.
+struct Fenced {
+    journal: Journal,
+    epoch: u64,
+    /// Nobody ever appended before our takeover record: a conversation's first start.
+    fresh: bool,
+    /// The previous owner died in the middle of a turn.
+    interrupted: bool,
+    consumer: PullConsumer,
+}
+
+/// Everything the session task needs, built.
+struct Ready {
+    session: AgentSession,
+    actions: ActionFeed,
+    start: Start,
+    epoch: u64,
+}
+
+impl Claim<'_> {
+    /// The steps from lease to a session ready to run.
+    async fn start(&mut self, meta: ConversationMeta) -> Result<Ready, ClaimError> {
+        let fenced = self.fence().await?;
+        let actions = self.ctx.store.action_feed(fenced.consumer).await?;
+        self.phases.mark("pull");
+        let history = self.history(&fenced.journal, fenced.fresh).await?;
+        self.phases.mark("history");
+        info!(
+            epoch = fenced.epoch,
+            fresh = fenced.fresh,
+            interrupted = fenced.interrupted,
+            pending = actions.pending,
+            reason = ?self.reason,
+            "claimed"
+        );
+        self.publish_running(&fenced.journal).await?;
+        self.phases.mark("status");
+        let ctrl = self.controller(&meta, history).await?;
+        let start = Start {
+            fresh: fenced.fresh,
+            interrupted: fenced.interrupted,
+            pending: actions.pending,
         };
+        let session = AgentSession::new(
+            self.ctx.clone(),
+            (self.sid.clone(), self.uid.clone()),
+            meta,
+            fenced.journal,
+            self.lease.clone(),
+            ctrl,
+            AgentState::Loading,
+        );
+        Ok(Ready {
+            session,
+            actions,
+            start,
+            epoch: fenced.epoch,
+        })
+    }
+
+    /// Appends the takeover record (the new epoch fences every earlier owner) and binds the
+    /// session's action consumer: a first start creates it beside the append (one round trip
+    /// less); otherwise the previous owner's goes first, so its unacked action comes back.
+    async fn fence(&mut self) -> Result<Fenced, ClaimError> {
+        let store = &self.ctx.store;
+        let claim_id = self.lease.claim_id().to_owned();
+        let mut journal = Journal::open(store.clone(), self.sid.clone(), claim_id).await?;
+        self.phases.mark("log_head");
+        let empty = journal.is_empty();
+        let interrupted = journal.agent_state() == Some(AgentState::Running.as_str());
         let takeover = Event::agent_state_changed(AgentState::Loading, "");
-        // A conversation's first start has no earlier owner whose consumer must go first: its
-        // action consumer is created beside the takeover append (one round trip less).
         let (epoch, early) = if empty {
             let (epoch, consumer) = tokio::join!(
                 journal.take_over(takeover),
-                store.actions().create_consumer(config.clone())
+                store.create_action_consumer(&self.sid)
             );
             (epoch?, Some(consumer))
         } else {
@@ -307,171 +375,170 @@ async fn start_session(
         };
         // Still a first start only if nobody appended before our takeover record.
         let fresh = empty && journal.last_id() == Some(0);
-        phases.mark("takeover");
-        let consumer: consumer::PullConsumer = match early {
+        self.phases.mark("takeover");
+        let consumer = match early {
             Some(Ok(consumer)) if fresh => consumer,
-            _ => {
-                // A previous owner's consumer goes, so its unacked actions come back at once.
-                match store
-                    .actions()
-                    .delete_consumer(&names.actions_consumer(&sid))
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(e) if is_not_found(&e.kind()) => {}
-                    Err(e) => {
-                        return Err(anyhow::Error::new(e).context("delete old action consumer"));
-                    }
-                }
-                store.actions().create_consumer(config).await?
-            }
+            _ => store.replace_action_consumer(&self.sid).await?,
         };
-        phases.mark("consumer");
-        let pending = consumer.cached_info().num_pending;
-        // Short pull expiry: after a NATS restart an outstanding pull is re-issued within it.
-        let actions = consumer
-            .stream()
-            .max_messages_per_batch(1)
-            .expires(Duration::from_secs(5))
-            .messages()
-            .await?;
-        phases.mark("pull");
-        // The conversation so far, for the agent (events are the state: see ARCHITECTURE.md).
-        // Bounded: a claim must stay cheap however long the conversation (the agent sees at
-        // most the newest HISTORY_LIMIT events after a move).
+        self.phases.mark("consumer");
+        Ok(Fenced {
+            journal,
+            epoch,
+            fresh,
+            interrupted,
+            consumer,
+        })
+    }
+
+    /// The conversation so far, for the agent (events are the state). Bounded: a claim stays
+    /// cheap however long the conversation (the agent sees at most the newest
+    /// `HISTORY_LIMIT` events after a move). A first start has only its takeover record.
+    async fn history(&self, journal: &Journal, fresh: bool) -> Result<Vec<Event>, ClaimError> {
+        if fresh {
+            return Ok(Vec::new());
+        }
         let from = journal
             .last_id()
             .map_or(0, |l| l.saturating_sub(HISTORY_LIMIT));
-        // A first start has nothing but its own takeover record: no read.
-        let history: Vec<Event> = if fresh {
-            Vec::new()
-        } else {
-            store
-                .read_from(&sid, from, usize::MAX)
-                .await?
-                .iter()
-                .filter_map(|e| Event::from_json(&e.payload).ok())
-                .collect()
-        };
-        phases.mark("history");
-        anyhow::Ok((
-            journal,
-            fresh,
-            interrupted,
-            epoch,
-            actions,
-            pending,
-            history,
-        ))
+        Ok(self
+            .ctx
+            .store
+            .read_from(&self.sid, from, usize::MAX)
+            .await?
+            .iter()
+            .filter_map(|e| Event::from_json(&e.payload).ok())
+            .collect())
     }
-    .await;
-    let (journal, fresh, interrupted, epoch, actions, pending, history) = result?;
-    info!(epoch, fresh, interrupted, pending, reason = ?req.reason, "claimed");
-    let mut redis2 = redis.clone();
-    tokio::try_join!(
-        ownership::mark_should_run(&mut redis, names, &uid, &sid),
-        status::write(
-            &mut redis2,
-            names,
-            &sid,
-            status::Update {
-                state: Some(SessionState::Running),
-                agent_state: Some(AgentState::Loading.as_str()),
-                worker_id: Some(ctx.worker_id.as_str()),
-                last_event_id: journal.last_id(),
-                reason: Some(""),
-            },
-        )
-    )?;
-    phases.mark("status");
-    let runtime_cfg = RuntimeConfig::new(ctx.args.workspace_root.clone());
-    let agent = match (&ctx.llm, ctx.args.llm_config()) {
-        (Some(registry), Some(cfg)) => {
-            let llm = registry.get(&cfg)?;
-            if let Some(m) = last_metrics(&history) {
-                // The conversation's spend so far, from the newest agent action.
-                llm.metrics().restore(m);
+
+    /// Should-run (the sweeper resumes it if we die) and status `running`, together.
+    async fn publish_running(&self, journal: &Journal) -> Result<(), ClaimError> {
+        let names = self.ctx.store.names();
+        let (mut redis, mut redis2) = (self.ctx.redis.clone(), self.ctx.redis.clone());
+        tokio::try_join!(
+            ownership::mark_should_run(&mut redis, names, &self.uid, &self.sid),
+            status::write(
+                &mut redis2,
+                names,
+                &self.sid,
+                status::Update {
+                    state: Some(SessionState::Running),
+                    agent_state: Some(AgentState::Loading.as_str()),
+                    worker_id: Some(self.ctx.worker_id.as_str()),
+                    last_event_id: journal.last_id(),
+                    reason: Some(""),
+                },
+            )
+        )?;
+        Ok(())
+    }
+
+    /// The agent (CodeAct with an LLM, else echo; wrapped in a replay for `replay_json`
+    /// conversations) and the controller around it.
+    async fn controller(
+        &self,
+        meta: &ConversationMeta,
+        history: Vec<Event>,
+    ) -> Result<Controller, ClaimError> {
+        let ctx = self.ctx;
+        let runtime_cfg = RuntimeConfig::new(ctx.args.workspace_root.clone());
+        let agent = match (&ctx.llm, ctx.args.llm_config()) {
+            (Some(registry), Some(cfg)) => {
+                let llm = registry.get(&cfg)?;
+                if let Some(m) = last_metrics(&history) {
+                    // The conversation's spend so far, from the newest agent action.
+                    llm.metrics().restore(m);
+                }
+                AgentImpl::CodeAct(Box::new(CodeAct {
+                    llm,
+                    notify: self.notifier(),
+                    workspace: runtime_cfg
+                        .root
+                        .join(self.sid.as_str())
+                        .display()
+                        .to_string(),
+                }))
             }
-            let nats = ctx.nats.clone();
-            let subject = names.status_subject(&sid);
-            let notify: Notify = Arc::new(move |v: serde_json::Value| {
-                let (nats, subject) = (nats.clone(), subject.clone());
-                let payload = bytes::Bytes::from(v.to_string());
-                // Status updates are live only: losing one is acceptable.
-                tokio::spawn(async move {
-                    let _ = nats.publish(subject, payload).await;
-                });
+            _ => AgentImpl::Echo(Echo {
+                faults: ctx.args.echo_faults,
+            }),
+        };
+        let agent = match &meta.replay_blob {
+            None => agent,
+            Some(name) => {
+                let bytes = ctx.store.get_blob(name).await?;
+                let trajectory = shared::event::load_trajectory(&bytes)?;
+                let inner = match agent {
+                    AgentImpl::Echo(_) => None,
+                    other => Some(other),
+                };
+                AgentImpl::Replay(Box::new(
+                    Replay::new(trajectory, &history, inner).map_err(ClaimError::Replay)?,
+                ))
+            }
+        };
+        Ok(Controller {
+            agent,
+            iterations: turn_iterations(&history),
+            history,
+            max_iterations: ctx.args.max_iterations,
+            max_budget: ctx.args.max_budget_per_task,
+            runtime: None,
+            runtime_cfg,
+            sid: self.sid.clone(),
+            knowledge: Arc::clone(&ctx.knowledge),
+            recalls: ctx.llm.is_some(),
+        })
+    }
+
+    /// Publishes the agent's status updates on the session's live status subject.
+    fn notifier(&self) -> Notify {
+        let nats = self.ctx.nats.clone();
+        let subject = self.ctx.store.names().status_subject(&self.sid);
+        Arc::new(move |update: StatusUpdate| {
+            let (nats, subject) = (nats.clone(), subject.clone());
+            let payload = bytes::Bytes::from(update.to_json());
+            // Status updates are live only: losing one is acceptable.
+            tokio::spawn(async move {
+                let _ = nats.publish(subject, payload).await;
             });
-            AgentImpl::CodeAct(Box::new(CodeAct {
-                llm,
-                notify,
-                workspace: runtime_cfg.root.join(sid.as_str()).display().to_string(),
-            }))
+        })
+    }
+
+    /// Starts the session task; the slot is given back when it ends.
+    fn spawn(
+        self,
+        ready: Ready,
+        sessions: &TaskTracker,
+        shutdown: CancellationToken,
+        lost: CancellationToken,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let span = info_span!("session", session_id = %self.sid, user_id = %self.uid,
+            worker_id = %self.ctx.worker_id, epoch = ready.epoch);
+        sessions.spawn(
+            async move {
+                metrics::gauge!("oh_worker_sessions_active").increment(1.0);
+                ready
+                    .session
+                    .run(ready.actions.messages, ready.start, lost, shutdown)
+                    .await;
+                metrics::gauge!("oh_worker_sessions_active").decrement(1.0);
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// A failed claim lets go of what it took (all of it also expires by itself).
+    async fn abandon(&self) {
+        let mut redis = self.ctx.redis.clone();
+        self.ctx.leases.remove(&self.sid).await;
+        let _ = ownership::release(&mut redis, &self.lease).await; // expires by itself otherwise
+        if self.ctx.args.max_conversations_per_user.is_some() {
+            let names = self.ctx.store.names();
+            let _ = ownership::release_user_slot(&mut redis, names, &self.uid, &self.sid).await; // expires too
         }
-        _ => AgentImpl::Echo(Echo {
-            faults: ctx.args.echo_faults,
-        }),
-    };
-    let agent = match &meta.replay_blob {
-        None => agent,
-        Some(name) => {
-            let bytes = store.get_blob(name).await?;
-            let trajectory = shared::event::load_trajectory(&bytes)?;
-            let inner = match agent {
-                AgentImpl::Echo(_) => None,
-                other => Some(other),
-            };
-            AgentImpl::Replay(Box::new(
-                Replay::new(trajectory, &history, inner).map_err(anyhow::Error::msg)?,
-            ))
-        }
-    };
-    let iterations = turn_iterations(&history);
-    let ctrl = Controller {
-        agent,
-        history,
-        iterations,
-        max_iterations: ctx.args.max_iterations,
-        max_budget: ctx.args.max_budget_per_task,
-        runtime: None,
-        runtime_cfg,
-        sid: sid.clone(),
-        knowledge: Arc::clone(&ctx.knowledge),
-        recalls: ctx.llm.is_some(),
-    };
-    let session = AgentSession::new(
-        ctx.clone(),
-        (sid.clone(), uid.clone()),
-        meta,
-        journal,
-        lease.clone(),
-        ctrl,
-        AgentState::Loading,
-    );
-    let span =
-        info_span!("session", session_id = %sid, user_id = %uid, worker_id = %ctx.worker_id, epoch);
-    let shutdown = cancel.clone();
-    sessions.spawn(
-        async move {
-            metrics::gauge!("oh_worker_sessions_active").increment(1.0);
-            session
-                .run(
-                    actions,
-                    Start {
-                        fresh,
-                        interrupted,
-                        pending,
-                    },
-                    lost,
-                    shutdown,
-                )
-                .await;
-            metrics::gauge!("oh_worker_sessions_active").decrement(1.0);
-            drop(permit);
-        }
-        .instrument(span),
-    );
-    Ok(())
+    }
 }
 
 /// Time since JetStream stored a message (its clock against ours; zero if ours is behind).
@@ -502,11 +569,6 @@ impl Phases {
             .record(now.duration_since(self.last));
         self.last = now;
     }
-}
-
-fn is_not_found(kind: &jetstream::stream::ConsumerErrorKind) -> bool {
-    matches!(kind, jetstream::stream::ConsumerErrorKind::JetStream(j)
-        if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND)
 }
 
 /// The `llm_metrics` of the newest agent action that has them.

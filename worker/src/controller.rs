@@ -11,11 +11,9 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use serde_json::{Value, json};
-use shared::event::{Event, Source};
+use shared::event::{ActionView, CmdObservation, EditObservation, Event, Source};
 use shared::id::SessionId;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
 
 use crate::agent::{AgentImpl, StepError};
 use crate::runtime::{CmdRequest, EditCommand, Runtime, RuntimeConfig, RuntimeError};
@@ -121,96 +119,85 @@ impl Controller {
         if cancel.is_cancelled() {
             return None;
         }
-        let v = action.to_value();
-        let args = &v["args"];
-        let str_arg = |k: &str| args[k].as_str().unwrap_or_default().to_owned();
-        let obs: Result<Value, String> = match action.action_type() {
-            Some("think") => Ok(json!({"observation": "think",
-                "content": "Your thought has been logged.", "extras": {}})),
-            Some("run") => {
-                let timeout = v["timeout"]
-                    .as_f64()
-                    .and_then(|t| std::time::Duration::try_from_secs_f64(t).ok());
+        let obs: Result<Event, String> = match action.action() {
+            Some(ActionView::Think) => Ok(Event::think_observation()),
+            Some(ActionView::Run(run)) => {
                 let req = CmdRequest {
-                    command: str_arg("command"),
-                    is_input: args["is_input"].as_bool().unwrap_or(false),
-                    timeout,
+                    command: run.command.to_owned(),
+                    is_input: run.is_input,
+                    timeout: run
+                        .timeout
+                        .and_then(|t| std::time::Duration::try_from_secs_f64(t).ok()),
                 };
-                let run = match self.runtime().await {
+                let out = match self.runtime().await {
                     Ok(rt) => rt.run(&req, cancel).await,
                     Err(e) => Err(e),
                 };
-                match run {
+                match out {
                     Err(RuntimeError::Cancelled) => return None,
                     Err(e) => Err(format!("The command could not be run: {e}")),
-                    Ok(out) => Ok(json!({"observation": "run", "content": out.content,
-                        "extras": {"command": req.command, "metadata": {
-                            "exit_code": out.exit_code, "pid": out.pid, "username": null,
-                            "hostname": null, "working_dir": out.cwd,
-                            "py_interpreter_path": null, "prefix": out.prefix,
-                            "suffix": out.suffix}, "hidden": false},
-                        "success": out.exit_code == 0})),
+                    Ok(out) => Ok(Event::run_observation(CmdObservation {
+                        command: &req.command,
+                        content: &out.content,
+                        exit_code: out.exit_code,
+                        pid: out.pid,
+                        working_dir: &out.cwd,
+                        prefix: &out.prefix,
+                        suffix: &out.suffix,
+                    })),
                 }
             }
-            Some("read") => {
-                let range = args["view_range"]
-                    .as_array()
-                    .and_then(|r| Some((r.first()?.as_i64()?, r.get(1)?.as_i64()?)));
+            Some(ActionView::Read(read)) => {
                 let cmd = EditCommand::View {
-                    path: self.map_path(&str_arg("path")),
-                    view_range: range,
+                    path: self.map_path(read.path),
+                    view_range: read.view_range,
                 };
-                self.edit(&cmd).await.map(|out| {
-                    json!({"observation": "read", "content": out.content,
-                        "extras": {"path": out.path, "impl_source": "oh_aci"}})
-                })
+                self.edit(&cmd)
+                    .await
+                    .map(|out| Event::read_observation(&out.content, &out.path))
             }
-            Some("edit") => {
-                let path = self.map_path(&str_arg("path"));
-                let cmd = match args["command"].as_str() {
-                    Some("create") => Ok(EditCommand::Create {
+            Some(ActionView::Edit(edit)) => {
+                let path = self.map_path(edit.path);
+                let text = |s: Option<&str>| s.unwrap_or_default().to_owned();
+                let cmd = match edit.command {
+                    "create" => Ok(EditCommand::Create {
                         path,
-                        file_text: str_arg("file_text"),
+                        file_text: text(edit.file_text),
                     }),
-                    Some("str_replace") => Ok(EditCommand::StrReplace {
+                    "str_replace" => Ok(EditCommand::StrReplace {
                         path,
-                        old_str: str_arg("old_str"),
-                        new_str: str_arg("new_str"),
+                        old_str: text(edit.old_str),
+                        new_str: text(edit.new_str),
                     }),
-                    Some("insert") => Ok(EditCommand::Insert {
+                    "insert" => Ok(EditCommand::Insert {
                         path,
-                        insert_line: args["insert_line"].as_i64().unwrap_or(0),
-                        new_str: str_arg("new_str"),
+                        insert_line: edit.insert_line.unwrap_or(0),
+                        new_str: text(edit.new_str),
                     }),
-                    Some("undo_edit") => Ok(EditCommand::UndoEdit { path }),
+                    "undo_edit" => Ok(EditCommand::UndoEdit { path }),
                     other => Err(format!("Unsupported edit command {other:?}.")),
                 };
                 match cmd {
                     Err(e) => Err(e),
                     Ok(cmd) => self.edit(&cmd).await.map(|out| {
-                        json!({"observation": "edit", "content": out.content, "extras": {
-                            "path": out.path, "prev_exist": out.prev_exist,
-                            "old_content": out.old_content, "new_content": out.new_content,
-                            "impl_source": "oh_aci", "diff": null, "_diff_cache": null}})
+                        Event::edit_observation(EditObservation {
+                            content: &out.content,
+                            path: &out.path,
+                            prev_exist: out.prev_exist,
+                            old_content: out.old_content.as_deref(),
+                            new_content: out.new_content.as_deref(),
+                        })
                     }),
                 }
             }
-            other => Err(format!(
+            _ => Err(format!(
                 "The action `{}` cannot be executed by this runtime.",
-                other.unwrap_or("?")
+                action.action_type().unwrap_or("?")
             )),
         };
-        let mut obs = match obs.map(Event::from_value) {
-            Ok(Ok(o)) => o.with_defaults(),
-            Ok(Err(e)) => {
-                warn!(error = %e, "built an unreadable observation");
-                Event::error_observation(format!("Internal error: {e}"), "")
-            }
-            Err(message) => Event::error_observation(message, ""),
-        };
-        obs.message = obs.derived_message();
+        let mut obs = obs.unwrap_or_else(|message| Event::error_observation(message, ""));
         obs.source = Some(Source::Agent);
-        obs.cause = action.id.and_then(|i| i64::try_from(i).ok());
+        obs.set_cause(action.id);
         obs.tool_call_metadata = action.tool_call_metadata.clone();
         Some(obs)
     }

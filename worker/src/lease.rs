@@ -96,7 +96,7 @@ async fn renew_one(
             let back = ownership::reacquire(&mut conn, lease, ttl).await?;
             if back {
                 info!(session_id = %sid, "lease was missing (Redis emptied?); taken back");
-                let names = &ctx.store.names;
+                let names = ctx.store.names();
                 // Redis lost what it knew of this session: it must run again after a crash.
                 ownership::mark_should_run(&mut conn, names, uid, sid).await?;
                 shared::status::write(
@@ -115,7 +115,7 @@ async fn renew_one(
         }
     };
     if ours {
-        let names = &ctx.store.names;
+        let names = ctx.store.names();
         if let Some(limit) = ctx.args.max_conversations_per_user {
             // Refresh our entry; it cannot be refused because it is already counted, unless
             // Redis lost it, in which case we count it again (we are running anyway).

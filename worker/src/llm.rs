@@ -228,7 +228,7 @@ pub enum LlmError {
 }
 
 impl LlmError {
-    /// The OpenHands RuntimeStatus id to report this failure with (reference section 5.2), as
+    /// The OpenHands RuntimeStatus id to report this failure with, as
     /// OpenHands' controller maps LLM exceptions. `None` for [`LlmError::Cancelled`] (not a
     /// failure) and [`LlmError::RateLimited`], after which OpenHands puts the agent in state
     /// `rate_limited` instead of `error`.

@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use serde_json::{Value, json};
+use shared::event::{RecallContext, RecallType, RecalledKnowledge};
 
 /// One knowledge file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,23 +72,27 @@ fn parse_front_matter(text: &str) -> Option<(Vec<String>, String)> {
     (!triggers.is_empty()).then(|| (triggers, body.trim_start_matches('\n').to_owned()))
 }
 
-/// The `extras` of a `recall` observation for `query`, or `None` if nothing was recalled.
+/// What memory recalls for `query`, or `None` if nothing was recalled.
 pub(crate) fn recall(
     workspace: &Path,
     knowledge: &[Knowledge],
     query: &str,
     first: bool,
     conversation_instructions: Option<&str>,
-) -> Option<Value> {
+) -> Option<RecallContext> {
     let lower = query.to_lowercase();
-    let triggered: Vec<Value> = knowledge
+    let triggered: Vec<RecalledKnowledge> = knowledge
         .iter()
         .filter_map(|k| {
             let t = k
                 .triggers
                 .iter()
                 .find(|t| lower.contains(&t.to_lowercase()))?;
-            Some(json!({"name": k.name, "trigger": t, "content": k.content}))
+            Some(RecalledKnowledge {
+                name: k.name.clone(),
+                trigger: t.clone(),
+                content: k.content.clone(),
+            })
         })
         .collect();
     let instructions = if first {
@@ -109,17 +113,18 @@ pub(crate) fn recall(
     {
         return None;
     }
-    Some(json!({
-        "recall_type": if first { "workspace_context" } else { "knowledge" },
-        "repo_name": null, "repo_directory": null, "repo_branch": null,
-        "repo_instructions": instructions,
-        "runtime_hosts": {}, "additional_agent_instructions": "",
-        "date": chrono::Utc::now().format("%Y-%m-%d").to_string(),
-        "custom_secrets_descriptions": {},
-        "conversation_instructions": conversation_instructions.unwrap_or_default(),
-        "working_dir": workspace.display().to_string(),
-        "microagent_knowledge": triggered,
-    }))
+    Some(RecallContext {
+        recall_type: if first {
+            RecallType::WorkspaceContext
+        } else {
+            RecallType::Knowledge
+        },
+        repo_instructions: instructions,
+        date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+        conversation_instructions: conversation_instructions.unwrap_or_default().to_owned(),
+        working_dir: workspace.display().to_string(),
+        knowledge: triggered,
+    })
 }
 
 #[cfg(test)]
@@ -150,12 +155,12 @@ mod tests {
             content: "Use kubectl.".into(),
         }];
         let first = recall(ws.path(), &k, "hello", true, None).unwrap();
-        assert_eq!(first["recall_type"], "workspace_context");
-        assert_eq!(first["repo_instructions"], "Run make test.");
+        assert_eq!(first.recall_type, RecallType::WorkspaceContext);
+        assert_eq!(first.repo_instructions, "Run make test.");
         assert!(recall(ws.path(), &k, "hello again", false, None).is_none());
         let later = recall(ws.path(), &k, "deploy on kubernetes", false, None).unwrap();
-        assert_eq!(later["recall_type"], "knowledge");
-        assert_eq!(later["microagent_knowledge"][0]["content"], "Use kubectl.");
-        assert_eq!(later["repo_instructions"], "");
+        assert_eq!(later.recall_type, RecallType::Knowledge);
+        assert_eq!(later.knowledge[0].content, "Use kubectl.");
+        assert_eq!(later.repo_instructions, "");
     }
 }

@@ -21,9 +21,10 @@
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use serde_json::Value;
-use shared::event::{AgentState, Event, Source, UserAction};
+use shared::event::{ActionView, AgentState, Event, RecallType, Source, UserAction};
 use shared::id::{SessionId, UserId};
 use shared::ownership::{self, Lease};
+use shared::presence;
 use shared::status::{self, SessionState};
 use shared::store::ConversationMeta;
 use shared::wire::{Control, HDR_CONTROL, StartReason, StartRequest};
@@ -432,9 +433,14 @@ impl AgentSession {
                         self.end_turn(AgentState::Rejected).await?;
                     }
                     Some(ev)
-                        if ev.action_type() == Some("message")
-                            && ev.source == Some(Source::Agent)
-                            && ev.to_value()["args"]["wait_for_response"] != false =>
+                        if ev.source == Some(Source::Agent)
+                            && matches!(
+                                ev.action(),
+                                Some(ActionView::Message {
+                                    wait_for_response: true,
+                                    ..
+                                })
+                            ) =>
                     {
                         self.end_turn(AgentState::AwaitingUserInput).await?;
                     }
@@ -639,28 +645,17 @@ impl AgentSession {
             self.meta.conversation_instructions.as_deref(),
         );
         let recall_type = if first {
-            "workspace_context"
+            RecallType::WorkspaceContext
         } else {
-            "knowledge"
+            RecallType::Knowledge
         };
-        let action = Event::from_value(serde_json::json!({"source": "user", "action": "recall",
-            "args": {"recall_type": recall_type, "query": query, "thought": ""}}));
-        let Ok(mut action) = action.map(Event::with_defaults) else {
-            return Ok(());
+        let action = self.append(Event::recall(query, recall_type)).await?;
+        let mut obs = match extras {
+            Some(found) => Event::recall_observation(&found),
+            None => Event::null_observation(),
         };
-        action.message = action.derived_message();
-        let action = self.append(action).await?;
-        let obs = match extras {
-            Some(extras) => serde_json::json!({"source": "environment", "observation": "recall",
-                "content": "", "extras": extras}),
-            None => serde_json::json!({"source": "environment", "observation": "null",
-                "content": "", "extras": {}}),
-        };
-        if let Ok(mut obs) = Event::from_value(obs).map(Event::with_defaults) {
-            obs.message = obs.derived_message();
-            obs.cause = action.id.and_then(|i| i64::try_from(i).ok());
-            self.append(obs).await?;
-        }
+        obs.set_cause(action.id);
+        self.append(obs).await?;
         Ok(())
     }
 
@@ -680,18 +675,9 @@ impl AgentSession {
     /// have not expired).
     async fn watched(&mut self) -> bool {
         let mut conn = self.ctx.redis.clone();
-        let key = self.ctx.store.names.presence_key(&self.sid);
-        let now = chrono::Utc::now().timestamp_millis();
-        // A read only: entries are scored by expiry; stale ones go with the key's own expiry,
-        // which the gateways refresh.
-        let res: redis::RedisResult<i64> = redis::cmd("ZCOUNT")
-            .arg(&key)
-            .arg(format!("({now}"))
-            .arg("+inf")
-            .query_async(&mut conn)
-            .await;
+        let res = presence::is_watched(&mut conn, self.ctx.store.names(), &self.sid).await;
         match res {
-            Ok(n) => n > 0,
+            Ok(watched) => watched,
             Err(e) => {
                 // Unknown: keep the session rather than passivate on a Redis hiccup.
                 warn!(error = %e, "presence check failed");
@@ -720,7 +706,7 @@ impl AgentSession {
             return;
         };
         let mut redis = self.ctx.redis.clone();
-        let names = self.ctx.store.names.clone();
+        let names = self.ctx.store.names().clone();
         let sid = self.sid.clone();
         let worker_id = self.ctx.worker_id.to_string();
         let agent_state = self.agent_state.as_str().to_owned();
@@ -767,7 +753,7 @@ impl AgentSession {
         {
             w.await;
         }
-        let names = &self.ctx.store.names;
+        let names = self.ctx.store.names();
         let mut redis = self.ctx.redis.clone();
         self.ctx.leases.remove(&self.sid).await;
         if matches!(end, End::Lost) {

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use shared::id::{SessionId, UserId};
 use shared::ownership::{self, Lease, Renewal};
 use shared::wire::{StartReason, StartRequest};
 use tokio_util::sync::CancellationToken;
@@ -20,10 +19,7 @@ pub(crate) fn interval(ctx: &Ctx) -> Duration {
 
 pub(crate) async fn sweep_loop(ctx: Ctx, cancel: CancellationToken) {
     let every = interval(&ctx);
-    let lock = Lease {
-        key: ctx.store.names.sweeper_key(),
-        token: format!("{}/{}", ctx.worker_id, uuid::Uuid::new_v4().simple()),
-    };
+    let lock = ownership::sweeper_lock(ctx.store.names(), &ctx.worker_id);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -53,32 +49,9 @@ async fn hold(ctx: &Ctx, lock: &Lease, ttl: Duration) -> redis::RedisResult<bool
 }
 
 async fn sweep_once(ctx: &Ctx) -> anyhow::Result<()> {
-    let names = &ctx.store.names;
     let mut conn = ctx.redis.clone();
-    let members: Vec<String> = redis::cmd("SMEMBERS")
-        .arg(names.should_run_key())
-        .query_async(&mut conn)
-        .await?;
-    let parsed: Vec<(SessionId, UserId)> = members
-        .iter()
-        .filter_map(|m| {
-            let (s, u) = m.split_once(':')?;
-            Some((SessionId::parse(s).ok()?, UserId::parse(u).ok()?))
-        })
-        .collect();
-    if parsed.is_empty() {
-        return Ok(());
-    }
-    let mut pipe = redis::pipe();
-    for (sid, _) in &parsed {
-        pipe.cmd("EXISTS").arg(names.lease_key(sid));
-    }
-    let exists: Vec<bool> = pipe.query_async(&mut conn).await?;
-    for ((sid, uid), owned) in parsed.iter().zip(exists) {
-        if owned {
-            continue;
-        }
-        let req = StartRequest::new(sid, uid, StartReason::Resume);
+    for (sid, uid) in ownership::orphans(&mut conn, ctx.store.names()).await? {
+        let req = StartRequest::new(&sid, &uid, StartReason::Resume);
         match ctx.store.enqueue_start(&req).await {
             Ok(true) => {
                 info!(session_id = %sid, user_id = %uid, "owner-less session; resume queued");

@@ -1,4 +1,4 @@
-//! Tolerance rules for old data and client payloads (section 4.6 of the protocol reference):
+//! Tolerance rules for old data and client payloads (what OpenHands' own readers accept):
 //! legacy keys inside `args`/`extras` are rewritten to the current shape. Kept apart from
 //! parsing so that parsing and serializing stays an exact round trip.
 

@@ -1,5 +1,5 @@
-//! What each known action/observation type carries in `args`/`extras` (tables 4.3 and 4.4 of
-//! the protocol reference): field order, JSON type, required or default. Used to validate
+//! What each known action/observation type carries in `args`/`extras` (OpenHands' event
+//! dataclasses): field order, JSON type, required or default. Used to validate
 //! events, to fill defaults and to derive the `message` text.
 
 use serde_json::{Map, Value, json};
@@ -138,7 +138,7 @@ const THOUGHT: Field = def("thought", Ty::Str, Dflt::Str(""));
 const RISK: Field = def("security_risk", Ty::Any, Dflt::Int(-1));
 const CONFIRMATION: Field = def("confirmation_state", Ty::Str, Dflt::Str("confirmed"));
 
-/// Action types (table 4.3) and their `args`, in OpenHands field order.
+/// Action types and their `args`, in OpenHands field order.
 static ACTIONS: &[(&str, &[Field])] = &[
     (
         "message",
@@ -304,7 +304,7 @@ static ACTIONS: &[(&str, &[Field])] = &[
     ("null", &[]),
 ];
 
-/// Observation types (table 4.4) and their `extras`, in OpenHands field order.
+/// Observation types and their `extras`, in OpenHands field order.
 static OBSERVATIONS: &[(&str, &[Field])] = &[
     (
         "run",
@@ -479,7 +479,7 @@ fn show(v: Option<&Value>) -> String {
     }
 }
 
-/// The `message` text OpenHands derives from an event's type and fields (tables 4.3/4.4).
+/// The `message` text OpenHands derives from an event's type and fields.
 pub(super) fn derive_message(kind: &Kind) -> String {
     match kind {
         Kind::Action { action, args, .. } => action_message(action, args),

@@ -608,7 +608,7 @@ fn derived_messages_match_the_fixtures() {
     }
 }
 
-/// The example of section 2.5.
+/// OpenHands' own replay example: every event in order, the last state change last.
 fn replay_example() -> Vec<Event> {
     let env = Source::Environment;
     let recall = parse(

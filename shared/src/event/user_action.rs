@@ -1,4 +1,4 @@
-//! [`UserAction`]: a validated client payload (`oh_user_action`, sections 3.1 and 6.1).
+//! [`UserAction`]: a validated client payload (`oh_user_action`).
 
 use std::sync::LazyLock;
 
@@ -31,7 +31,7 @@ pub enum ActionError {
     },
 }
 
-/// A client action, parsed with the stored-event rules, normalized (section 4.6) and with
+/// A client action, parsed with the stored-event rules, normalized and with
 /// every default field filled. Client-supplied `source`, `timestamp` and `message` are
 /// dropped: the append path sets them ([`UserAction::into_event`]).
 #[derive(Debug, Clone, PartialEq)]

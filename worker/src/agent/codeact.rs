@@ -17,7 +17,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use shared::event::{Event, Source};
+use shared::event::{
+    self, ActionView, EditArgs, Event, ObservationView, ReadArgs, RunArgs, Source, StatusLevel,
+    StatusUpdate, ToolCallMetadata,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::StepError;
@@ -25,8 +28,8 @@ use crate::llm::{
     AssistantMessage, ChatMessage, ChatRequest, Llm, LlmError, RetryNotice, ToolCall,
 };
 
-/// Publishes status updates (`oh_event` with `status_update: true`) to the session's clients.
-pub(crate) type Notify = Arc<dyn Fn(Value) + Send + Sync>;
+/// Publishes status updates (live-only `oh_event`s) to the session's clients.
+pub(crate) type Notify = Arc<dyn Fn(StatusUpdate) + Send + Sync>;
 
 pub(crate) struct CodeAct {
     pub(crate) llm: Llm,
@@ -87,8 +90,10 @@ impl CodeAct {
     ) -> Result<Vec<Event>, StepError> {
         let system = history
             .iter()
-            .find(|e| e.action_type() == Some("system"))
-            .and_then(|e| e.to_value()["args"]["content"].as_str().map(str::to_owned))
+            .find_map(|e| match e.action() {
+                Some(ActionView::System { content }) => Some(content.to_owned()),
+                _ => None,
+            })
             .unwrap_or_else(|| self.system_prompt());
         let req = ChatRequest {
             messages: to_messages(&system, history),
@@ -96,18 +101,22 @@ impl CodeAct {
         };
         let notify = self.notify.clone();
         let on_retry = move |n: RetryNotice| {
-            notify(
-                json!({"status_update": true, "type": "info", "id": "STATUS$LLM_RETRY",
-                "message": format!("Retrying LLM request, {} / {}", n.attempt, n.max)}),
-            );
+            notify(StatusUpdate {
+                level: StatusLevel::Info,
+                id: "STATUS$LLM_RETRY".into(),
+                message: format!("Retrying LLM request, {} / {}", n.attempt, n.max),
+            });
         };
         let resp = match self.llm.complete(&req, &on_retry, cancel).await {
             Ok(r) => r,
             Err(LlmError::Cancelled) => return Err(StepError::Cancelled),
             Err(e) => {
                 let id = e.status_id().unwrap_or("STATUS$ERROR");
-                (self.notify)(json!({"status_update": true, "type": "error", "id": id,
-                    "message": e.to_string()}));
+                (self.notify)(StatusUpdate {
+                    level: StatusLevel::Error,
+                    id: id.to_owned(),
+                    message: e.to_string(),
+                });
                 return Err(StepError::Failed {
                     reason: format!("{id}: {e}"),
                 });
@@ -120,12 +129,12 @@ impl CodeAct {
             ev.llm_metrics = Some(metrics);
             return Ok(vec![ev]);
         };
-        let meta = json!({
-            "function_name": call.name,
-            "tool_call_id": call.id,
-            "model_response": resp.raw,
-            "total_calls_in_response": resp.message.tool_calls.len(),
-        });
+        let meta = ToolCallMetadata {
+            function_name: call.name.clone(),
+            tool_call_id: call.id.clone(),
+            model_response: resp.raw,
+            total_calls_in_response: resp.message.tool_calls.len(),
+        };
         let mut ev = match to_action(call, &thought) {
             Ok(ev) => ev,
             Err(problem) => {
@@ -137,77 +146,112 @@ impl CodeAct {
                     "",
                 );
                 obs.source = Some(Source::Agent);
-                obs.tool_call_metadata = Some(meta);
+                obs.set_tool_call(&meta);
                 return Ok(vec![obs]);
             }
         };
-        ev.tool_call_metadata = Some(meta);
+        ev.set_tool_call(&meta);
         ev.llm_metrics = Some(metrics);
         Ok(vec![ev])
     }
 }
 
-fn action(json: Value) -> Result<Event, String> {
-    Event::from_value(json)
-        .map(|e| e.with_defaults())
-        .map_err(|e| e.to_string())
-}
-
-/// A tool call as an OpenHands action (source agent).
+/// A tool call as an OpenHands action (source agent). The error says what is wrong with the
+/// call's arguments, for the model.
 fn to_action(call: &ToolCall, thought: &str) -> Result<Event, String> {
     let args: Value = serde_json::from_str(&call.arguments)
         .map_err(|e| format!("arguments are not valid JSON ({e})"))?;
-    let s = |k: &str| args.get(k).and_then(Value::as_str).map(str::to_owned);
-    let need = |k: &str| s(k).ok_or_else(|| format!("missing string argument `{k}`"));
-    let mut ev = match call.name.as_str() {
-        "execute_bash" => {
-            let is_input = match args.get("is_input") {
-                None | Some(Value::Null) => false,
-                Some(Value::Bool(b)) => *b,
-                Some(Value::String(v)) if v == "true" => true,
-                Some(Value::String(v)) if v == "false" => false,
-                Some(other) => {
-                    return Err(format!("`is_input` must be true or false, not {other}"));
-                }
-            };
-            let mut j = json!({"action": "run", "args": {
-                "command": need("command")?, "is_input": is_input, "thought": thought}});
-            match args.get("timeout") {
-                None | Some(Value::Null) => {}
-                Some(t) => match t.as_f64() {
-                    Some(t) if t.is_finite() && t > 0.0 => j["timeout"] = json!(t),
-                    _ => return Err("`timeout` must be a positive number of seconds".into()),
-                },
-            }
-            action(j)?
-        }
+    let args = ToolArgs(&args);
+    Ok(match call.name.as_str() {
+        "execute_bash" => Event::run(RunArgs {
+            command: args.need("command")?,
+            is_input: args.is_input()?,
+            thought,
+            timeout: args.timeout()?,
+        }),
         "str_replace_editor" => {
-            let command = need("command")?;
-            let path = need("path")?;
-            match command.as_str() {
-                "view" => action(
-                    json!({"action": "read", "args": {"path": path, "thought": thought,
-                    "impl_source": "oh_aci", "view_range": args.get("view_range").cloned().unwrap_or(Value::Null)}}),
-                )?,
-                "create" | "str_replace" | "insert" | "undo_edit" => {
-                    action(json!({"action": "edit", "args": {
-                    "path": path, "command": command, "thought": thought, "impl_source": "oh_aci",
-                    "file_text": args.get("file_text").cloned().unwrap_or(Value::Null),
-                    "old_str": args.get("old_str").cloned().unwrap_or(Value::Null),
-                    "new_str": args.get("new_str").cloned().unwrap_or(Value::Null),
-                    "insert_line": args.get("insert_line").cloned().unwrap_or(Value::Null)}}))?
-                }
+            let command = args.need("command")?;
+            let path = args.need("path")?;
+            match command {
+                "view" => Event::read(ReadArgs {
+                    path,
+                    view_range: args.view_range()?,
+                    thought,
+                }),
+                "create" | "str_replace" | "insert" | "undo_edit" => Event::edit(EditArgs {
+                    path,
+                    command,
+                    file_text: args.opt("file_text", Value::as_str, "a string")?,
+                    old_str: args.opt("old_str", Value::as_str, "a string")?,
+                    new_str: args.opt("new_str", Value::as_str, "a string")?,
+                    insert_line: args.opt("insert_line", Value::as_i64, "an integer")?,
+                    thought,
+                }),
                 other => return Err(format!("unknown editor command `{other}`")),
             }
         }
-        "think" => action(json!({"action": "think", "args": {"thought": need("thought")?}}))?,
-        "finish" => action(json!({"action": "finish", "args": {
-            "final_thought": need("message")?, "outputs": {}, "thought": thought}}))?,
+        "think" => Event::think(args.need("thought")?),
+        "finish" => Event::finish(args.need("message")?, thought),
         other => return Err(format!("unknown tool `{other}`")),
-    };
-    ev.source = Some(Source::Agent);
-    ev.message = ev.derived_message();
-    Ok(ev)
+    })
+}
+
+/// A tool call's arguments object, read with the errors the model is shown.
+struct ToolArgs<'a>(&'a Value);
+
+impl<'a> ToolArgs<'a> {
+    fn get(&self, k: &str) -> Option<&'a Value> {
+        self.0.get(k).filter(|v| !v.is_null())
+    }
+
+    fn need(&self, k: &str) -> Result<&'a str, String> {
+        self.get(k)
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("missing string argument `{k}`"))
+    }
+
+    /// An optional argument: absent or null is `None`, another JSON type an error.
+    fn opt<T>(
+        &self,
+        k: &str,
+        read: impl Fn(&'a Value) -> Option<T>,
+        what: &str,
+    ) -> Result<Option<T>, String> {
+        self.get(k)
+            .map(|v| read(v).ok_or_else(|| format!("`{k}` must be {what}")))
+            .transpose()
+    }
+
+    fn is_input(&self) -> Result<bool, String> {
+        match self.get("is_input") {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(Value::String(v)) if v == "true" => Ok(true),
+            Some(Value::String(v)) if v == "false" => Ok(false),
+            Some(other) => Err(format!("`is_input` must be true or false, not {other}")),
+        }
+    }
+
+    fn timeout(&self) -> Result<Option<f64>, String> {
+        match self.get("timeout") {
+            None => Ok(None),
+            Some(t) => match t.as_f64() {
+                Some(t) if t.is_finite() && t > 0.0 => Ok(Some(t)),
+                _ => Err("`timeout` must be a positive number of seconds".into()),
+            },
+        }
+    }
+
+    fn view_range(&self) -> Result<Option<(i64, i64)>, String> {
+        let Some(v) = self.get("view_range") else {
+            return Ok(None);
+        };
+        v.as_array()
+            .filter(|r| r.len() == 2)
+            .and_then(|r| Some((r[0].as_i64()?, r[1].as_i64()?)))
+            .map(Some)
+            .ok_or_else(|| "`view_range` must be two line numbers, e.g. [1, 40]".into())
+    }
 }
 
 /// The conversation as chat messages: the system prompt, user messages, the agent's messages
@@ -227,28 +271,16 @@ pub(crate) fn to_messages(system: &str, history: &[Event]) -> Vec<ChatMessage> {
         }
     };
     for ev in history {
-        let v = ev.to_value();
-        let meta = ev.tool_call_metadata.as_ref();
-        if let (Some(meta), Some(_)) = (meta, ev.action_type()) {
-            let id = meta["tool_call_id"].as_str().unwrap_or_default().to_owned();
-            let name = meta["function_name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            let arguments =
-                find_arguments(&meta["model_response"], &id).unwrap_or_else(|| "{}".into());
+        let call = ev.tool_call();
+        if let (Some(call), Some(_)) = (call, ev.action()) {
+            let (id, name) = (call.tool_call_id.to_owned(), call.function_name.to_owned());
             close_open(&mut out, &mut open);
-            let thought = v["args"]["thought"]
-                .as_str()
+            let thought = Some(ev.thought())
                 .filter(|t| !t.is_empty())
                 .map(str::to_owned);
             out.push(ChatMessage::assistant(AssistantMessage {
                 content: thought,
-                tool_calls: vec![ToolCall {
-                    id: id.clone(),
-                    name: name.clone(),
-                    arguments,
-                }],
+                tool_calls: vec![llm_call(call)],
             }));
             if let Some(evid) = ev.id {
                 call_of.insert(evid, (id.clone(), name.clone()));
@@ -256,55 +288,35 @@ pub(crate) fn to_messages(system: &str, history: &[Event]) -> Vec<ChatMessage> {
             open = Some((id, name));
             continue;
         }
-        if ev.observation_type().is_some() {
+        if let Some(obs) = ev.observation() {
             // The answer to a tool call: by cause, or (malformed call) by its own metadata.
             let by_cause = ev
                 .cause
                 .and_then(|c| u64::try_from(c).ok())
                 .and_then(|c| call_of.get(&c).cloned());
-            let by_meta = meta.map(|m| {
-                (
-                    m["tool_call_id"].as_str().unwrap_or_default().to_owned(),
-                    m["function_name"].as_str().unwrap_or_default().to_owned(),
-                )
-            });
-            if let Some((id, name)) = by_cause.clone() {
+            if let Some((id, name)) = by_cause {
                 if open.as_ref().is_some_and(|(o, _)| *o == id) {
                     open = None;
                 }
-                out.push(ChatMessage::tool(id, name, observation_text(&v)));
+                out.push(ChatMessage::tool(id, name, observation_text(obs)));
                 continue;
             }
-            if let Some((id, name)) = by_meta {
+            if let Some(call) = call {
                 close_open(&mut out, &mut open);
-                let thought = None;
                 out.push(ChatMessage::assistant(AssistantMessage {
-                    content: thought,
-                    tool_calls: vec![ToolCall {
-                        id: id.clone(),
-                        name: name.clone(),
-                        arguments: find_arguments(
-                            &meta.map_or(Value::Null, |m| m["model_response"].clone()),
-                            &id,
-                        )
-                        .unwrap_or_else(|| "{}".into()),
-                    }],
+                    content: None,
+                    tool_calls: vec![llm_call(call)],
                 }));
-                out.push(ChatMessage::tool(id, name, observation_text(&v)));
+                out.push(ChatMessage::tool(
+                    call.tool_call_id,
+                    call.function_name,
+                    observation_text(obs),
+                ));
                 continue;
             }
-            if ev.observation_type() == Some("recall") {
-                let instr = v["extras"]["repo_instructions"]
-                    .as_str()
-                    .unwrap_or_default();
-                let knowledge: Vec<String> = v["extras"]["microagent_knowledge"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|k| k["content"].as_str().map(str::to_owned))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+            if let ObservationView::Recall(recall) = obs {
+                let instr = recall.repo_instructions();
+                let knowledge: Vec<&str> = recall.knowledge().collect();
                 if !instr.is_empty() || !knowledge.is_empty() {
                     close_open(&mut out, &mut open);
                     out.push(ChatMessage::user(format!(
@@ -315,13 +327,12 @@ pub(crate) fn to_messages(system: &str, history: &[Event]) -> Vec<ChatMessage> {
             }
             continue;
         }
-        if ev.action_type() == Some("message") {
+        if let Some(content) = ev.message_content() {
             close_open(&mut out, &mut open);
-            let content = v["args"]["content"].as_str().unwrap_or_default().to_owned();
             match ev.source {
                 Some(Source::User) => out.push(ChatMessage::user(content)),
                 Some(Source::Agent) => out.push(ChatMessage::assistant(AssistantMessage {
-                    content: Some(content),
+                    content: Some(content.to_owned()),
                     tool_calls: Vec::new(),
                 })),
                 _ => {}
@@ -332,30 +343,24 @@ pub(crate) fn to_messages(system: &str, history: &[Event]) -> Vec<ChatMessage> {
     out
 }
 
-fn find_arguments(model_response: &Value, call_id: &str) -> Option<String> {
-    model_response["choices"][0]["message"]["tool_calls"]
-        .as_array()?
-        .iter()
-        .find(|c| c["id"] == call_id)
-        .and_then(|c| c["function"]["arguments"].as_str())
-        .map(str::to_owned)
+/// A recorded tool call as the LLM client sends it back to the model.
+fn llm_call(call: event::ToolCall<'_>) -> ToolCall {
+    ToolCall {
+        id: call.tool_call_id.to_owned(),
+        name: call.function_name.to_owned(),
+        arguments: call.arguments().unwrap_or("{}").to_owned(),
+    }
 }
 
 /// What the model sees of an observation.
-fn observation_text(v: &Value) -> String {
-    let content = v["content"].as_str().unwrap_or_default();
-    match v["observation"].as_str() {
-        Some("run") => {
-            let m = &v["extras"]["metadata"];
-            let prefix = m["prefix"].as_str().unwrap_or_default();
-            let suffix = m["suffix"].as_str().unwrap_or_default();
-            let cwd = m["working_dir"].as_str().unwrap_or_default();
-            format!(
-                "{prefix}{content}{suffix}\n[Current working directory: {cwd}]\n[Command finished with exit code {}]",
-                m["exit_code"]
-            )
-        }
-        Some("error") => format!("ERROR: {content}"),
-        _ => content.to_owned(),
+fn observation_text(obs: ObservationView<'_>) -> String {
+    match obs {
+        ObservationView::Run(run) => format!(
+            "{}{}{}\n[Current working directory: {}]\n[Command finished with exit code {}]",
+            run.prefix, run.content, run.suffix, run.working_dir, run.exit_code
+        ),
+        ObservationView::Error { content } => format!("ERROR: {content}"),
+        ObservationView::Recall(_) => String::new(),
+        ObservationView::Other { content, .. } => content.to_owned(),
     }
 }

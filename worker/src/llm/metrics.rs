@@ -1,5 +1,5 @@
 //! Accumulated cost, token usage and latencies of one conversation's LLM, in OpenHands'
-//! `llm_metrics` shape (reference section 4.5).
+//! `llm_metrics` shape.
 //!
 //! **Invariant:** a [`Metrics`] serializes to exactly OpenHands' `Metrics.get()` object
 //! (`accumulated_cost`, `max_budget_per_task`, `accumulated_token_usage`, `costs`,
