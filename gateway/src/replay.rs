@@ -67,7 +67,7 @@ pub(crate) async fn forward(
             error!(error = %e, "forwarding failed; disconnecting so the client resumes by replay");
             let _ = socket.emit(
                 "oh_event",
-                &serde_json::json!({"error": true, "message": crate::socket::INTERNAL_ERROR}),
+                &shared::event::error_payload(crate::socket::INTERNAL_ERROR),
             ); // best effort: the socket is closed next anyway
             let _ = socket.disconnect();
         }

@@ -15,7 +15,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use serde_json::{Value, json};
+use serde_json::Value;
+use shared::event::{ack_payload, error_payload};
 use shared::id::{SessionId, UserId};
 use shared::msg_id::ActionMsgId;
 use shared::store::StoreError;
@@ -273,7 +274,7 @@ async fn on_action(
     match result {
         Ok(seq) => {
             metrics::counter!("oh_gateway_actions_total", "result" => "stored").increment(1);
-            let _ = ack.send(&json!({"success": true, "seq": seq})); // no ack requested is fine
+            let _ = ack.send(&ack_payload(seq)); // no ack requested is fine
         }
         Err(e) => {
             let result = match e {
@@ -282,7 +283,7 @@ async fn on_action(
             };
             metrics::counter!("oh_gateway_actions_total", "result" => result).increment(1);
             span.in_scope(|| e.log());
-            let body = json!({"error": true, "message": e.to_string()});
+            let body = error_payload(&e.to_string());
             let _ = s.emit("oh_event", &body); // the sender may be gone; nothing else to tell
             let _ = ack.send(&body);
         }
