@@ -9,6 +9,8 @@ bash deploy/setup.sh
 export CARGO_TERM_COLOR=never
 echo "== cargo fmt --check"
 cargo fmt --all --check
+echo "== event JSON stays in shared::event"
+perl scripts/event-json-lint.pl gateway/src worker/src
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== build binaries"

@@ -78,6 +78,14 @@ pub(crate) fn validate(payload: &Value) -> Result<Validated, SendError> {
     })
 }
 
+/// A server-built action's JSON, refused like a client's if it is over the size limit.
+pub(crate) fn checked_size(json: String) -> Result<Bytes, SendError> {
+    if json.len() > MAX_ACTION_BYTES {
+        return Err(SendError::TooLarge { size: json.len() });
+    }
+    Ok(Bytes::from(json))
+}
+
 /// Publishes a validated action and waits for JetStream to store it. Returns the stream
 /// sequence. If no worker owns the session, a start request is queued too.
 pub(crate) async fn send(

@@ -20,6 +20,7 @@ use futures::StreamExt;
 use serde_json::value::RawValue;
 use shared::event::Event;
 use shared::id::SessionId;
+use shared::presence::{self, Presence};
 use shared::store::Store;
 use tokio::sync::{Mutex, broadcast};
 use tokio_util::sync::CancellationToken;
@@ -60,58 +61,22 @@ impl Drop for Topic {
         let presence = self.presence.clone();
         let sid = self.sid.clone();
         // Best effort: an entry left behind expires by itself.
-        self.tasks.spawn(async move { presence.leave(&sid).await });
+        self.tasks
+            .spawn(async move { leave(&presence, &sid).await });
     }
 }
 
-/// This gateway's entries in the per-session presence sets.
-#[derive(Clone)]
-pub(crate) struct Presence {
-    redis: redis::aio::ConnectionManager,
-    names: shared::names::Names,
-    gateway_id: Arc<str>,
+/// Lists this gateway on sessions (best effort: an entry left behind or missed expires or is
+/// refreshed by itself).
+async fn enter(presence: &Presence, sids: &[SessionId]) {
+    if let Err(e) = presence.enter(sids).await {
+        warn!(error = %e, "presence refresh failed");
+    }
 }
 
-/// How long a presence entry lives without a refresh.
-const PRESENCE_TTL_MS: i64 = 15_000;
-/// How often live topics refresh their presence entries.
-pub(crate) const PRESENCE_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
-
-impl Presence {
-    async fn enter(&self, sids: &[SessionId]) {
-        if sids.is_empty() {
-            return;
-        }
-        let expiry = chrono::Utc::now().timestamp_millis() + PRESENCE_TTL_MS;
-        let mut pipe = redis::pipe();
-        for sid in sids {
-            let key = self.names.presence_key(sid);
-            pipe.cmd("ZADD")
-                .arg(&key)
-                .arg(expiry)
-                .arg(&*self.gateway_id)
-                .ignore();
-            pipe.cmd("PEXPIRE")
-                .arg(&key)
-                .arg(PRESENCE_TTL_MS * 2)
-                .ignore();
-        }
-        let mut conn = self.redis.clone();
-        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-            warn!(error = %e, "presence refresh failed");
-        }
-    }
-
-    async fn leave(&self, sid: &SessionId) {
-        let mut conn = self.redis.clone();
-        let res = redis::cmd("ZREM")
-            .arg(self.names.presence_key(sid))
-            .arg(&*self.gateway_id)
-            .query_async::<()>(&mut conn)
-            .await;
-        if let Err(e) = res {
-            warn!(session_id = %sid, error = %e, "presence removal failed; it will expire");
-        }
+async fn leave(presence: &Presence, sid: &SessionId) {
+    if let Err(e) = presence.leave(sid).await {
+        warn!(session_id = %sid, error = %e, "presence removal failed; it will expire");
     }
 }
 
@@ -135,11 +100,7 @@ impl Fanout {
         gateway_id: &str,
         tasks: TaskTracker,
     ) -> Self {
-        let presence = Presence {
-            redis,
-            names: store.names().clone(),
-            gateway_id: Arc::from(gateway_id),
-        };
+        let presence = Presence::new(redis, store.names().clone(), gateway_id);
         Self {
             nats,
             store: Arc::new(store),
@@ -189,7 +150,7 @@ impl Fanout {
 
     /// Refreshes this gateway's presence on every session it has sockets for, forever.
     pub(crate) async fn presence_loop(self, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(PRESENCE_REFRESH);
+        let mut tick = tokio::time::interval(presence::REFRESH);
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
@@ -201,7 +162,7 @@ impl Fanout {
                 .iter()
                 .map(|t| t.sid.clone())
                 .collect();
-            self.presence.enter(&sids).await;
+            enter(&self.presence, &sids).await;
         }
     }
 
@@ -242,7 +203,7 @@ impl Fanout {
         let presence = self.presence.clone();
         let entered = sid.clone();
         self.tasks
-            .spawn(async move { presence.enter(std::slice::from_ref(&entered)).await });
+            .spawn(async move { enter(&presence, std::slice::from_ref(&entered)).await });
         Ok((topic, rx))
     }
 }

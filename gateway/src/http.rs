@@ -17,7 +17,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
-use shared::event::load_trajectory;
+use shared::event::{UserAction, load_trajectory};
 use shared::id::{SessionId, UserId};
 use shared::msg_id::ActionMsgId;
 use shared::status::{self, SessionState, Status};
@@ -264,11 +264,11 @@ async fn create(
     }
     let sid = SessionId::generate();
     let initial = if body.initial_user_msg.is_some() || body.image_urls.is_some() {
-        let action = json!({"action": "message", "args": {
-            "content": body.initial_user_msg.clone().unwrap_or_default(),
-            "image_urls": body.image_urls.clone().unwrap_or_default(),
-        }});
-        Some(actions::validate(&action)?.raw)
+        let action = UserAction::message(
+            body.initial_user_msg.clone().unwrap_or_default(),
+            body.image_urls.clone().unwrap_or_default(),
+        );
+        Some(actions::checked_size(action.to_json())?)
     } else {
         None
     };

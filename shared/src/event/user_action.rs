@@ -102,6 +102,18 @@ impl UserAction {
             .map(AgentState::from_wire)
     }
 
+    /// A user `message` built by the server (e.g. a conversation's initial message), with the
+    /// URLs of its images.
+    pub fn message(content: impl Into<String>, image_urls: Vec<String>) -> UserAction {
+        let mut event = Event::message(Source::User, content, false);
+        event.source = None;
+        event.message = String::new();
+        if let Kind::Action { args, .. } = &mut event.kind {
+            args.insert("image_urls".into(), image_urls.into());
+        }
+        UserAction { event }
+    }
+
     /// The validated payload as compact JSON (no id, timestamp or source); parsing it again
     /// with [`UserAction::parse`] gives the same action.
     pub fn to_json(&self) -> String {
@@ -113,5 +125,26 @@ impl UserAction {
         let mut event = self.event.with_meta(id, timestamp, Source::User);
         event.message = event.derived_message();
         event
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_built_message_is_a_valid_user_action() {
+        let action = UserAction::message("hello", vec!["http://x/a.png".into()]);
+        let value: Value = serde_json::from_str(&action.to_json()).unwrap();
+        assert_eq!(UserAction::parse(&value).unwrap(), action);
+        assert_eq!(action.as_message(), Some("hello"));
+        assert_eq!(value["args"]["image_urls"][0], "http://x/a.png");
+        assert!(
+            value.get("source").is_none(),
+            "the append path sets the source"
+        );
+        let stored = action.into_event(3, "2026-11-28T00:00:00".into());
+        assert_eq!(stored.source, Some(Source::User));
+        assert_eq!(stored.message, "hello");
     }
 }
