@@ -1,5 +1,6 @@
-//! Fault tests (issue 4): real processes killed, paused, restarted; the invariants of
-//! DESIGN.md §6 checked on what clients received and on the raw log.
+//! Fault tests (issue 4): real processes killed, paused, restarted; the invariants (numbered
+//! as in ARCHITECTURE.md, "Invariants → tests") checked on what clients received and on the
+//! raw log.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -467,7 +468,8 @@ async fn per_user_limit_is_exact_across_workers() {
 }
 
 /// A client retrying an action with the same msg_id (e.g. after a timeout) is stored once; a
-/// different action under an id already used is refused with a clear error (row 16).
+/// different action under an id already used is refused with a clear error, and the first
+/// one is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_retries_with_same_msg_id_are_stored_once() {
     let c = Cluster::start(ClusterOpts {
