@@ -12,7 +12,7 @@
 //! - [`verify_log`]: the raw log (invariants 1 and 2): ids dense from 0, and epochs never go
 //!   back (after a takeover that fences epoch `e`, no event of an older epoch).
 //! - [`count_user`], [`count_echoes`]: "exactly once" counts of user messages and echoes
-//!   (invariant 3).
+//!   (invariant 3), taken after a [`settle`] sentinel.
 //!
 //! The cores return verdicts (the load tool adds them up, the soak tool reports them); the
 //! `check_*` wrappers panic with the verdict's description, for tests.
@@ -26,7 +26,7 @@ use shared::event::{Event, replay_order};
 use shared::id::SessionId;
 use shared::store::StoredEvent;
 
-use crate::cluster::{Cluster, ids, is_echo};
+use crate::cluster::{Cluster, events_until, ids, is_echo};
 use crate::sio::SioClient;
 
 const T: Duration = Duration::from_secs(30);
@@ -344,6 +344,14 @@ pub async fn say_reliably(c: &SioClient, text: &str, msg_id: &str) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Sends one more message (`text`, also its msg id) and waits for its echo. A session handles
+/// its actions in order, so when this returns everything sent before it has been stored and
+/// answered: a sentinel to count after, instead of a sleep. Returns the events received.
+pub async fn settle(c: &mut SioClient, text: &str) -> Vec<Value> {
+    say_reliably(c, text, text).await;
+    events_until(c, T, |e| is_echo(e, text)).await
 }
 
 /// Agent echoes of `text` in `stored`.

@@ -97,7 +97,7 @@ async fn main() {
         } else {
             let w = alive_workers[rng.random_range(0..alive_workers.len())];
             c.workers[w].kill9().await;
-            c.add_worker();
+            c.add_worker().await;
             kills.push(format!(
                 "{:>4}s kill -9 worker w{w}",
                 started.elapsed().as_secs()
