@@ -359,3 +359,6 @@ fn observation_text(v: &Value) -> String {
         _ => content.to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests;
