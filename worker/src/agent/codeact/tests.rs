@@ -2,7 +2,7 @@
 //! a history of OpenHands events (parsed as [`Event`]) and the chat messages the model must
 //! see for it, written in a compact JSON form (see [`compact`]).
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use shared::event::Event;
 
 use super::to_messages;
@@ -16,24 +16,22 @@ const CASES: &str = include_str!(concat!(
 /// A message as the cases write it: `role` and `content`, plus `tool_calls` (`id`, `name`,
 /// `arguments`) when there are any, and `tool_call_id` and `name` when set.
 fn compact(m: &ChatMessage) -> Value {
-    let mut out = Map::new();
-    out.insert("role".into(), format!("{:?}", m.role).to_lowercase().into());
-    out.insert("content".into(), json!(m.content));
-    if !m.tool_calls.is_empty() {
-        let calls = m
-            .tool_calls
-            .iter()
-            .map(|c| json!({"id": c.id, "name": c.name, "arguments": c.arguments}))
-            .collect();
-        out.insert("tool_calls".into(), Value::Array(calls));
+    let calls: Vec<Value> = m
+        .tool_calls
+        .iter()
+        .map(|c| json!({"id": c.id, "name": c.name, "arguments": c.arguments}))
+        .collect();
+    let mut v = json!({
+        "role": format!("{:?}", m.role).to_lowercase(),
+        "content": m.content,
+        "tool_calls": calls,
+        "tool_call_id": m.tool_call_id,
+        "name": m.name,
+    });
+    if let Value::Object(fields) = &mut v {
+        fields.retain(|k, x| k == "content" || !(x.is_null() || x == &json!([])));
     }
-    if let Some(id) = &m.tool_call_id {
-        out.insert("tool_call_id".into(), id.as_str().into());
-    }
-    if let Some(name) = &m.name {
-        out.insert("name".into(), name.as_str().into());
-    }
-    Value::Object(out)
+    v
 }
 
 #[test]
