@@ -61,7 +61,8 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts NATS, Redis, the gateways (waits for `/readyz`) and the workers.
+    /// Starts NATS, Redis, the gateways (waits for `/readyz`) and the workers (waits for
+    /// `/healthz`).
     pub async fn start(opts: ClusterOpts) -> Cluster {
         let nats = NatsServer::start().await;
         let redis = RedisServer::start().await;
@@ -80,7 +81,7 @@ impl Cluster {
             c.add_gateway().await;
         }
         for _ in 0..opts.workers {
-            c.add_worker();
+            c.add_worker().await;
         }
         c
     }
@@ -116,16 +117,31 @@ impl Cluster {
         i
     }
 
-    /// Starts one more worker.
-    pub fn add_worker(&mut self) -> usize {
+    /// Starts one more worker and waits until it is ready: its `/healthz` (on
+    /// `OH_WORKER_METRICS_ADDR`) answers once NATS, JetStream and Redis are connected, right
+    /// before its claim loop starts.
+    pub async fn add_worker(&mut self) -> usize {
         let i = self.workers.len();
         let mut env = self.common_env();
         env.push(("OH_WORKER_ID", format!("w{i}")));
         env.push(("OH_MAX_SESSIONS", self.opts.max_sessions.to_string()));
         env.push(("OH_LEASE_TTL_MS", self.opts.lease_ttl_ms.to_string()));
         env.push(("OH_DRAIN_TIMEOUT_S", "10".to_owned()));
+        env.push((
+            "OH_WORKER_METRICS_ADDR",
+            format!("127.0.0.1:{}", free_port()),
+        ));
         env.extend(self.opts.worker_env.iter().cloned());
-        let p = Proc::spawn(&format!("worker{i}"), &bin_path("worker"), &[], &env);
+        // The last setting wins (a test may choose its own address).
+        let addr = env
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == "OH_WORKER_METRICS_ADDR")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let mut p = Proc::spawn(&format!("worker{i}"), &bin_path("worker"), &[], &env);
+        p.wait_http_ok(&format!("http://{addr}/healthz"), Duration::from_secs(30))
+            .await;
         self.workers.push(p);
         i
     }

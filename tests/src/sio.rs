@@ -1,6 +1,7 @@
 //! A small Socket.IO v5 / Engine.IO v4 client, websocket transport only, default namespace `/`
-//! only, no binary attachments. Used by the end-to-end tests and by the load tool, so it is
-//! light: one tokio task per client and bounded channels.
+//! only, no binary attachments. Used by the end-to-end and fault tests and the soak tool
+//! (through [`crate::cluster::Cluster::connect`]); light: one tokio task per client and bounded
+//! channels. The load tool has its own leaner client ([`crate::load::client`]).
 //!
 //! Wire summary (what a server like python-socketio or socketioxide sends):
 //! - URL `ws://HOST/socket.io/?EIO=4&transport=websocket&<query>`.

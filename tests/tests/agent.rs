@@ -316,13 +316,13 @@ async fn edits_outside_the_workspace_are_refused() {
 
 fn fixture(name: &str) -> String {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures/openhands")
+        .join("fixtures/openhands")
         .join(name);
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("fixture {}: {e}", p.display()))
 }
 
-/// (f) Every shared fixture trajectory replays (through the real runtime, no LLM) to the
-/// state OpenHands reaches.
+/// (f) Every OpenHands fixture trajectory (`tests/fixtures/openhands`) replays (through the
+/// real runtime, no LLM) to the state OpenHands reaches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixture_trajectories_replay_to_their_end_state() {
     let ws = tempfile::tempdir().unwrap();

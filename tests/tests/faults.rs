@@ -1,5 +1,6 @@
-//! Fault tests (issue 4): real processes killed, paused, restarted; the invariants of
-//! DESIGN.md §6 checked on what clients received and on the raw log.
+//! Fault tests (issue 4): real processes killed, paused, restarted; the invariants (numbered
+//! as in ARCHITECTURE.md, "Invariants → tests") checked on what clients received and on the
+//! raw log.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use shared::event::Event;
 use shared::id::SessionId;
-use tests::check::{check_client, check_log, count_echoes, count_user, say_reliably};
+use tests::check::{check_client, check_log, count_echoes, count_user, say_reliably, settle};
 use tests::cluster::{Cluster, ClusterOpts, events_until, ids, is_echo, is_state};
 use tests::proc::{SIGCONT, SIGSTOP, SIGTERM};
 use tests::sio::{SioClient, SioError};
@@ -308,7 +309,7 @@ async fn drain_rolling_restart_under_load_loses_nothing() {
             .await
             .expect("drained in time");
         assert!(status.success(), "worker {i} exit {status:?}{}", c.logs());
-        c.add_worker();
+        c.add_worker().await;
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -410,15 +411,14 @@ async fn poison_step_ends_in_error_not_a_crash_loop() {
     assert!(reason.contains("interrupted 2 times"), "{state}");
     assert!(got.iter().any(|e| e["observation"] == "error"));
     // Two workers died on the poison input; the third runs the session and keeps serving it.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    say_reliably(&a, "still here", "p2").await;
+    events_until(&mut a, T, |e| is_echo(e, "still here")).await;
     let alive = c
         .workers
         .iter_mut()
         .filter_map(|w| w.try_exit_status().is_none().then_some(()))
         .count();
     assert_eq!(alive, 1);
-    say_reliably(&a, "still here", "p2").await;
-    events_until(&mut a, T, |e| is_echo(e, "still here")).await;
     let stored = c.all_events(0, &sid, None).await;
     assert_eq!(count_user(&stored, "/crash"), 1);
     let errors = stored.iter().filter(|e| is_state(e, "error")).count();
@@ -467,7 +467,8 @@ async fn per_user_limit_is_exact_across_workers() {
 }
 
 /// A client retrying an action with the same msg_id (e.g. after a timeout) is stored once; a
-/// different action under an id already used is refused with a clear error (row 16).
+/// different action under an id already used is refused with a clear error, and the first
+/// one is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_retries_with_same_msg_id_are_stored_once() {
     let c = Cluster::start(ClusterOpts {
@@ -484,7 +485,7 @@ async fn client_retries_with_same_msg_id_are_stored_once() {
         say_reliably(&b, "once", "same-id").await; // even through another gateway
     }
     events_until(&mut b, T, |e| is_echo(e, "once")).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    settle(&mut b, "sentinel-1").await;
     let stored = c.all_events(0, &sid, None).await;
     assert_eq!(count_user(&stored, "once"), 1);
     assert_eq!(count_echoes(&stored, "once"), 1);
@@ -515,7 +516,7 @@ async fn client_retries_with_same_msg_id_are_stored_once() {
     // A new id is a new action.
     say_reliably(&a, "other", "new-id").await;
     events_until(&mut b, T, |e| is_echo(e, "other")).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settle(&mut b, "sentinel-2").await;
     let stored = c.all_events(0, &sid, None).await;
     assert_eq!(count_user(&stored, "once"), 1);
     assert_eq!(count_user(&stored, "other"), 1);

@@ -254,7 +254,7 @@ async fn rolling_worker_restart_while_the_load_tool_runs() {
             .await
             .expect("drained in time");
         assert!(status.success(), "worker {i} exit {status:?}{}", c.logs());
-        c.add_worker();
+        c.add_worker().await;
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     }
     let r = run.await.expect("load task").expect("run");

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use super::*;
 
 fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/openhands")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/openhands")
 }
 
 fn read_fixture(name: &str) -> Vec<u8> {

@@ -21,7 +21,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use std::collections::HashMap;
 
-use tests::check::check_client_prefix;
+use shared::event::Event;
+use tests::check::{Extent, read_log, stored_gaps, verify_connection, verify_log};
 use tests::cluster::{Cluster, ClusterOpts, ids, is_echo};
 use tests::sio::SioError;
 use tokio::sync::RwLock;
@@ -96,7 +97,7 @@ async fn main() {
         } else {
             let w = alive_workers[rng.random_range(0..alive_workers.len())];
             c.workers[w].kill9().await;
-            c.add_worker();
+            c.add_worker().await;
             kills.push(format!(
                 "{:>4}s kill -9 worker w{w}",
                 started.elapsed().as_secs()
@@ -142,21 +143,24 @@ async fn main() {
                 _ => dup += 1,
             }
         }
+        let events: Vec<Event> = stored
+            .iter()
+            .filter_map(|v| Event::from_value(v.clone()).ok())
+            .collect();
         for (latest, got) in &h.connections {
-            if !got.is_empty()
-                && std::panic::catch_unwind(|| check_client_prefix(&stored, *latest, got)).is_err()
-            {
+            let verdict = if events.len() == stored.len() && stored_gaps(&events) == 0 {
+                verify_connection(&events, *latest, None, &ids(got), Extent::Prefix)
+                    .map_err(|v| v.to_string())
+            } else {
+                Err("the stored log does not parse or has gaps".to_owned())
+            };
+            if let Err(why) = verdict {
+                eprintln!("{sid}: connection after {latest}: {why}");
                 reordered += 1;
             }
         }
-        let log_ok = tokio::spawn({
-            let sid = sid.clone();
-            let nats = c.nats.url();
-            let ns = c.namespace.clone();
-            async move { check_log_raw(&nats, &ns, &sid).await }
-        })
-        .await;
-        if !matches!(log_ok, Ok(true)) {
+        if let Err(v) = verify_log(&read_log(&c, sid).await) {
+            eprintln!("{sid}: raw log: {v}");
             epoch_faults += 1;
         }
         let info = c.info(alive_gateway(&c), sid, None).await;
@@ -197,34 +201,6 @@ fn alive_gateway(c: &Cluster) -> usize {
             std::path::Path::new(&format!("/proc/{}", c.gateways[*i].pid().unwrap_or(0))).exists()
         })
         .unwrap_or(0)
-}
-
-async fn check_log_raw(nats: &str, ns: &str, sid: &str) -> bool {
-    let client = async_nats::connect(nats).await.unwrap();
-    let store = shared::store::Store::open(client, shared::names::Names::new(ns).unwrap())
-        .await
-        .unwrap();
-    let sid = shared::id::SessionId::parse(sid).unwrap();
-    let evs = store.read_from(&sid, 0, 1_000_000).await.unwrap();
-    let mut epoch = 0;
-    for (i, e) in evs.iter().enumerate() {
-        if e.id != i as u64 {
-            return false;
-        }
-        let takeover = shared::event::Event::from_json(&e.payload)
-            .ok()
-            .and_then(|ev| ev.agent_state())
-            .is_some_and(|s| s.as_str() == "loading");
-        if takeover {
-            if e.epoch < epoch {
-                return false;
-            }
-            epoch = e.seq;
-        } else if e.epoch != epoch {
-            return false;
-        }
-    }
-    true
 }
 
 /// One client: talks until `stop`, reconnecting (to any live gateway, from its newest id)

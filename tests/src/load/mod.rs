@@ -7,8 +7,8 @@
 //! Layout:
 //! - [`args`]: the command line ([`Args`]) and per-scenario defaults ([`args::Plan`]).
 //! - [`client`]: a light Socket.IO client (one task per connection, events handled inline).
-//! - [`stats`]: HdrHistograms, counters, errors by kind.
-//! - [`check`]: the lost/duplicate check against the log (replay and live rules).
+//! - [`stats`]: HdrHistograms, counters, errors by kind. Each client's events are checked
+//!   against the log by [`crate::check::verify_connection`] (replay and live rules).
 //! - [`rest`]: REST calls. [`floor`]: the NATS floor. [`procfs`]: RSS and CPU from `/proc`.
 //! - [`deploy`]: deployments through `deploy/local/cluster.sh` ([`deploy::Deployer`]).
 //! - `run`: building blocks (create, connect, wait ready, drive, verify, progress line).
@@ -19,7 +19,6 @@
 //! deadline: the tool always stops by itself.
 
 pub mod args;
-pub mod check;
 pub mod client;
 pub mod deploy;
 pub mod floor;

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::args::Plan;
 use super::stats::{Metric, Stats, Summary};
+use crate::check::Violation;
 
 /// Floor figures (`--floor-nats`), milliseconds.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -142,6 +143,17 @@ const PLOTTED: [Metric; 13] = [
 ];
 
 impl Report {
+    /// Adds one client's verdict ([`crate::check::verify_connection`]) to the counts.
+    pub fn count_client(&mut self, verdict: &Result<(), Violation>) {
+        self.clients_checked += 1;
+        if let Err(v) = verdict {
+            self.lost_events += v.lost;
+            self.duplicate_events += v.duplicate;
+            self.unexpected_events += v.unexpected;
+            self.out_of_order_clients += u64::from(v.out_of_order);
+        }
+    }
+
     /// Fills the per-metric summaries, floor and ratios from `stats`.
     pub fn collect(&mut self, stats: &Stats) {
         for m in Metric::ALL {

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 
 use super::args::{Args, Plan};
-use super::check::{check_client, expected_last, stored_gaps};
 use super::client::{Client, ConnectSpec, Conv, Role};
 use super::procfs::{self, Pid};
 use super::report::{MemPoint, Report};
 use super::rest::Rest;
 use super::stats::{Metric, Stats};
+use crate::check::{Extent, Violation, expected_last, stored_gaps, verify_connection};
 
 /// Everything a scenario works with.
 pub(crate) struct Ctx {
@@ -240,11 +240,10 @@ pub(crate) async fn verify(ctx: &mut Ctx, conns: Vec<Conn>) {
                 Ok(s) => s,
                 Err(e) => {
                     stats.error(&e.kind());
-                    return (0, [0u64; 5]);
+                    return (0, Vec::new());
                 }
             };
-            let mut totals = [stored_gaps(&stored), 0, 0, 0, 0];
-            let mut checked = 0;
+            let mut verdicts = Vec::with_capacity(conns.len());
             for c in conns {
                 let target = expected_last(&stored, c.client.latest, c.hint);
                 let mut rx = c.client.probe.events.subscribe();
@@ -264,28 +263,26 @@ pub(crate) async fn verify(ctx: &mut Ctx, conns: Vec<Conn>) {
                 }
                 let (latest, hint) = (c.client.latest, c.hint);
                 let got = c.client.finish().await;
-                let v = check_client(&stored, latest, hint, &got);
-                totals[1] += v.lost;
-                totals[2] += v.duplicate;
-                totals[3] += v.unexpected;
-                totals[4] += v.out_of_order;
-                checked += 1;
+                verdicts.push(verify_connection(
+                    &stored,
+                    latest,
+                    hint,
+                    &got,
+                    Extent::Complete,
+                ));
             }
-            (checked, totals)
+            (stored_gaps(&stored), verdicts)
         }
     });
-    let results: Vec<(u64, [u64; 5])> = futures::stream::iter(futs)
+    let results: Vec<(u64, Vec<Result<(), Violation>>)> = futures::stream::iter(futs)
         .buffer_unordered(32)
         .collect()
         .await;
-    for (checked, t) in results {
-        let r = &mut ctx.report;
-        r.clients_checked += checked;
-        r.stored_gaps += t[0];
-        r.lost_events += t[1];
-        r.duplicate_events += t[2];
-        r.unexpected_events += t[3];
-        r.out_of_order_clients += t[4];
+    for (gaps, verdicts) in results {
+        ctx.report.stored_gaps += gaps;
+        for verdict in &verdicts {
+            ctx.report.count_client(verdict);
+        }
     }
 }
 

@@ -14,7 +14,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::LoadError;
-use super::check::{check_client, expected_ids, stored_gaps};
 use super::client::{Client, ConnectSpec, Conv, Role};
 use super::deploy::Deployer;
 use super::report::{MemPoint, ScaleStep};
@@ -22,6 +21,7 @@ use super::run::{
     Conn, Ctx, connect_many, cpu_mark, cpu_rates, create_many, drive, mem_point, verify, wait_ready,
 };
 use super::stats::{Metric, Stats};
+use crate::check::{Extent, expected_ids, stored_gaps, verify_connection};
 
 /// Stages of conversation counts: the memory points below `n`, then `n`.
 fn stages(points: &[usize], n: usize, memory: bool) -> Vec<usize> {
@@ -321,13 +321,9 @@ pub(crate) async fn replay(ctx: &mut Ctx) -> Result<(), LoadError> {
                     _ => ctx.stats.error("replay_timeout"),
                 }
                 let got = client.finish().await;
-                let v = check_client(&stored, latest, Some(head), &got);
-                let r = &mut ctx.report;
-                r.clients_checked += 1;
-                r.lost_events += v.lost;
-                r.duplicate_events += v.duplicate;
-                r.unexpected_events += v.unexpected;
-                r.out_of_order_clients += v.out_of_order;
+                let verdict =
+                    verify_connection(&stored, latest, Some(head), &got, Extent::Complete);
+                ctx.report.count_client(&verdict);
             }
         }
     }

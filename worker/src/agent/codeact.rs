@@ -364,3 +364,6 @@ fn observation_text(obs: ObservationView<'_>) -> String {
         ObservationView::Other { content, .. } => content.to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests;
