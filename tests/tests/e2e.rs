@@ -495,8 +495,9 @@ async fn action_emitted_right_after_connect_is_handled() {
 /// Bad configuration: one line naming the setting, exit code 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configuration_exits_2_naming_the_setting() {
-    let cases: [(&str, &str, &str, &str); 4] = [
+    let cases: [(&str, &str, &str, &str); 5] = [
         ("gateway", "OH_AUTH_TOKENS", "no-equals-sign", "auth-tokens"),
+        ("gateway", "OH_REQUEST_TIMEOUT_S", "0", "request-timeout-s"),
         ("gateway", "OH_NAMESPACE", "Bad.NS", "namespace"),
         ("worker", "OH_MAX_SESSIONS", "0", "max-sessions"),
         ("worker", "OH_LEASE_TTL_MS", "abc", "lease-ttl-ms"),
