@@ -4,7 +4,7 @@
 //! client); the session's actions and start requests also match and are skipped.
 //!
 //! The subscription task decodes each event once, computes its live copy (OpenHands' live
-//! filter, section 3.3), and broadcasts it. Sockets keep an `Arc<Topic>`; when the last one
+//! filter), and broadcasts it. Sockets keep an `Arc<Topic>`; when the last one
 //! goes, the subscription ends. The broadcast is bounded: a socket that lags notices
 //! (`Lagged`) and fills the gap from the log, so nothing is lost. Core NATS delivery is at
 //! most once: after a reconnect to NATS every topic broadcasts [`Feed::Resync`], and sockets

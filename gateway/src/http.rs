@@ -1,4 +1,4 @@
-//! REST API with OpenHands shapes (protocol §7), plus health, readiness and metrics.
+//! REST API with OpenHands' V0 shapes (`/api/conversations...`), plus health, readiness and metrics.
 //!
 //! Every error goes through [`ApiError`]: a client mistake is a 4xx with a clear JSON body and
 //! is not logged as an error; a server fault is a generic 500 (or 503 when a dependency is

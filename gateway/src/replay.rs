@@ -1,12 +1,13 @@
 //! Per-socket forwarding: replay of the events after `latest_event_id`, then live events,
 //! merged by id with no gap and no duplicate.
 //!
-//! Order of operations (the fix for OpenHands' race, protocol §2.6):
+//! Order of operations (it closes OpenHands' race, where an event appended
+//! between the replay and the subscription was lost):
 //! 1. join the session's live feed (the NATS subscription is registered at the server);
 //! 2. read the head of the log;
-//! 3. replay `(latest_event_id, head]` with the replay rule (§2.5: skip null/recall actions,
+//! 3. replay `(latest_event_id, head]` with the replay rule (skip null/recall actions,
 //!    only the last `agent_state_changed`, sent last);
-//! 4. forward live events with id > head in order (live rule, §3.3). A live event that skips
+//! 4. forward live events with id > head in order (OpenHands' live filter). A live event that skips
 //!    ids (dropped core-NATS message, lagging broadcast) first fills the gap from the log.
 //!
 //! Sends are bounded: socketioxide's per-socket buffer is finite; when it is full we wait for
@@ -129,7 +130,7 @@ fn nats_err(e: async_nats::Error) -> shared::store::StoreError {
     }
 }
 
-/// Replays ids `from..=to` with the replay rule (§2.5).
+/// Replays ids `from..=to` with the replay rule ([`shared::event::replay_order`]).
 async fn replay(
     state: &AppState,
     socket: &SocketRef,
@@ -170,7 +171,7 @@ async fn replay(
 /// recovering after a NATS restart) before the client is disconnected to resume by replay.
 const CATCH_UP_PATIENCE: Duration = Duration::from_secs(15);
 
-/// Sends what the live feed missed with the live rule (§3.3): the events after `cursor` up to
+/// Sends what the live feed missed with the live filter ([`shared::event::Event::live_copy`]): the events after `cursor` up to
 /// `to` (a gap before a live event), or up to the log's head (`None`: after a NATS reconnect
 /// or a lagging broadcast). `cursor` follows every event sent, so a retry after a failed read
 /// neither repeats nor skips one.

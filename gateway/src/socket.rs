@@ -1,4 +1,4 @@
-//! Socket.IO with OpenHands' connect semantics (protocol §2): query `conversation_id`
+//! Socket.IO with OpenHands' connect semantics: query `conversation_id`
 //! (required) and `latest_event_id` (default -1); the user from `Authorization: Bearer` or the
 //! connect payload `auth: {token}`. Refusals are CONNECT_ERROR packets `{message}` sent by the
 //! connect middleware. Accepted sockets get the replay and then live events (`replay`).
