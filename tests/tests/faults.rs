@@ -439,21 +439,37 @@ async fn per_user_limit_is_exact_across_workers() {
         futures::future::join_all((0..6).map(|i| c.create(i % 2, None, None))).await;
     let deadline = Instant::now() + T;
     let mut states: BTreeMap<String, usize>;
+    let mut seen: Vec<Value>;
     loop {
         states = BTreeMap::new();
+        seen = Vec::new();
         for s in &sids {
             let v = c.info(0, s, None).await;
             *states
                 .entry(v["session_status"].as_str().unwrap_or("?").to_owned())
                 .or_default() += 1;
+            seen.push(json!([
+                v["session_status"],
+                v["worker_id"],
+                v["agent_state"],
+                v["reason"]
+            ]));
         }
-        if !states.contains_key("queued") {
+        // Settled: nothing queued, and every running session's claim has finished (it wrote its
+        // agent state); while a claim is still deciding, its lease alone reads as running.
+        let claiming = seen.iter().any(|v| v[0] == "running" && v[2].is_null());
+        if !states.contains_key("queued") && !claiming {
             break;
         }
         assert!(Instant::now() < deadline, "{states:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(states.get("running"), Some(&2), "{states:?}");
+    assert_eq!(
+        states.get("running"),
+        Some(&2),
+        "{states:?} {seen:?}\n{}",
+        c.logs()
+    );
     assert_eq!(states.get("error"), Some(&4), "{states:?}");
     let mut reason = None;
     for s in &sids {
