@@ -19,6 +19,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::fanout::Fanout;
+use crate::origin::AllowedOrigins;
 
 /// Largest `oh_user_action` payload accepted (OpenHands' `max_http_buffer_size`).
 pub(crate) const MAX_ACTION_BYTES: usize = 4 * 1024 * 1024;
@@ -86,6 +87,7 @@ pub(crate) fn router(
     state: AppState,
     socket_buffer: usize,
     request_timeout: Duration,
+    allowed_origins: AllowedOrigins,
     cancel: CancellationToken,
 ) -> Router {
     let (sio_layer, io) = SocketIo::builder()
@@ -128,6 +130,10 @@ pub(crate) fn router(
         .with_state(state)
         .layer(sio_layer)
         .layer(axum::middleware::map_request(unshare_head))
+        // Outermost: a foreign origin or host name reaches neither REST nor Socket.IO.
+        .layer(axum::middleware::from_fn(move |req, next| {
+            crate::origin::guard(allowed_origins.clone(), req, next)
+        }))
 }
 
 /// Engine.IO keeps each socket's request head (`Parts`, extensions included) for the socket's

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use shared::config::{AuthTokens, BrokerArgs, parse_auth_tokens};
 
+use crate::origin::{AllowedOrigins, parse_allowed_origins};
+
 /// Gateway flags.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -31,6 +33,36 @@ pub struct Args {
     /// (websockets, long-polling) is not subject to it.
     #[arg(long = "request-timeout-s", env = "OH_REQUEST_TIMEOUT_S", default_value = "30", value_parser = parse_secs)]
     pub request_timeout: Duration,
+    /// Web origins allowed to call the gateway besides its own and loopback ones, e.g.
+    /// `https://oh.example.com` (whose host name is then also served); `*` allows any origin
+    /// and host. See `gateway::origin`.
+    #[arg(long, env = "OH_ALLOWED_ORIGINS", default_value = "", value_parser = parse_allowed_origins)]
+    pub allowed_origins: AllowedOrigins,
+    /// Serve single-user mode (no `OH_AUTH_TOKENS`) on a non-loopback address. Off: such a
+    /// start is refused, since anyone who reaches the address would be the one user.
+    #[arg(long, env = "OH_ALLOW_SINGLE_USER_ON_NETWORK", default_value_t = false)]
+    pub allow_single_user_on_network: bool,
+}
+
+impl Args {
+    /// Checks that span several settings.
+    ///
+    /// # Errors
+    /// One line naming the settings, for `main` to print before exiting with code 2.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.auth_tokens.is_single_user()
+            && !self.gateway_addr.ip().is_loopback()
+            && !self.allow_single_user_on_network
+        {
+            return Err(format!(
+                "error: single-user mode (no OH_AUTH_TOKENS) on non-loopback address {}: set \
+                 --auth-tokens, bind --gateway-addr to loopback, or set \
+                 --allow-single-user-on-network",
+                self.gateway_addr
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn parse_ms(s: &str) -> Result<Duration, String> {

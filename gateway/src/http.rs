@@ -153,8 +153,7 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(shared::config::bearer_token);
         state
             .auth
             .user_for(token)
@@ -428,8 +427,9 @@ async fn list(
     });
     let page: Vec<&ConversationMeta> = all.iter().skip(offset).take(limit).collect();
     let results = futures::future::try_join_all(page.iter().map(|m| info(&state, m))).await?;
-    let next = (offset + limit < all.len())
-        .then(|| base64::engine::general_purpose::STANDARD.encode((offset + limit).to_string()));
+    let end = offset.saturating_add(limit);
+    let next = (end < all.len())
+        .then(|| base64::engine::general_purpose::STANDARD.encode(end.to_string()));
     Ok(Json(json!({"results": results, "next_page_id": next})))
 }
 

@@ -10,12 +10,14 @@
 //! - `replay`: per-socket forwarding: replay after `latest_event_id`, then live, merged by id.
 //! - `fanout`: one NATS subscription per session with local sockets, shared by them.
 //! - `actions`: validated user actions published to JetStream; start requests.
+//! - `origin`: the browser boundary (allowed origins, served host names).
 
 mod actions;
 mod app;
 pub mod config;
 mod fanout;
 mod http;
+pub mod origin;
 mod replay;
 mod socket;
 
@@ -141,6 +143,7 @@ async fn start(
         state,
         args.socket_buffer as usize,
         args.request_timeout,
+        args.allowed_origins.clone(),
         cancel.clone(),
     );
     Ok((router, tasks))

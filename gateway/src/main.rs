@@ -6,6 +6,10 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: gateway::Args = shared::config::parse_or_exit();
+    if let Err(line) = args.validate() {
+        eprintln!("{line}");
+        std::process::exit(2);
+    }
     shared::telemetry::init_tracing(args.broker.log_json);
     let metrics = shared::telemetry::init_metrics().context("metrics")?;
     let cancel = CancellationToken::new();

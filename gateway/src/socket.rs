@@ -131,8 +131,8 @@ fn bearer(s: &SocketRef, auth: Option<&Value>) -> Option<String> {
         .headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_owned());
+        .and_then(shared::config::bearer_token)
+        .map(str::to_owned);
     header.or_else(|| {
         auth.and_then(|a| a.get("token"))
             .and_then(Value::as_str)

@@ -34,7 +34,23 @@ fn parse_names(s: &str) -> Result<Names, String> {
 /// Bearer tokens and the users they stand for (`OH_AUTH_TOKENS=token=user,token2=user2`).
 /// Empty means single-user mode: every caller is user `local`.
 #[derive(Debug, Clone, Default)]
-pub struct AuthTokens(Arc<HashMap<String, UserId>>);
+pub struct AuthTokens(Arc<HashMap<[u8; 32], UserId>>);
+
+/// Tokens are kept and looked up by their SHA-256: the time a lookup takes depends on the
+/// digest, not on how many leading bytes of a real token a guess got right.
+fn digest(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+/// The token of an `Authorization` header value: `Bearer <token>`, the scheme in any case.
+pub fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
 
 impl AuthTokens {
     /// Parses `token=user,token2=user2`. Empty string: single-user mode.
@@ -52,7 +68,7 @@ impl AuthTokens {
                 return Err("tokens must be at least 8 characters".to_owned());
             }
             let user = UserId::parse(user.trim()).map_err(|e| e.to_string())?;
-            if map.insert(token.to_owned(), user).is_some() {
+            if map.insert(digest(token), user).is_some() {
                 return Err("a token appears twice".to_owned());
             }
         }
@@ -70,7 +86,7 @@ impl AuthTokens {
         if self.is_single_user() {
             return Some(UserId::local());
         }
-        token.and_then(|t| self.0.get(t).cloned())
+        token.and_then(|t| self.0.get(&digest(t)).cloned())
     }
 }
 
@@ -108,6 +124,16 @@ pub fn parse_or_exit<T: clap::Parser>() -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token("BEARER abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+    }
 
     #[test]
     fn auth_tokens_parse_and_refuse() {

@@ -495,9 +495,21 @@ async fn action_emitted_right_after_connect_is_handled() {
 /// Bad configuration: one line naming the setting, exit code 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configuration_exits_2_naming_the_setting() {
-    let cases: [(&str, &str, &str, &str); 5] = [
+    let cases: [(&str, &str, &str, &str); 7] = [
         ("gateway", "OH_AUTH_TOKENS", "no-equals-sign", "auth-tokens"),
         ("gateway", "OH_REQUEST_TIMEOUT_S", "0", "request-timeout-s"),
+        (
+            "gateway",
+            "OH_GATEWAY_ADDR",
+            "0.0.0.0:0",
+            "allow-single-user-on-network",
+        ),
+        (
+            "gateway",
+            "OH_ALLOWED_ORIGINS",
+            "evil.example",
+            "allowed-origins",
+        ),
         ("gateway", "OH_NAMESPACE", "Bad.NS", "namespace"),
         ("worker", "OH_MAX_SESSIONS", "0", "max-sessions"),
         ("worker", "OH_LEASE_TTL_MS", "abc", "lease-ttl-ms"),
@@ -706,4 +718,87 @@ async fn rest_list_events_lifecycle_delete() {
     c.redis.kill().await;
     let (code, v) = c.get(0, "/readyz", None).await;
     assert_eq!((code, v), (503, json!({"nats": true, "redis": false})));
+}
+
+/// The browser path is closed to other web pages: a foreign `Origin` is refused on REST and on
+/// both Socket.IO transports, a foreign `Host` (DNS rebinding) is refused, a non-JSON body is
+/// refused (no "simple request" can create a conversation), and none of them stores anything;
+/// the gateway's own origin and plain clients are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_path_refuses_foreign_origins_hosts_and_simple_requests() {
+    use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        ..ClusterOpts::default()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let url = c.url(0);
+    let create = |origin: Option<&str>, host: Option<&str>, ctype: &str| {
+        let mut req = http
+            .post(format!("{url}/api/conversations"))
+            .header("content-type", ctype)
+            .body(r#"{"initial_user_msg":"run: touch /tmp/pwned"}"#);
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        if let Some(h) = host {
+            req = req.header("host", h);
+        }
+        req.send()
+    };
+    let json = "application/json";
+    let foreign = create(Some("http://evil.example"), None, json)
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), 403);
+    let body: Value = foreign.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("OH_ALLOWED_ORIGINS"),
+        "{body}"
+    );
+    let rebound = create(None, Some("evil.example:3000"), json).await.unwrap();
+    assert_eq!(rebound.status(), 403);
+    let simple = create(None, None, "text/plain").await.unwrap();
+    assert_eq!(simple.status(), 415);
+    let (_, list) = c.get(0, "/api/conversations", None).await;
+    assert_eq!(list["results"], json!([]), "nothing was created: {list}");
+
+    // The gateway's own origin is served, and so is a client with no Origin.
+    let own = create(Some(&url), None, json).await.unwrap();
+    assert_eq!(own.status(), 200, "{:?}", own.text().await);
+    let sid = c.create(0, None, None).await;
+
+    // Socket.IO: long-polling handshake and websocket upgrade from a foreign page.
+    let polling = http
+        .get(format!(
+            "{url}/socket.io/?EIO=4&transport=polling&conversation_id={sid}&latest_event_id=-1"
+        ))
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(polling.status(), 403);
+    let ws_url = format!(
+        "ws://127.0.0.1:{}/socket.io/?EIO=4&transport=websocket&conversation_id={sid}&latest_event_id=-1",
+        c.gateway_port(0)
+    );
+    let mut req = ws_url.as_str().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("origin", "http://evil.example".parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),
+        other => panic!("websocket from a foreign origin was not refused: {other:?}"),
+    }
+    let mut req = ws_url.as_str().into_client_request().unwrap();
+    req.headers_mut().insert("origin", url.parse().unwrap());
+    let own_ws = tokio_tungstenite::connect_async(req).await;
+    assert!(own_ws.is_ok(), "same-origin websocket refused: {own_ws:?}");
+    // And a real client converses as before.
+    let client = c.connect(0, &sid, None, None).await.unwrap();
+    assert_eq!(say(&client, "still served").await["success"], true);
 }
