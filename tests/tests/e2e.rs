@@ -802,3 +802,48 @@ async fn browser_path_refuses_foreign_origins_hosts_and_simple_requests() {
     let client = c.connect(0, &sid, None, None).await.unwrap();
     assert_eq!(say(&client, "still served").await["success"], true);
 }
+
+/// An action published straight to a conversation's action subject (what a process with
+/// access to NATS could do) is applied only if it names the conversation's owner: one naming
+/// another user, or no user, is dropped without a trace in the conversation, and the owner's
+/// own messages go on being answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_naming_another_user_are_not_applied() {
+    use shared::msg_id::ActionMsgId;
+    use shared::wire::HDR_USER;
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        auth_tokens: Some(format!("{ALICE}=alice,{BOB}=bob")),
+        ..ClusterOpts::default()
+    })
+    .await;
+    let alice = c.create(0, None, Some(ALICE)).await;
+    let mut client = c.connect(0, &alice, None, Some(ALICE)).await.unwrap();
+    tests::check::settle(&mut client, "before").await;
+    let store = c.store().await;
+    let sid = shared::id::SessionId::parse(&alice).unwrap();
+    let action = |text: &str| {
+        bytes::Bytes::from(json!({"action": "message", "args": {"content": text}}).to_string())
+    };
+    let mut as_bob = async_nats::HeaderMap::new();
+    as_bob.insert(HDR_USER, "bob");
+    for (headers, text) in [
+        (as_bob, "injected as bob"),
+        (async_nats::HeaderMap::new(), "injected as nobody"),
+    ] {
+        store
+            .publish_action(&sid, action(text), headers, &ActionMsgId::fresh())
+            .await
+            .unwrap();
+    }
+    // Actions are applied in order: once this one is answered, the two before it were handled.
+    tests::check::settle(&mut client, "after").await;
+    let stored = c.all_events(0, &alice, Some(ALICE)).await;
+    let text = serde_json::to_string(&stored).unwrap();
+    assert!(
+        !text.contains("injected"),
+        "an injected action left a trace: {text}"
+    );
+    assert_eq!(tests::check::count_echoes(&stored, "after"), 1);
+}

@@ -27,7 +27,7 @@ use shared::ownership::{self, Lease};
 use shared::presence;
 use shared::status::{self, SessionState};
 use shared::store::ConversationMeta;
-use shared::wire::{Control, HDR_CONTROL, StartReason, StartRequest};
+use shared::wire::{Control, HDR_CONTROL, HDR_USER, StartReason, StartRequest};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -529,6 +529,19 @@ impl AgentSession {
             }
         };
         let headers = msg.headers.clone().unwrap_or_default();
+        let sender = headers.get(HDR_USER).map(|v| v.as_str());
+        if sender != Some(self.uid.as_str()) {
+            // Only the conversation's owner acts on it: an action naming another user (or
+            // none) did not come from a gateway acting for the owner. Dropped, not recorded,
+            // so a foreign publisher cannot write into the conversation either.
+            warn!(
+                seq,
+                sender, "action not from the conversation's owner; dropped"
+            );
+            metrics::counter!("oh_worker_foreign_actions_total").increment(1);
+            ack(&msg).await;
+            return Ok(None);
+        }
         if let Some(ctl) = headers.get(HDR_CONTROL) {
             match Control::parse(ctl.as_str()) {
                 Some(Control::Stop) => {
