@@ -35,6 +35,8 @@ pub(crate) struct Inner {
     pub(crate) metrics: PrometheusHandle,
     /// How long a client may keep its send buffer full (see `replay`).
     pub(crate) slow_client_timeout: Duration,
+    /// Largest `replay_json` accepted (bytes).
+    pub(crate) max_replay_bytes: usize,
     /// Every task the gateway spawns; `run` closes it and waits (bounded) on shutdown.
     pub(crate) tasks: TaskTracker,
 }
@@ -51,14 +53,12 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
+    /// The state of one gateway: its connections, and the settings handlers read from `args`.
     pub(crate) fn new(
-        nats: async_nats::Client,
-        store: Store,
-        redis: redis::aio::ConnectionManager,
-        auth: AuthTokens,
+        (nats, store, redis): (async_nats::Client, Store, redis::aio::ConnectionManager),
+        args: &crate::Args,
         metrics: PrometheusHandle,
         gateway_id: &str,
-        slow_client_timeout: Duration,
     ) -> Self {
         let tasks = TaskTracker::new();
         let fanout = Fanout::new(
@@ -72,10 +72,11 @@ impl AppState {
             nats,
             store,
             redis,
-            auth,
+            auth: args.auth_tokens.clone(),
             fanout,
             metrics,
-            slow_client_timeout,
+            slow_client_timeout: args.slow_client_timeout,
+            max_replay_bytes: args.max_replay_mib as usize * 1024 * 1024,
             tasks,
         }))
     }

@@ -42,6 +42,10 @@ pub struct Args {
     /// start is refused, since anyone who reaches the address would be the one user.
     #[arg(long, env = "OH_ALLOW_SINGLE_USER_ON_NETWORK", default_value_t = false)]
     pub allow_single_user_on_network: bool,
+    /// Largest `replay_json` trajectory a create accepts (MiB); a larger one gets 413. It is
+    /// stored and replayed as events, so it bounds what one request can make the system hold.
+    #[arg(long, env = "OH_MAX_REPLAY_MIB", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=30))]
+    pub max_replay_mib: u32,
 }
 
 impl Args {

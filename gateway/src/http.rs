@@ -56,6 +56,11 @@ pub(crate) enum ApiError {
     Unprocessable(String),
     UnsupportedMediaType,
     TooLarge,
+    /// A `replay_json` over `OH_MAX_REPLAY_MIB`.
+    ReplayTooLarge {
+        size: usize,
+        limit: usize,
+    },
     Unavailable(String),
     Internal(String),
 }
@@ -118,6 +123,10 @@ impl IntoResponse for ApiError {
             ApiError::UnsupportedMediaType => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 json!({"detail": "Content-Type must be application/json"}),
+            ),
+            ApiError::ReplayTooLarge { size, limit } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"detail": format!("replay_json is {size} bytes; the limit is {} MiB (OH_MAX_REPLAY_MIB)", limit >> 20)}),
             ),
             ApiError::TooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -273,6 +282,12 @@ async fn create(
     };
     let mut replay_blob = None;
     if let Some(replay) = &body.replay_json {
+        if replay.len() > state.max_replay_bytes {
+            return Err(ApiError::ReplayTooLarge {
+                size: replay.len(),
+                limit: state.max_replay_bytes,
+            });
+        }
         let events = load_trajectory(replay.as_bytes())
             .map_err(|e| ApiError::BadRequest(format!("invalid replay_json: {e}")))?;
         let name = state.store.put_replay(&sid, replay.as_bytes()).await?;

@@ -125,15 +125,7 @@ async fn start(
     let redis = shared::ownership::connect(&args.broker.redis_url)
         .await
         .context("connect Redis")?;
-    let state = app::AppState::new(
-        client,
-        store,
-        redis,
-        args.auth_tokens.clone(),
-        metrics,
-        &gateway_id,
-        args.slow_client_timeout,
-    );
+    let state = app::AppState::new((client, store, redis), args, metrics, &gateway_id);
     let tasks = state.tasks.clone();
     let fanout = state.fanout.clone();
     tasks.spawn(fanout.clone().presence_loop(cancel.clone()));

@@ -200,6 +200,14 @@ async fn create_validates_body_and_content_type() {
     assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(detail_mentions(&v, "32 MiB"), "{v}");
 
+    // A replay_json over OH_MAX_REPLAY_MIB (default 8): refused before anything is stored.
+    let replay = format!(r#"{{"replay_json": "[{}]"}}"#, " ".repeat(9 * 1024 * 1024));
+    let (code, v) = gw
+        .post("/api/conversations", Some(ALICE), Some(JSON), replay)
+        .await;
+    assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(detail_mentions(&v, "OH_MAX_REPLAY_MIB"), "{v}");
+
     // Accepted: an empty body, JSON without a declared type (FastAPI's rule), `+json` types.
     for (ct, body) in [
         (Some(JSON), ""),
