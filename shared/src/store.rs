@@ -635,7 +635,9 @@ impl Store {
         Ok(Bytes::from(buf))
     }
 
-    /// Deletes everything stored for a session: its events, pending actions and start request.
+    /// Deletes everything stored for a session: its events, pending actions, start request and
+    /// `replay_json` trajectory. (Payloads stored out of line stay until a collector exists:
+    /// their names are only in the purged messages' headers.)
     ///
     /// # Errors
     /// [`StoreError`] if NATS failed.
@@ -655,6 +657,11 @@ impl Store {
             .filter(self.names.work_subject(sid))
             .await
             .map_err(|e| nats("purge work")(boxed(e)))?;
+        match self.blobs.delete(self.names.replay_blob(sid)).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => {}
+            Err(e) => return Err(nats("delete replay blob")(boxed(e))),
+        }
         Ok(())
     }
 }

@@ -211,3 +211,24 @@ async fn payloads_over_max_payload_go_out_of_line_and_come_back() {
     assert_eq!(&small[..], b"{}");
     assert!(h2.get(shared::wire::HDR_BLOB).is_none());
 }
+
+#[tokio::test]
+async fn purging_a_session_deletes_its_replay_trajectory() {
+    let nats = NatsServer::start().await;
+    let store = open(&nats).await;
+    let (a, b) = (SessionId::generate(), SessionId::generate());
+    let name_a = store.put_replay(&a, b"[1]").await.unwrap();
+    let name_b = store.put_replay(&b, b"[2]").await.unwrap();
+    store.purge_session(&a).await.unwrap();
+    assert!(
+        store.get_blob(&name_a).await.is_err(),
+        "a's trajectory is gone"
+    );
+    assert_eq!(
+        &store.get_blob(&name_b).await.unwrap()[..],
+        b"[2]",
+        "b's is kept"
+    );
+    // A session without a trajectory purges too.
+    store.purge_session(&SessionId::generate()).await.unwrap();
+}

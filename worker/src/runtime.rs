@@ -253,8 +253,20 @@ pub(crate) struct Runtime {
     closed: bool,
 }
 
+/// Creates `dir` (and its parents) if needed and makes it `0700`: a session's files are the
+/// worker's alone (an older root made `0755` is tightened too).
+async fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    tokio::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .await?;
+    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).await
+}
+
 impl Runtime {
-    /// Creates `<root>/<session>` and starts the session's shell there.
+    /// Creates `<root>/<session>` (both `0700`) and starts the session's shell there.
     ///
     /// # Errors
     /// The workspace or the control files cannot be created, or bash does not start.
@@ -267,7 +279,8 @@ impl Runtime {
             path: dir.clone(),
             source,
         };
-        tokio::fs::create_dir_all(&dir).await.map_err(ws_err)?;
+        private_dir(&cfg.root).await.map_err(ws_err)?;
+        private_dir(&dir).await.map_err(ws_err)?;
         let workspace = tokio::fs::canonicalize(&dir).await.map_err(ws_err)?;
         let ctl = tempfile::Builder::new()
             .prefix("oh-runtime-")

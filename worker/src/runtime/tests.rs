@@ -83,6 +83,24 @@ async fn gone_within(pid: i32, limit: Duration) -> bool {
 }
 
 #[tokio::test]
+async fn workspaces_are_private_to_the_worker() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = TempDir::new().expect("tempdir");
+    let root = tmp.path().join("workspaces");
+    std::fs::create_dir(&root).expect("root");
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let cfg = RuntimeConfig::new(root.clone());
+    let session = SessionId::parse("sess-1").expect("valid id");
+    let rt = Runtime::start(&cfg, &session)
+        .await
+        .expect("runtime starts");
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+    assert_eq!(mode(&root), 0o700, "the root is tightened");
+    assert_eq!(mode(rt.workspace()), 0o700);
+}
+
+#[tokio::test]
 async fn echo_into_file_then_cat_gives_hi_and_exit_code_0() {
     let tmp = TempDir::new().expect("tmp");
     let mut rt = start(&tmp).await;
