@@ -276,17 +276,22 @@ async fn capacity_fifty_conversations_on_twenty_slots() {
 const ALICE: &str = "token-alice-1";
 const BOB: &str = "token-bob-22";
 
-/// Invariants 6 and 7: bad input gets a clear error to that client only; the process keeps
-/// serving; the session's events are unchanged; a user never sees another user's conversation.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inv6_inv7_bad_input_and_foreign_conversations() {
-    let c = Cluster::start(ClusterOpts {
+/// One gateway and one worker, users alice and bob.
+async fn two_user_cluster() -> Cluster {
+    Cluster::start(ClusterOpts {
         gateways: 1,
         workers: 1,
         auth_tokens: Some(format!("{ALICE}=alice,{BOB}=bob")),
         ..ClusterOpts::default()
     })
-    .await;
+    .await
+}
+
+/// Invariants 6 and 7: bad input gets a clear error to that client only; the process keeps
+/// serving; the session's events are unchanged; a user never sees another user's conversation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inv6_inv7_bad_input_and_foreign_conversations() {
+    let c = two_user_cluster().await;
     let sid = c.create(0, Some("hi"), Some(ALICE)).await;
     c.wait_info(0, &sid, Some(ALICE), T, |v| {
         v["agent_state"] == "awaiting_user_input"
@@ -811,13 +816,7 @@ async fn browser_path_refuses_foreign_origins_hosts_and_simple_requests() {
 async fn actions_naming_another_user_are_not_applied() {
     use shared::msg_id::ActionMsgId;
     use shared::wire::HDR_USER;
-    let c = Cluster::start(ClusterOpts {
-        gateways: 1,
-        workers: 1,
-        auth_tokens: Some(format!("{ALICE}=alice,{BOB}=bob")),
-        ..ClusterOpts::default()
-    })
-    .await;
+    let c = two_user_cluster().await;
     let alice = c.create(0, None, Some(ALICE)).await;
     let mut client = c.connect(0, &alice, None, Some(ALICE)).await.unwrap();
     tests::check::settle(&mut client, "before").await;
