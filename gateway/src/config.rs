@@ -33,6 +33,10 @@ pub struct Args {
     /// (websockets, long-polling) is not subject to it.
     #[arg(long = "request-timeout-s", env = "OH_REQUEST_TIMEOUT_S", default_value = "30", value_parser = parse_secs)]
     pub request_timeout: Duration,
+    /// Most time a client may take to send a request's headers (s); the connection is then
+    /// closed (slow or half-sent requests; idle keep-alive connections likewise).
+    #[arg(long = "header-read-timeout-s", env = "OH_HEADER_READ_TIMEOUT_S", default_value = "10", value_parser = parse_secs)]
+    pub header_read_timeout: Duration,
     /// Web origins allowed to call the gateway besides its own and loopback ones, e.g.
     /// `https://oh.example.com` (whose host name is then also served); `*` allows any origin
     /// and host. See `gateway::origin`.

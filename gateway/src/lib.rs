@@ -10,6 +10,7 @@
 //! - `replay`: per-socket forwarding: replay after `latest_event_id`, then live, merged by id.
 //! - `fanout`: one NATS subscription per session with local sockets, shared by them.
 //! - `actions`: validated user actions published to JetStream; start requests.
+//! - `serve`: the HTTP server loop (axum's, with a header-read timeout).
 //! - `origin`: the browser boundary (allowed origins, served host names).
 
 mod actions;
@@ -19,6 +20,7 @@ mod fanout;
 mod http;
 pub mod origin;
 mod replay;
+mod serve;
 mod socket;
 
 use anyhow::Context;
@@ -46,18 +48,8 @@ pub async fn run(
     let (router, tasks) = start(&args, metrics, &cancel).await?;
     let listener =
         listen(args.gateway_addr).with_context(|| format!("bind {}", args.gateway_addr))?;
-    // Small Socket.IO frames must leave at once: without TCP_NODELAY, Nagle's algorithm and
-    // delayed ACKs add ~40 ms to every reply (measured by the load tool).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
     info!(addr = %args.gateway_addr, single_user = args.auth_tokens.is_single_user(), "gateway listening");
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(cancel.clone().cancelled_owned())
-        .await
-        .context("serve");
+    serve::serve(listener, router, args.header_read_timeout, cancel.clone()).await;
     // Whatever ended the server, the tasks see `cancel` and end.
     cancel.cancel();
     tasks.close();
@@ -70,7 +62,6 @@ pub async fn run(
             "gateway tasks still running after the grace period; leaving them"
         );
     }
-    served?;
     info!("gateway stopped");
     Ok(())
 }

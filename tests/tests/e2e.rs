@@ -846,3 +846,55 @@ async fn actions_naming_another_user_are_not_applied() {
     );
     assert_eq!(tests::check::count_echoes(&stored, "after"), 1);
 }
+
+/// Slowloris: connections that never finish their request headers are closed after
+/// `OH_HEADER_READ_TIMEOUT_S`, and the gateway keeps answering meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_are_closed_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        gateway_env: vec![("OH_HEADER_READ_TIMEOUT_S", "1".to_owned())],
+        ..ClusterOpts::default()
+    })
+    .await;
+    let addr = format!("127.0.0.1:{}", c.gateway_port(0));
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        tcp.write_all(b"GET /api/conversations HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            .await
+            .unwrap();
+        slow.push(tcp);
+    }
+    let started = std::time::Instant::now();
+    let (code, _) = c.get(0, "/healthz", None).await;
+    assert_eq!(
+        code, 200,
+        "the gateway answers while half-sent requests wait"
+    );
+    for mut tcp in slow {
+        let mut buf = [0u8; 256];
+        // Closed (EOF or reset), possibly after a 408: never an answer to the request.
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => assert!(
+                        !buf[..n].starts_with(b"HTTP/1.1 2"),
+                        "a half-sent request was answered"
+                    ),
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "a half-sent request was kept open");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed before the timeout"
+    );
+    let (code, _) = c.get(0, "/api/conversations", None).await;
+    assert_eq!(code, 200);
+}
