@@ -132,9 +132,13 @@ pub(crate) fn router(
         .layer(sio_layer)
         .layer(axum::middleware::map_request(unshare_head))
         // Outermost: a foreign origin or host name reaches neither REST nor Socket.IO.
-        .layer(axum::middleware::from_fn(move |req, next| {
-            crate::origin::guard(allowed_origins.clone(), req, next)
-        }))
+        .layer({
+            // Shared, not cloned per request (every long-poll is a request).
+            let allowed = Arc::new(allowed_origins);
+            axum::middleware::from_fn(move |req, next| {
+                crate::origin::guard(Arc::clone(&allowed), req, next)
+            })
+        })
 }
 
 /// Engine.IO keeps each socket's request head (`Parts`, extensions included) for the socket's

@@ -16,6 +16,7 @@
 //! internal names. Non-browser clients send no `Origin` and call by address or an allowed name.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use axum::extract::Request;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -113,7 +114,7 @@ fn is_localhost(name: &str) -> bool {
 }
 
 /// Refuses a request from a foreign origin or under a foreign host name (see the module doc).
-pub(crate) async fn guard(allowed: AllowedOrigins, req: Request, next: Next) -> Response {
+pub(crate) async fn guard(allowed: Arc<AllowedOrigins>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     if matches!(path, "/healthz" | "/readyz" | "/metrics") {
         return next.run(req).await;
