@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building, running and testing need on a Debian machine, skipping whatever is
-# already there: nats-server and redis-server (Debian packages), a C toolchain, Node.js/npm
-# (for the JavaScript socket.io-client compatibility test), and Rust via rustup.
+# already there: nats-server and redis-server (Debian packages), bubblewrap and util-linux's
+# setpriv/prlimit (the sandbox agent code runs in), a C toolchain, Node.js/npm (for the
+# JavaScript socket.io-client compatibility test), and Rust via rustup.
 # Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
@@ -9,6 +10,9 @@ need=()
 command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
+command -v bwrap >/dev/null || need+=(bubblewrap)
+command -v setpriv >/dev/null || need+=(util-linux)
+command -v pgrep >/dev/null || need+=(procps)
 command -v cc >/dev/null || need+=(build-essential)
 command -v curl >/dev/null || need+=(curl ca-certificates)
 command -v pkg-config >/dev/null || need+=(pkg-config)

@@ -440,7 +440,8 @@ impl Claim<'_> {
         history: Vec<Event>,
     ) -> Result<Controller, ClaimError> {
         let ctx = self.ctx;
-        let runtime_cfg = RuntimeConfig::new(ctx.args.workspace_root.clone());
+        let runtime_cfg =
+            RuntimeConfig::new(ctx.args.workspace_root.clone()).with_sandbox(ctx.sandbox.clone());
         let agent = match (&ctx.llm, ctx.args.llm_config()) {
             (Some(registry), Some(cfg)) => {
                 let llm = registry.get(&cfg)?;
@@ -451,11 +452,7 @@ impl Claim<'_> {
                 AgentImpl::CodeAct(Box::new(CodeAct {
                     llm,
                     notify: self.notifier(),
-                    workspace: runtime_cfg
-                        .root
-                        .join(self.sid.as_str())
-                        .display()
-                        .to_string(),
+                    workspace: runtime_cfg.agent_workspace(&self.sid),
                 }))
             }
             _ => AgentImpl::Echo(Echo {

@@ -87,6 +87,41 @@ pub struct Args {
     /// Address of the `/metrics` (Prometheus) and `/healthz` endpoint. Unset: none.
     #[arg(long, env = "OH_WORKER_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// A file holding the LLM API key (read once at startup; takes precedence over
+    /// `OH_LLM_API_KEY`, and keeps the key out of the process environment).
+    #[arg(long, env = "OH_LLM_API_KEY_FILE")]
+    pub llm_api_key_file: Option<std::path::PathBuf>,
+    /// Where agent code runs: `bwrap` (a bubblewrap sandbox per session: namespaces, no
+    /// network, read-only system, resource limits) or `off` (as the worker's own user, with
+    /// its access to the control plane: only for trusted single-user setups; logged as an
+    /// error). A machine that cannot sandbox makes the worker refuse to start.
+    #[arg(long, env = "OH_SANDBOX", default_value = "bwrap", value_parser = ["bwrap", "off"])]
+    pub sandbox: String,
+    /// User id agent code runs as when the worker runs as root.
+    #[arg(long, env = "OH_SANDBOX_UID", default_value_t = 65534)]
+    pub sandbox_uid: u32,
+    /// Group id agent code runs as when the worker runs as root.
+    #[arg(long, env = "OH_SANDBOX_GID", default_value_t = 65534)]
+    pub sandbox_gid: u32,
+    /// Memory of one session's sandbox in MiB (processes, page cache and its `/tmp`).
+    #[arg(long, env = "OH_SANDBOX_MEMORY_MIB", default_value_t = 2048, value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
+    pub sandbox_memory_mib: u64,
+    /// Most processes and threads in one session's sandbox.
+    #[arg(long, env = "OH_SANDBOX_PIDS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(8..=1_000_000))]
+    pub sandbox_pids: u32,
+    /// CPU of one session's sandbox, in cores.
+    #[arg(long, env = "OH_SANDBOX_CPUS", default_value_t = 1.0, value_parser = parse_cpus)]
+    pub sandbox_cpus: f64,
+}
+
+fn parse_cpus(s: &str) -> Result<f64, String> {
+    let cpus: f64 = s
+        .parse()
+        .map_err(|_| "expected a number of cores".to_owned())?;
+    if !(0.01..=1024.0).contains(&cpus) {
+        return Err("must be between 0.01 and 1024".to_owned());
+    }
+    Ok(cpus)
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
@@ -110,6 +145,37 @@ impl Args {
             (None, Some(_)) => "codeact",
             (None, None) => "echo",
         }
+    }
+
+    /// The sandbox settings (`None` with `OH_SANDBOX=off`).
+    pub(crate) fn sandbox_config(&self) -> Option<crate::runtime::sandbox::SandboxConfig> {
+        (self.sandbox != "off").then_some(crate::runtime::sandbox::SandboxConfig {
+            bwrap: None,
+            uid: self.sandbox_uid,
+            gid: self.sandbox_gid,
+            limits: crate::runtime::cgroup::Limits {
+                memory_bytes: self.sandbox_memory_mib << 20,
+                pids: self.sandbox_pids,
+                cpus: self.sandbox_cpus,
+            },
+        })
+    }
+
+    /// Reads secrets given as files (`OH_LLM_API_KEY_FILE`).
+    ///
+    /// # Errors
+    /// A secret file cannot be read or is empty.
+    pub fn load_secret_files(&mut self) -> anyhow::Result<()> {
+        if let Some(path) = &self.llm_api_key_file {
+            let key = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("OH_LLM_API_KEY_FILE {}: {e}", path.display()))?;
+            let key = key.trim();
+            if key.is_empty() {
+                anyhow::bail!("OH_LLM_API_KEY_FILE {} is empty", path.display());
+            }
+            self.llm_api_key = Some(crate::llm::Secret::new(key));
+        }
+        Ok(())
     }
 
     /// The LLM settings, if an LLM is configured.

@@ -30,7 +30,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 pub use config::Args;
 use shared::id::WorkerId;
@@ -48,6 +48,8 @@ pub(crate) struct Ctx {
     pub(crate) leases: lease::Registry,
     /// `OH_KNOWLEDGE_DIR`'s files, read once at startup and shared by every session.
     pub(crate) knowledge: Arc<[memory::Knowledge]>,
+    /// The sandbox agent code runs in (`None`: `OH_SANDBOX=off`).
+    pub(crate) sandbox: Option<Arc<runtime::sandbox::Sandbox>>,
 }
 
 /// Runs the worker until `cancel` fires, then drains: stops pulling, hands every session back
@@ -56,12 +58,36 @@ pub(crate) struct Ctx {
 /// # Errors
 /// Startup failures (NATS, Redis, JetStream setup, metrics listener).
 pub async fn run(
-    args: Args,
+    mut args: Args,
     metrics: PrometheusHandle,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let worker_id = args.worker_id.clone().unwrap_or_else(WorkerId::generate);
     info!(worker_id = %worker_id, max_sessions = args.max_sessions, "worker starting");
+    // Other processes of this user cannot read our memory or /proc/<pid>/environ.
+    if let Err(e) =
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+    {
+        warn!(error = %e, "cannot make the worker non-dumpable");
+    }
+    args.load_secret_files()?;
+    let sandbox = match args.sandbox_config() {
+        Some(cfg) => {
+            let sb = runtime::sandbox::Sandbox::new(&cfg).await.context(
+                "agent code cannot be sandboxed on this machine (set OH_SANDBOX=off to run it \
+                 unsandboxed, as the worker's user, with access to the control plane)",
+            )?;
+            info!(sandbox = %sb.describe(), "agent code is sandboxed");
+            Some(Arc::new(sb))
+        }
+        None => {
+            error!(
+                "OH_SANDBOX=off: agent code runs UNSANDBOXED as the worker's user; it can read \
+                 the worker's files and reach NATS, Redis and every local service"
+            );
+            None
+        }
+    };
     let client = async_nats::ConnectOptions::new()
         .name(format!("worker {worker_id}"))
         .retry_on_initial_connect()
@@ -98,6 +124,7 @@ pub async fn run(
             .map(memory::load_knowledge)
             .unwrap_or_default()
             .into(),
+        sandbox,
         args: Arc::new(args),
     };
 

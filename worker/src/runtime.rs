@@ -82,15 +82,20 @@
 //! See [`editor`]: `view`, `create`, `str_replace`, `insert`, `undo_edit`, confined to the
 //! workspace.
 
+pub(crate) mod cgroup;
 mod editor;
 mod output;
 mod process;
+pub(crate) mod sandbox;
+#[cfg(test)]
+mod sandbox_tests;
 mod shell;
 #[cfg(test)]
 mod tests;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use shared::id::SessionId;
@@ -104,6 +109,7 @@ pub(crate) use editor::{EditCommand, EditError, EditOutput};
 
 use editor::Editor;
 use output::Capture;
+use sandbox::Sandbox;
 use shell::{Outcome, Running, Shell, SpawnError};
 
 /// How long a new bash may take to answer its first marker.
@@ -138,6 +144,9 @@ pub(crate) struct RuntimeConfig {
     pub(crate) max_output_chars: usize,
     /// Largest file the file tools read or write.
     pub(crate) max_file_bytes: u64,
+    /// The sandbox shells run in (`None`: unsandboxed, `OH_SANDBOX=off`, and unit tests of
+    /// the shell protocol).
+    pub(crate) sandbox: Option<Arc<Sandbox>>,
 }
 
 impl RuntimeConfig {
@@ -149,6 +158,21 @@ impl RuntimeConfig {
             no_change_timeout: Duration::from_secs(30),
             max_output_chars: 30_000,
             max_file_bytes: 10 * 1024 * 1024,
+            sandbox: None,
+        }
+    }
+
+    /// Runs the shells in `sandbox`.
+    pub(crate) fn with_sandbox(mut self, sandbox: Option<Arc<Sandbox>>) -> Self {
+        self.sandbox = sandbox;
+        self
+    }
+
+    /// The workspace of `session` as the agent sees it (`/workspace` in a sandbox).
+    pub(crate) fn agent_workspace(&self, session: &SessionId) -> String {
+        match self.sandbox {
+            Some(_) => sandbox::WORKSPACE.to_owned(),
+            None => self.root.join(session.as_str()).display().to_string(),
         }
     }
 }
@@ -247,22 +271,29 @@ pub(crate) struct Runtime {
     seq: u64,
     /// `None` before the first command after a kill, and after close.
     shell: Option<Shell>,
-    /// Last known working directory (a new shell starts there).
+    /// Last known working directory, as the shell sees it (a new shell starts there).
     cwd: PathBuf,
+    /// The workspace as the shell sees it (`/workspace` in a sandbox).
+    view: PathBuf,
+    /// The control folder as the shell sees it.
+    ctl_view: PathBuf,
     editor: Editor,
     closed: bool,
+    /// OOM kills of the current shell's sandbox already reported.
+    oom_seen: u64,
 }
 
-/// Creates `dir` (and its parents) if needed and makes it `0700`: a session's files are the
-/// worker's alone (an older root made `0755` is tightened too).
-async fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+/// Creates `dir` (and its parents) if needed and gives it `mode`: `0700` (a session's files
+/// are the worker's, or the sandbox user's, alone) or `0711` for a root the sandbox user must
+/// enter (an older root made `0755` is tightened too).
+async fn private_dir(dir: &std::path::Path, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     tokio::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .await?;
-    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).await
+    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).await
 }
 
 impl Runtime {
@@ -279,8 +310,10 @@ impl Runtime {
             path: dir.clone(),
             source,
         };
-        private_dir(&cfg.root).await.map_err(ws_err)?;
-        private_dir(&dir).await.map_err(ws_err)?;
+        let sandbox = cfg.sandbox.as_deref();
+        let root_mode = sandbox.map_or(0o700, Sandbox::workspace_root_mode);
+        private_dir(&cfg.root, root_mode).await.map_err(ws_err)?;
+        private_dir(&dir, 0o700).await.map_err(ws_err)?;
         let workspace = tokio::fs::canonicalize(&dir).await.map_err(ws_err)?;
         let ctl = tempfile::Builder::new()
             .prefix("oh-runtime-")
@@ -292,17 +325,48 @@ impl Runtime {
             rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
         )
         .map_err(|e| RuntimeError::Control(e.into()))?;
+        let command_file = ctl.path().join(COMMAND_FILE);
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&command_file)
+                .map_err(RuntimeError::Control)?;
+        }
+        let (view, ctl_view, editor) = match sandbox {
+            Some(sb) => {
+                sb.hand_over(&workspace).map_err(ws_err)?;
+                for p in [ctl.path(), &ctl.path().join(STDIN_FIFO), &command_file] {
+                    sb.hand_over(p).map_err(RuntimeError::Control)?;
+                }
+                let view = PathBuf::from(sandbox::WORKSPACE);
+                let editor =
+                    Editor::new(workspace.clone(), cfg.max_file_bytes, cfg.max_output_chars)
+                        .sandboxed(view.clone(), sb.owner());
+                (view, PathBuf::from(sandbox::CONTROL), editor)
+            }
+            None => (
+                workspace.clone(),
+                ctl.path().to_path_buf(),
+                Editor::new(workspace.clone(), cfg.max_file_bytes, cfg.max_output_chars),
+            ),
+        };
         let mut rt = Runtime {
             session: session.clone(),
-            editor: Editor::new(workspace.clone(), cfg.max_file_bytes, cfg.max_output_chars),
+            editor,
             cfg: cfg.clone(),
-            cwd: workspace.clone(),
+            cwd: view.clone(),
+            view,
+            ctl_view,
             workspace,
             ctl,
             token: uuid::Uuid::new_v4().simple().to_string(),
             seq: 0,
             shell: None,
             closed: false,
+            oom_seen: 0,
         };
         rt.shell().await?;
         debug!(session_id = %rt.session, workspace = %rt.workspace.display(), "runtime started");
@@ -419,16 +483,34 @@ impl Runtime {
         if self.shell.as_ref().is_none_or(Shell::is_dead) {
             // Dropping a dead shell kills whatever it left.
             self.shell = None;
-            let cwd = if self.cwd.is_dir() {
-                self.cwd.clone()
-            } else {
-                self.workspace.clone()
-            };
+            let cwd = self.cwd.clone();
             let marker = self.next_marker();
-            let setup =
-                format!("exec 2>&1\ntrap : INT\nprintf '\\n{marker} %s %s\\n' \"$?\" \"$PWD\"\n");
+            // The new shell starts in the last known folder if it still exists.
+            let setup = format!(
+                "exec 2>&1\ntrap : INT\ncd -- {} 2>/dev/null || cd -- {}\nunset OLDPWD\nprintf '\\n{marker} %s %s\\n' \"$?\" \"$PWD\"\n",
+                quote(&cwd),
+                quote(&self.view),
+            );
             let env = self.env();
-            let shell = Shell::spawn(&cwd, &env, &setup, &marker, STARTUP_TIMEOUT)
+            let (command, cgroup, sandboxed) = match &self.cfg.sandbox {
+                Some(sb) => {
+                    let launch = sb
+                        .launch(
+                            self.session.as_str(),
+                            &self.workspace,
+                            self.ctl.path(),
+                            &env,
+                            &["bash", "--noprofile", "--norc"],
+                        )
+                        .map_err(|source| RuntimeError::Spawn {
+                            cwd: cwd.clone(),
+                            source,
+                        })?;
+                    (launch.command, launch.cgroup, true)
+                }
+                None => (Shell::plain_command(&self.workspace, &env), None, false),
+            };
+            let shell = Shell::spawn(command, sandboxed, cgroup, &setup, &marker, STARTUP_TIMEOUT)
                 .await
                 .map_err(|e| match e {
                     SpawnError::Io(source) => RuntimeError::Spawn {
@@ -440,7 +522,8 @@ impl Runtime {
                         reason,
                     },
                 })?;
-            debug!(session_id = %self.session, pid = shell.pid(), cwd = %cwd.display(), "shell started");
+            debug!(session_id = %self.session, pid = shell.group_pid(), cwd = %cwd.display(), "shell started");
+            self.oom_seen = 0;
             self.cwd = cwd;
             return Ok(self.shell.insert(shell));
         }
@@ -454,13 +537,18 @@ impl Runtime {
     }
 
     fn env(&self) -> Vec<(&'static str, OsString)> {
-        let mut env: Vec<(&'static str, OsString)> = vec![
-            ("HOME", self.workspace.clone().into_os_string()),
-            (
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
-            ),
-        ];
+        let sandboxed = self.cfg.sandbox.is_some();
+        let path = if sandboxed {
+            sandbox::PATH.into()
+        } else {
+            std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into())
+        };
+        let mut env: Vec<(&'static str, OsString)> =
+            vec![("HOME", self.view.clone().into_os_string()), ("PATH", path)];
+        if sandboxed {
+            env.push(("TMPDIR", "/tmp".into()));
+            env.push(("USER", "agent".into()));
+        }
         for (k, v) in [
             ("LANG", "C.UTF-8"),
             ("TERM", "dumb"),
@@ -472,7 +560,12 @@ impl Runtime {
         ] {
             env.push((k, v.into()));
         }
-        for k in ["USER", "LOGNAME", "TZ", "TMPDIR"] {
+        let inherited: &[&'static str] = if sandboxed {
+            &["TZ"]
+        } else {
+            &["USER", "LOGNAME", "TZ", "TMPDIR"]
+        };
+        for &k in inherited {
             if let Some(v) = std::env::var_os(k) {
                 env.push((k, v));
             }
@@ -502,8 +595,8 @@ impl Runtime {
         let marker = self.next_marker();
         let script = format!(
             "trap 'return 130' INT; . {} < {}; __oh_rc=$?; trap : INT; printf '\\n{marker} %s %s\\n' \"$__oh_rc\" \"$PWD\"\n",
-            quote(&command_file),
-            quote(&fifo),
+            quote(&self.ctl_view.join(COMMAND_FILE)),
+            quote(&self.ctl_view.join(STDIN_FIFO)),
         );
         // A shell that died since the last command is replaced; one that dies while we send
         // is replaced once more.
@@ -634,6 +727,20 @@ impl Runtime {
             Mode::Run => String::new(),
             Mode::Continue | Mode::Interrupt => CONTINUE_PREFIX.to_owned(),
         };
+        let oom = self.shell.as_ref().map_or(0, Shell::oom_kills);
+        let oom_note = if oom > self.oom_seen {
+            self.oom_seen = oom;
+            let limit = self
+                .cfg
+                .sandbox
+                .as_deref()
+                .map_or(0, |sb| sb.limits().memory_bytes >> 20);
+            format!(
+                "\n[A process was killed: the sandbox's memory limit ({limit} MiB) was reached.]"
+            )
+        } else {
+            String::new()
+        };
         let (exit_code, still_running, timed_out, suffix) = match outcome {
             Outcome::Done(marker) => {
                 self.cwd = PathBuf::from(marker.cwd);
@@ -683,7 +790,7 @@ impl Runtime {
             still_running,
             timed_out,
             prefix,
-            suffix,
+            suffix: oom_note + &suffix,
         })
     }
 
@@ -719,7 +826,7 @@ impl Runtime {
     }
 
     fn pid(&self) -> i64 {
-        self.shell.as_ref().map_or(-1, |s| i64::from(s.pid()))
+        self.shell.as_ref().map_or(-1, |s| i64::from(s.group_pid()))
     }
 
     /// An output that only carries a message (nothing was run).

@@ -156,17 +156,54 @@ pub(crate) struct Editor {
     max_output_chars: usize,
     /// Previous contents per file, newest last (`None`: the file did not exist).
     history: HashMap<PathBuf, Vec<Option<String>>>,
+    /// The workspace as the agent's shell sees it (`/workspace` in a sandbox); paths in
+    /// messages are shown under it.
+    shown_root: PathBuf,
+    /// Owner of what the tools create (the sandbox user), when it is not the worker.
+    owner: Option<(u32, u32)>,
 }
 
 impl Editor {
     /// `workspace` must be canonical (no symlinks), as confinement compares against it.
     pub(crate) fn new(workspace: PathBuf, max_file_bytes: u64, max_output_chars: usize) -> Self {
         Self {
+            shown_root: workspace.clone(),
             workspace,
             max_file_bytes,
             max_output_chars,
             history: HashMap::new(),
+            owner: None,
         }
+    }
+
+    /// Shows paths under `shown_root` (the shell's view of the workspace) and gives what the
+    /// tools create to `owner`, so the sandboxed shell can change it.
+    pub(crate) fn sandboxed(mut self, shown_root: PathBuf, owner: Option<(u32, u32)>) -> Self {
+        self.shown_root = shown_root;
+        self.owner = owner;
+        self
+    }
+
+    /// `path` (inside the workspace) as the agent sees it.
+    fn show(&self, path: &Path) -> String {
+        match path.strip_prefix(&self.workspace) {
+            Ok(rel) if rel.as_os_str().is_empty() => self.shown_root.display().to_string(),
+            Ok(rel) => self.shown_root.join(rel).display().to_string(),
+            Err(_) => path.display().to_string(),
+        }
+    }
+
+    /// Gives `path` and its folders up to the workspace to the sandbox user (if any).
+    fn hand_over(&self, path: &Path) -> io::Result<()> {
+        let Some((uid, gid)) = self.owner else {
+            return Ok(());
+        };
+        let mut at = Some(path);
+        while let Some(p) = at.filter(|p| p.starts_with(&self.workspace) && *p != self.workspace) {
+            std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;
+            at = p.parent();
+        }
+        Ok(())
     }
 
     /// Runs one command.
@@ -176,7 +213,7 @@ impl Editor {
     /// argument is invalid (range, line, no unique match), a size limit, or I/O.
     pub(crate) async fn run(&mut self, cmd: &EditCommand) -> Result<EditOutput, EditError> {
         let path = self.resolve(cmd.path()).await?;
-        let shown = path.display().to_string();
+        let shown = self.show(&path);
         let meta = match tokio::fs::metadata(&path).await {
             Ok(m) => Some(m),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -246,12 +283,16 @@ impl Editor {
         }
         let outside = || EditError::OutsideWorkspace {
             path: raw.to_owned(),
-            workspace: self.workspace.display().to_string(),
+            workspace: self.shown_root.display().to_string(),
         };
         if raw.contains('\0') {
             return Err(outside());
         }
-        let joined = self.workspace.join(raw);
+        // The agent's view of the workspace (`/workspace` in a sandbox) is the workspace.
+        let joined = match Path::new(raw).strip_prefix(&self.shown_root) {
+            Ok(rel) if self.shown_root != self.workspace => self.workspace.join(rel),
+            _ => self.workspace.join(raw),
+        };
         let lexical = normalize(&joined);
         if !lexical.starts_with(&self.workspace) {
             return Err(outside());
@@ -313,7 +354,8 @@ impl Editor {
         }
         tokio::fs::write(path, text)
             .await
-            .map_err(|e| io_err(shown, e))
+            .map_err(|e| io_err(shown, e))?;
+        self.hand_over(path).map_err(|e| io_err(shown, e))
     }
 
     fn too_large(&self, shown: &str) -> EditError {
@@ -364,7 +406,11 @@ impl Editor {
                     let p = entry.path();
                     // Symlinks are listed, never followed.
                     let is_dir = entry.file_type().await.is_ok_and(|t| t.is_dir());
-                    lines.push(format!("{}{}", p.display(), if is_dir { "/" } else { "" }));
+                    lines.push(format!(
+                        "{}{}",
+                        self.show(&p),
+                        if is_dir { "/" } else { "" }
+                    ));
                     if is_dir {
                         next.push(p);
                     }
@@ -482,6 +528,7 @@ impl Editor {
         tokio::io::AsyncWriteExt::write_all(&mut file, file_text.as_bytes())
             .await
             .map_err(|e| io_err(&shown, e))?;
+        self.hand_over(path).map_err(|e| io_err(&shown, e))?;
         self.remember(path, None);
         Ok(EditOutput {
             content: format!("File created successfully at: {shown}"),

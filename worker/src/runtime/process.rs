@@ -85,6 +85,16 @@ pub(super) fn members(leader: i32) -> Vec<i32> {
     found
 }
 
+/// The only child of `pid`, if it has exactly one.
+pub(super) fn only_child(pid: i32) -> Option<i32> {
+    let all = snapshot();
+    let mut kids = all.iter().filter(|p| p.ppid == pid);
+    match (kids.next(), kids.next()) {
+        (Some(k), None) => Some(k.pid),
+        _ => None,
+    }
+}
+
 /// Whether `pid` exists and is not a zombie. (A zombie is dead; it only waits for its parent,
 /// which for orphans may be a PID 1 that never reaps.)
 pub(super) fn is_alive(pid: i32) -> bool {

@@ -21,6 +21,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::cgroup::Cgroup;
 use super::output::{Capture, Marker, Scanner};
 use super::process;
 
@@ -66,8 +67,14 @@ pub(super) enum Outcome {
 #[derive(Debug)]
 pub(super) struct Shell {
     child: Child,
-    /// pid of bash; also its process group id (and session id with `setsid`).
+    /// pid of the process we started: bash (also its process group and session id), or the
+    /// sandbox's launcher (its process group id). Every process of the shell is it, a
+    /// descendant, or in its group or session.
     pid: i32,
+    /// Process group of bash (what C-c signals): `pid`, or the sandbox reaper's pid.
+    group: i32,
+    /// The sandbox's control group, removed once every process is gone.
+    cgroup: Option<Cgroup>,
     stdin: ChildStdin,
     out: pipe::Receiver,
     /// Output read after the last marker line (from background processes); shown with the
@@ -80,17 +87,9 @@ pub(super) struct Shell {
 }
 
 impl Shell {
-    /// Starts bash in `cwd` with exactly `env`, sends `setup`, and waits until `ready_marker`
-    /// (printed by `setup`) arrives.
-    pub(super) async fn spawn(
-        cwd: &Path,
-        env: &[(&str, OsString)],
-        setup: &str,
-        ready_marker: &str,
-        timeout: Duration,
-    ) -> Result<Shell, SpawnError> {
-        let (reader, writer) = std::io::pipe().map_err(SpawnError::Io)?;
-        let writer2 = writer.try_clone().map_err(SpawnError::Io)?;
+    /// The command for an unsandboxed bash in `cwd` with exactly `env`: the leader of its own
+    /// session and process group (through `setsid` when available, else its own group).
+    pub(super) fn plain_command(cwd: &Path, env: &[(&str, OsString)]) -> Command {
         let mut cmd = match SETSID.iter().find(|p| Path::new(p).is_file()) {
             Some(setsid) => {
                 // Not a group leader when spawned, so `setsid` calls setsid(2) and execs bash
@@ -108,8 +107,27 @@ impl Shell {
         cmd.args(["--noprofile", "--norc"])
             .current_dir(cwd)
             .env_clear()
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    /// Starts `cmd` (a bash, or a sandbox whose command is bash: then `sandboxed`), sends
+    /// `setup`, and waits until `ready_marker` (printed by `setup`) arrives.
+    pub(super) async fn spawn(
+        mut cmd: Command,
+        sandboxed: bool,
+        cgroup: Option<Cgroup>,
+        setup: &str,
+        ready_marker: &str,
+        timeout: Duration,
+    ) -> Result<Shell, SpawnError> {
+        let (reader, writer) = std::io::pipe().map_err(SpawnError::Io)?;
+        let writer2 = writer.try_clone().map_err(SpawnError::Io)?;
+        if sandboxed {
+            // The launcher leads a process group; bash inside leads its own session.
+            cmd.process_group(0);
+        }
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::from(writer))
             .stderr(Stdio::from(writer2))
             .kill_on_drop(true);
@@ -130,6 +148,8 @@ impl Shell {
         let mut shell = Shell {
             child,
             pid,
+            group: pid,
+            cgroup,
             stdin,
             out,
             pending: Vec::new(),
@@ -148,7 +168,15 @@ impl Shell {
             .await
             .map_err(SpawnError::Io)?;
         match outcome {
-            Outcome::Done(_) => Ok(shell),
+            Outcome::Done(_) => {
+                if sandboxed {
+                    // launcher (bwrap) -> the namespace's PID 1 (bwrap's reaper, which made
+                    // the new session and group) -> bash. PID 1 ignores the SIGINT sent to
+                    // its group (no handler), bash and its foreground processes get it.
+                    shell.group = process::only_child(pid).unwrap_or(pid);
+                }
+                Ok(shell)
+            }
             Outcome::Exited(code) => Err(SpawnError::NotReady(format!(
                 "bash exited with code {code}: {}",
                 startup.finish()
@@ -159,9 +187,15 @@ impl Shell {
         }
     }
 
-    /// pid of bash (and of its process group).
-    pub(super) fn pid(&self) -> i32 {
-        self.pid
+    /// pid of bash's process group leader (bash, or the sandbox's reaper), as the worker
+    /// sees it.
+    pub(super) fn group_pid(&self) -> i32 {
+        self.group
+    }
+
+    /// OOM kills in the shell's sandbox so far (0 without a control group).
+    pub(super) fn oom_kills(&self) -> u64 {
+        self.cgroup.as_ref().map_or(0, Cgroup::oom_kills)
     }
 
     /// Whether every process of the shell has been killed (it must be replaced).
@@ -280,7 +314,7 @@ impl Shell {
     /// command's foreground processes get it; background jobs ignore it (POSIX: asynchronous
     /// lists of a shell without job control ignore SIGINT).
     pub(super) fn interrupt(&self) {
-        process::signal_group(self.pid, Signal::INT);
+        process::signal_group(self.group, Signal::INT);
     }
 
     /// Stops every process of the shell: SIGTERM, up to `grace` for bash to exit, then
@@ -305,6 +339,9 @@ impl Shell {
         let deadline = Instant::now() + REAP_TIMEOUT;
         while victims.iter().any(|&p| process::is_alive(p)) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Some(group) = self.cgroup.take() {
+            remove_cgroup(group).await;
         }
     }
 
@@ -335,6 +372,29 @@ pub(super) fn later(at: Instant, d: Duration) -> Instant {
 impl Drop for Shell {
     fn drop(&mut self) {
         self.kill_now();
+        if let Some(group) = self.cgroup.take() {
+            // The processes were just SIGKILLed; the group empties within milliseconds.
+            if !group.remove()
+                && let Ok(rt) = tokio::runtime::Handle::try_current()
+            {
+                rt.spawn(remove_cgroup(group));
+            }
+        }
+    }
+}
+
+/// Removes a sandbox's control group once its processes are gone (bounded wait).
+async fn remove_cgroup(group: Cgroup) {
+    let deadline = Instant::now() + REAP_TIMEOUT;
+    while !group.remove() {
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                populated = group.is_populated(),
+                "sandbox control group left behind"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
