@@ -97,6 +97,9 @@ pub struct Args {
     /// error). A machine that cannot sandbox makes the worker refuse to start.
     #[arg(long, env = "OH_SANDBOX", default_value = "bwrap", value_parser = ["bwrap", "off"])]
     pub sandbox: String,
+    /// The bubblewrap binary. Default: `bwrap` on PATH, else `/usr/bin/bwrap`.
+    #[arg(long, env = "OH_SANDBOX_BWRAP")]
+    pub sandbox_bwrap: Option<std::path::PathBuf>,
     /// User id agent code runs as when the worker runs as root.
     #[arg(long, env = "OH_SANDBOX_UID", default_value_t = 65534)]
     pub sandbox_uid: u32,
@@ -150,7 +153,7 @@ impl Args {
     /// The sandbox settings (`None` with `OH_SANDBOX=off`).
     pub(crate) fn sandbox_config(&self) -> Option<crate::runtime::sandbox::SandboxConfig> {
         (self.sandbox != "off").then_some(crate::runtime::sandbox::SandboxConfig {
-            bwrap: None,
+            bwrap: self.sandbox_bwrap.clone(),
             uid: self.sandbox_uid,
             gid: self.sandbox_gid,
             limits: crate::runtime::cgroup::Limits {

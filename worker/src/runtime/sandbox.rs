@@ -76,6 +76,8 @@ pub(crate) struct SandboxConfig {
 pub(crate) enum SandboxError {
     #[error("bubblewrap (bwrap) not found: install Debian's bubblewrap package")]
     NoBwrap,
+    #[error("{0} (OH_SANDBOX_BWRAP) is not a file")]
+    NotFound(PathBuf),
     #[error("setpriv not found (util-linux): a root worker needs it to drop privileges")]
     NoSetpriv,
     #[error("the sandbox probe failed: {0}")]
@@ -121,7 +123,8 @@ impl Sandbox {
     /// [`SandboxError`] when this machine cannot run sandboxes.
     pub(crate) async fn new(cfg: &SandboxConfig) -> Result<Sandbox, SandboxError> {
         let bwrap = match &cfg.bwrap {
-            Some(p) => p.clone(),
+            Some(p) if p.is_file() => p.clone(),
+            Some(p) => return Err(SandboxError::NotFound(p.clone())),
             None => find_bin("bwrap").ok_or(SandboxError::NoBwrap)?,
         };
         let drop_to = if rustix::process::geteuid().is_root() {
