@@ -10,9 +10,13 @@
 //! - `controller`: the steps of a turn (think, act) as futures that own the controller.
 //! - `agent`: the agent trait, the CodeAct agent, replay, and the `echo` test/demo agent.
 //! - `memory`: recall of workspace instructions and knowledge on user messages.
-//! - `llm`: the OpenAI-compatible LLM client; `runtime`: the session's shell and file tools.
+//! - `llm`: the OpenAI-compatible LLM client; `runtime`: the session's shell and file tools,
+//!   in a bubblewrap sandbox (`runtime::sandbox`) with control-group limits (`runtime::cgroup`).
+//! - `bench`: the sandbox benchmark of the `sandbox-bench` binary.
 
 mod agent;
+#[doc(hidden)]
+pub mod bench;
 mod claim;
 pub mod config;
 mod controller;

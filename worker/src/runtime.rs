@@ -373,6 +373,16 @@ impl Runtime {
         Ok(rt)
     }
 
+    /// Proportional set size of every process of the shell, in KiB (for the benchmark).
+    pub(crate) fn shell_pss_kib(&self) -> u64 {
+        self.shell.as_ref().map_or(0, |s| {
+            process::members(s.launcher_pid())
+                .into_iter()
+                .map(process::pss_kib)
+                .sum()
+        })
+    }
+
     /// The session's workspace directory (canonical).
     pub(crate) fn workspace(&self) -> &Path {
         &self.workspace

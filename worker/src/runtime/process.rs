@@ -85,6 +85,18 @@ pub(super) fn members(leader: i32) -> Vec<i32> {
     found
 }
 
+/// Proportional set size of `pid` in KiB (`/proc/<pid>/smaps_rollup`; 0 if unreadable).
+pub(super) fn pss_kib(pid: i32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// The only child of `pid`, if it has exactly one.
 pub(super) fn only_child(pid: i32) -> Option<i32> {
     let all = snapshot();

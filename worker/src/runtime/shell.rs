@@ -189,6 +189,10 @@ impl Shell {
 
     /// pid of bash's process group leader (bash, or the sandbox's reaper), as the worker
     /// sees it.
+    pub(super) fn launcher_pid(&self) -> i32 {
+        self.pid
+    }
+
     pub(super) fn group_pid(&self) -> i32 {
         self.group
     }
