@@ -317,6 +317,7 @@ impl Runtime {
         let workspace = tokio::fs::canonicalize(&dir).await.map_err(ws_err)?;
         let ctl = tempfile::Builder::new()
             .prefix("oh-runtime-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir()
             .map_err(RuntimeError::Control)?;
         rustix::fs::mkfifoat(
