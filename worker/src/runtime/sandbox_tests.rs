@@ -224,17 +224,13 @@ async fn a_fork_bomb_hits_the_process_limit_and_the_memory_hog_is_killed() {
     };
     let tmp = TempDir::new().expect("tmp");
     let mut rt = start(&tmp, &sb, "sess-limits").await;
-    // Bounded, so that a missing limit fails the test instead of the machine. A failed fork
-    // is fatal to a non-interactive bash: the subshell dies, the session's shell does not.
+    // Bounded, so that a missing limit fails the test instead of the machine. (perl, not a
+    // bash loop: bash retries a failed fork for 15 s.)
     let o = run(
         &mut rt,
-        "(for i in $(seq 100); do sleep 3141 >/dev/null 2>&1 & done) 2>&1 | tail -1; pgrep -c -f 'sleep 3141'",
+        r#"perl -e '$0 = "sleep 3141"; for (1..100) { my $p = fork; if (!defined $p) { print "fork: $!\n"; last } if ($p == 0) { sleep 3141; exit } } sleep 3141' >/dev/null 2>&1 & sleep 0.5; pgrep -c -f 'sleep 3141'"#,
     )
     .await;
-    assert!(
-        o.content.contains("Resource temporarily unavailable"),
-        "{o:?}"
-    );
     let started: usize = o
         .content
         .lines()
@@ -242,8 +238,8 @@ async fn a_fork_bomb_hits_the_process_limit_and_the_memory_hog_is_killed() {
         .and_then(|l| l.trim().parse().ok())
         .unwrap_or(0);
     assert!(
-        (1..32).contains(&started),
-        "the pids limit (32) did not hold: {started} sleeps ran: {o:?}"
+        (8..32).contains(&started),
+        "the pids limit (32) did not hold: {started} processes ran: {o:?}"
     );
     assert_eq!(host_pids("sleep 3141").len(), started);
     let o = run(
@@ -302,7 +298,13 @@ async fn ctrl_c_reaches_the_command_inside_the_sandbox() {
     assert!(started.elapsed() < Duration::from_secs(3));
     let o = run(&mut rt, "cd /tmp && echo $PWD").await;
     assert_eq!(o.content, "/tmp");
+    let t0 = Instant::now();
     rt.close().await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "close took {:?}",
+        t0.elapsed()
+    );
 }
 
 #[tokio::test]
