@@ -314,3 +314,76 @@ async fn a_worker_that_cannot_sandbox_refuses_to_start() {
     assert!(log.contains("agent code cannot be sandboxed"), "{log}");
     assert!(log.contains("OH_SANDBOX=off"), "{log}");
 }
+
+/// `OH_SANDBOX_NETWORK=egress`: the agent reaches an allowed server through the worker's proxy
+/// (plain HTTP and CONNECT), while the control plane, the metadata address and a direct
+/// connection stay refused, each with the reason in the observation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_goes_through_the_proxy_and_never_reaches_the_control_plane() {
+    // "The outside world": a server on 127.0.0.2, allowed by OH_SANDBOX_EGRESS_ALLOW.
+    let outside = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let port = outside.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = outside.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let body = "hello-egress\n";
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    let llm = ScriptedLlm::start(Vec::new()).await;
+    let ws = tempfile::tempdir().unwrap();
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        worker_env: vec![
+            ("OH_LLM_BASE_URL", llm.base_url()),
+            ("OH_WORKSPACE_ROOT", ws.path().display().to_string()),
+            ("OH_SANDBOX_NETWORK", "egress".to_owned()),
+            (
+                "OH_SANDBOX_EGRESS_ALLOW",
+                "127.0.0.2/32,127.0.0.1/32".to_owned(),
+            ),
+        ],
+        ..ClusterOpts::default()
+    })
+    .await;
+    let nats = c.nats.port();
+    let commands = [
+        format!("curl -sS -m 10 http://127.0.0.2:{port}/a"),
+        format!("curl -sS -m 10 -p http://127.0.0.2:{port}/b"),
+        format!("curl -sS -m 10 --noproxy '' http://127.0.0.1:{nats}/"),
+        "curl -sS -m 10 http://169.254.169.254/latest/meta-data/".to_owned(),
+        format!("curl -sS -m 5 --noproxy '*' http://127.0.0.2:{port}/c; echo rc=$?"),
+    ];
+    for cmd in &commands {
+        llm.push(bash(cmd));
+    }
+    llm.push(Reply::tool("finish", &json!({"message": "done"})));
+    let sid = c.create(0, Some("fetch"), None).await;
+    let mut a = c.connect(0, &sid, None, None).await.unwrap();
+    let got = events_until(&mut a, T, |e| is_state(e, "finished")).await;
+    let outs = runs(&got);
+    for (i, o) in outs.iter().enumerate() {
+        eprintln!("egress {i}: {}", o.replace('\n', " | "));
+    }
+    assert_eq!(outs.len(), commands.len(), "{outs:#?}");
+    assert!(outs[0].starts_with("hello-egress"), "{}", outs[0]);
+    assert!(outs[1].starts_with("hello-egress"), "{}", outs[1]);
+    // The allow list names 127.0.0.1, but the control plane stays closed.
+    assert!(outs[2].contains("a control-plane address"), "{}", outs[2]);
+    assert!(outs[3].contains("link-local"), "{}", outs[3]);
+    assert!(!outs[4].contains("hello-egress"), "{}", outs[4]);
+    assert!(!outs[4].contains("rc=0"), "{}", outs[4]);
+    server.abort();
+}

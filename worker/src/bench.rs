@@ -48,6 +48,7 @@ pub async fn run(sessions: usize, commands: usize) -> anyhow::Result<Vec<ModeRes
             pids: 512,
             cpus: 1.0,
         },
+        egress: None,
     };
     let sandbox = Arc::new(Sandbox::new(&cfg).await?);
     eprintln!("sandbox: {}", sandbox.describe());

@@ -100,6 +100,19 @@ pub struct Args {
     /// The bubblewrap binary. Default: `bwrap` on PATH, else `/usr/bin/bwrap`.
     #[arg(long, env = "OH_SANDBOX_BWRAP")]
     pub sandbox_bwrap: Option<std::path::PathBuf>,
+    /// The sandbox's network: `none` (no way out at all; the default, since egress can carry
+    /// a workspace away) or `egress` (HTTP/HTTPS through the worker's proxy, which refuses
+    /// the control plane and every non-global address).
+    #[arg(long, env = "OH_SANDBOX_NETWORK", default_value = "none", value_parser = ["none", "egress"])]
+    pub sandbox_network: String,
+    /// Networks (CIDR, comma-separated) the egress proxy allows although they are not
+    /// globally routable, e.g. an internal package mirror. Control-plane addresses stay
+    /// refused.
+    #[arg(long, env = "OH_SANDBOX_EGRESS_ALLOW", value_delimiter = ',')]
+    pub sandbox_egress_allow: Vec<ipnet::IpNet>,
+    /// The `oh-sandbox-net` forwarder. Default: next to the worker's binary.
+    #[arg(long, env = "OH_SANDBOX_NET_HELPER")]
+    pub sandbox_net_helper: Option<std::path::PathBuf>,
     /// User id agent code runs as when the worker runs as root.
     #[arg(long, env = "OH_SANDBOX_UID", default_value_t = 65534)]
     pub sandbox_uid: u32,
@@ -150,8 +163,20 @@ impl Args {
         }
     }
 
-    /// The sandbox settings (`None` with `OH_SANDBOX=off`).
-    pub(crate) fn sandbox_config(&self) -> Option<crate::runtime::sandbox::SandboxConfig> {
+    /// The sandbox settings (`None` with `OH_SANDBOX=off`); `control_plane`: the addresses
+    /// of NATS and Redis, which egress never reaches.
+    pub(crate) fn sandbox_config(
+        &self,
+        control_plane: Vec<std::net::IpAddr>,
+    ) -> Option<crate::runtime::sandbox::SandboxConfig> {
+        let egress =
+            (self.sandbox_network == "egress").then(|| crate::runtime::sandbox::EgressConfig {
+                policy: crate::runtime::egress::EgressPolicy {
+                    allow: self.sandbox_egress_allow.clone(),
+                    control_plane,
+                },
+                helper: self.sandbox_net_helper.clone(),
+            });
         (self.sandbox != "off").then_some(crate::runtime::sandbox::SandboxConfig {
             bwrap: self.sandbox_bwrap.clone(),
             uid: self.sandbox_uid,
@@ -161,7 +186,39 @@ impl Args {
                 pids: self.sandbox_pids,
                 cpus: self.sandbox_cpus,
             },
+            egress,
         })
+    }
+
+    /// The hosts of the NATS and Redis URLs (`scheme://[user[:pass]@]host[:port]`, several
+    /// NATS URLs comma-separated), with their default ports.
+    pub(crate) fn control_plane_hosts(&self) -> Vec<(String, u16)> {
+        let mut hosts = Vec::new();
+        for (urls, default_port) in [
+            (&self.broker.nats_url, 4222),
+            (&self.broker.redis_url, 6379),
+        ] {
+            for url in urls.split(',') {
+                let rest = url.trim().split_once("://").map_or(url.trim(), |(_, r)| r);
+                let authority = rest.split('/').next().unwrap_or_default();
+                let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+                let (host, port) = match authority.strip_prefix('[') {
+                    Some(v6) => match v6.split_once(']') {
+                        Some((h, p)) => (h, p.strip_prefix(':')),
+                        None => continue,
+                    },
+                    None => match authority.rsplit_once(':') {
+                        Some((h, p)) => (h, Some(p)),
+                        None => (authority, None),
+                    },
+                };
+                let port = port.and_then(|p| p.parse().ok()).unwrap_or(default_port);
+                if !host.is_empty() {
+                    hosts.push((host.to_owned(), port));
+                }
+            }
+        }
+        hosts
     }
 
     /// Reads secrets given as files (`OH_LLM_API_KEY_FILE`).
@@ -202,4 +259,50 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         return Err("must be at most 3600 s".to_owned());
     }
     Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn control_plane_hosts_come_from_every_broker_url() {
+        let args = Args::try_parse_from([
+            "worker",
+            "--nats-url",
+            "nats://gw:secret@nats-0.example:4223,nats://10.0.0.7",
+            "--redis-url",
+            "redis://:pw@[fd00::5]:6380/0",
+        ])
+        .expect("args");
+        assert_eq!(
+            args.control_plane_hosts(),
+            [
+                ("nats-0.example".to_owned(), 4223),
+                ("10.0.0.7".to_owned(), 4222),
+                ("fd00::5".to_owned(), 6380)
+            ]
+        );
+    }
+
+    #[test]
+    fn sandbox_settings_are_validated() {
+        for bad in [
+            vec!["--sandbox", "docker"],
+            vec!["--sandbox-network", "host"],
+            vec!["--sandbox-egress-allow", "10.0.0.0/33"],
+            vec!["--sandbox-cpus", "0"],
+            vec!["--sandbox-memory-mib", "1"],
+        ] {
+            let argv = std::iter::once("worker").chain(bad.iter().copied());
+            assert!(Args::try_parse_from(argv).is_err(), "{bad:?} accepted");
+        }
+        let args = Args::try_parse_from(["worker"]).expect("defaults");
+        assert_eq!(
+            (args.sandbox.as_str(), args.sandbox_network.as_str()),
+            ("bwrap", "none")
+        );
+    }
 }

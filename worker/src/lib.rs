@@ -75,7 +75,13 @@ pub async fn run(
         warn!(error = %e, "cannot make the worker non-dumpable");
     }
     args.load_secret_files()?;
-    let sandbox = match args.sandbox_config() {
+    let mut control_plane = Vec::new();
+    for (host, port) in args.control_plane_hosts() {
+        if let Ok(addrs) = tokio::net::lookup_host((host.as_str(), port)).await {
+            control_plane.extend(addrs.map(|a| a.ip()));
+        }
+    }
+    let sandbox = match args.sandbox_config(control_plane) {
         Some(cfg) => {
             let sb = runtime::sandbox::Sandbox::new(&cfg).await.context(
                 "agent code cannot be sandboxed on this machine (set OH_SANDBOX=off to run it \

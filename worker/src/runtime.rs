@@ -84,6 +84,7 @@
 
 pub(crate) mod cgroup;
 mod editor;
+pub(crate) mod egress;
 mod output;
 mod process;
 pub(crate) mod sandbox;
@@ -281,6 +282,8 @@ pub(crate) struct Runtime {
     closed: bool,
     /// OOM kills of the current shell's sandbox already reported.
     oom_seen: u64,
+    /// The session's egress proxy (`OH_SANDBOX_NETWORK=egress`), stopped with the runtime.
+    proxy: Option<tokio_util::task::AbortOnDropHandle<()>>,
 }
 
 /// Creates `dir` (and its parents) if needed and gives it `mode`: `0700` (a session's files
@@ -368,7 +371,16 @@ impl Runtime {
             shell: None,
             closed: false,
             oom_seen: 0,
+            proxy: None,
         };
+        if let Some(policy) = sandbox.and_then(Sandbox::egress) {
+            let path = rt.ctl.path().join(sandbox::PROXY_SOCKET);
+            let owner = sandbox.and_then(Sandbox::owner);
+            let listener = egress::bind(&path, owner).map_err(RuntimeError::Control)?;
+            rt.proxy = Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+                egress::serve(listener, policy.clone(), session.clone()),
+            )));
+        }
         rt.shell().await?;
         debug!(session_id = %rt.session, workspace = %rt.workspace.display(), "runtime started");
         Ok(rt)
@@ -483,6 +495,7 @@ impl Runtime {
     /// [`RuntimeError::Closed`]. The workspace is kept.
     pub(crate) async fn close(&mut self) {
         self.closed = true;
+        self.proxy = None;
         if let Some(shell) = self.shell.take() {
             shell.terminate(TERM_GRACE).await;
             debug!(session_id = %self.session, "runtime closed");
@@ -497,8 +510,22 @@ impl Runtime {
             let cwd = self.cwd.clone();
             let marker = self.next_marker();
             // The new shell starts in the last known folder if it still exists.
+            // With egress, the forwarder to the worker's proxy runs in the background (it
+            // ignores C-c, as background jobs do) and listens before the first command.
+            let net = if self.proxy.is_some() {
+                format!(
+                    "{helper} {addr} {sock} </dev/null >/dev/null 2>&1 &\nfor __oh_i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do (exec 3<>/dev/tcp/{host}/{port}) 2>/dev/null && break; sleep 0.05; done\nunset __oh_i\n",
+                    helper = sandbox::NET_HELPER,
+                    addr = egress::PROXY_ADDR,
+                    sock = quote(&self.ctl_view.join(sandbox::PROXY_SOCKET)),
+                    host = "127.0.0.1",
+                    port = 3128,
+                )
+            } else {
+                String::new()
+            };
             let setup = format!(
-                "exec 2>&1\ntrap : INT\ncd -- {} 2>/dev/null || cd -- {}\nunset OLDPWD\nprintf '\\n{marker} %s %s\\n' \"$?\" \"$PWD\"\n",
+                "exec 2>&1\ntrap : INT\n{net}cd -- {} 2>/dev/null || cd -- {}\nunset OLDPWD\nprintf '\\n{marker} %s %s\\n' \"$?\" \"$PWD\"\n",
                 quote(&cwd),
                 quote(&self.view),
             );
@@ -559,6 +586,15 @@ impl Runtime {
         if sandboxed {
             env.push(("TMPDIR", "/tmp".into()));
             env.push(("USER", "agent".into()));
+        }
+        if self.proxy.is_some() {
+            let url = format!("http://{}", egress::PROXY_ADDR);
+            for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+                env.push((k, url.clone().into()));
+            }
+            for k in ["NO_PROXY", "no_proxy"] {
+                env.push((k, "localhost,127.0.0.1,::1".into()));
+            }
         }
         for (k, v) in [
             ("LANG", "C.UTF-8"),

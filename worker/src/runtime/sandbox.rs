@@ -12,9 +12,11 @@
 //! the host, a fresh `/proc` (only the sandbox's processes) and a minimal `/dev`, its own `/tmp`
 //! (tmpfs, at most the memory limit). Writable: only the session's workspace, seen as
 //! [`WORKSPACE`], and `/tmp`. The shell's control files (command file, stdin FIFO) are bound
-//! read-only at [`CONTROL`]. No network at all (`OH_SANDBOX_NETWORK=none`, the only mode): the
-//! sandbox has its own loopback, so NATS, Redis, the worker's metrics and every other service
-//! of the host are out of reach. The environment is the runtime's clean list (no worker
+//! read-only at [`CONTROL`]. No network interface but its own loopback, so NATS, Redis, the
+//! worker's metrics and every other service of the host are out of reach. With
+//! `OH_SANDBOX_NETWORK=egress` (not the default: egress can carry a workspace away) the
+//! sandbox reaches the outside world only through the worker's HTTP proxy and its destination
+//! policy (see [`egress`](super::egress)); `none` (the default) gives it no way out at all. The environment is the runtime's clean list (no worker
 //! variable, no secret). The shell is the leader of a new session (`--new-session`: no
 //! terminal to inject into).
 //!
@@ -50,6 +52,7 @@ use std::time::Duration;
 use tokio::process::Command;
 
 use super::cgroup::{Cgroup, Hierarchy, Limits};
+use super::egress::EgressPolicy;
 
 /// Where the session's workspace appears inside the sandbox.
 pub(crate) const WORKSPACE: &str = "/workspace";
@@ -57,6 +60,10 @@ pub(crate) const WORKSPACE: &str = "/workspace";
 pub(crate) const CONTROL: &str = "/run/oh";
 /// PATH inside the sandbox (the worker's own PATH may name folders the sandbox does not have).
 pub(crate) const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Where the egress forwarder appears inside the sandbox.
+pub(crate) const NET_HELPER: &str = "/run/oh-bin/net";
+/// The egress proxy's socket, in the control folder.
+pub(crate) const PROXY_SOCKET: &str = "proxy.sock";
 /// How long the startup probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -69,6 +76,16 @@ pub(crate) struct SandboxConfig {
     pub(crate) uid: u32,
     pub(crate) gid: u32,
     pub(crate) limits: Limits,
+    /// `None`: no network. `Some`: egress through the worker's proxy with this policy.
+    pub(crate) egress: Option<EgressConfig>,
+}
+
+/// Settings of `OH_SANDBOX_NETWORK=egress`.
+#[derive(Debug, Clone)]
+pub(crate) struct EgressConfig {
+    pub(crate) policy: EgressPolicy,
+    /// The `oh-sandbox-net` forwarder (`None`: next to the worker's own binary).
+    pub(crate) helper: Option<PathBuf>,
 }
 
 /// Why the machine cannot sandbox.
@@ -78,6 +95,8 @@ pub(crate) enum SandboxError {
     NoBwrap,
     #[error("{0} (OH_SANDBOX_BWRAP) is not a file")]
     NotFound(PathBuf),
+    #[error("the egress forwarder {0} (OH_SANDBOX_NET_HELPER) is not a file")]
+    NoNetHelper(PathBuf),
     #[error("setpriv not found (util-linux): a root worker needs it to drop privileges")]
     NoSetpriv,
     #[error("the sandbox probe failed: {0}")]
@@ -106,6 +125,8 @@ pub(crate) struct Sandbox {
     system: Vec<OsString>,
     /// Numbers the control groups of this worker.
     seq: AtomicU64,
+    /// The forwarder binary and the policy, with `OH_SANDBOX_NETWORK=egress`.
+    egress: Option<(PathBuf, std::sync::Arc<EgressPolicy>)>,
 }
 
 /// A prepared sandboxed shell: the command to spawn, and its control group (removed when the
@@ -140,6 +161,21 @@ impl Sandbox {
                 None => Enforcement::None(why),
             },
         };
+        let egress = match &cfg.egress {
+            None => None,
+            Some(e) => {
+                let helper = match &e.helper {
+                    Some(p) => p.clone(),
+                    None => std::env::current_exe()
+                        .map_err(|err| SandboxError::Probe(err.to_string()))?
+                        .with_file_name("oh-sandbox-net"),
+                };
+                if !helper.is_file() {
+                    return Err(SandboxError::NoNetHelper(helper));
+                }
+                Some((helper, std::sync::Arc::new(e.policy.clone())))
+            }
+        };
         let sandbox = Sandbox {
             bwrap,
             drop_to,
@@ -147,6 +183,7 @@ impl Sandbox {
             enforcement,
             system: system_mounts(Path::new("/")),
             seq: AtomicU64::new(0),
+            egress,
         };
         sandbox.probe().await?;
         Ok(sandbox)
@@ -163,12 +200,21 @@ impl Sandbox {
             Enforcement::Rlimits(_, why) => format!("rlimits only ({why})"),
             Enforcement::None(why) => format!("no resource limits ({why}; no prlimit)"),
         };
+        let net = match &self.egress {
+            None => "no network",
+            Some(_) => "egress through the worker's proxy",
+        };
         format!(
-            "bubblewrap, all namespaces, no network, as {user}, {limits}: memory {} MiB, {} pids, {} CPUs",
+            "bubblewrap, all namespaces, {net}, as {user}, {limits}: memory {} MiB, {} pids, {} CPUs",
             self.limits.memory_bytes >> 20,
             self.limits.pids,
             self.limits.cpus
         )
+    }
+
+    /// The egress policy, when sandboxes reach the outside world through the proxy.
+    pub(crate) fn egress(&self) -> Option<&std::sync::Arc<EgressPolicy>> {
+        self.egress.as_ref().map(|(_, p)| p)
     }
 
     /// What one sandbox may use.
@@ -262,6 +308,11 @@ impl Sandbox {
         a.push("--ro-bind".into());
         a.push(ctl.as_os_str().to_owned());
         a.push(CONTROL.into());
+        if let Some((helper, _)) = &self.egress {
+            a.push("--ro-bind".into());
+            a.push(helper.as_os_str().to_owned());
+            a.push(NET_HELPER.into());
+        }
         a.extend(["--remount-ro", "/", "--chdir", WORKSPACE].map(OsString::from));
         a
     }

@@ -30,6 +30,7 @@ async fn sandbox(limits: Limits) -> Option<Arc<Sandbox>> {
         uid: 65534,
         gid: 65534,
         limits,
+        egress: None,
     };
     match Sandbox::new(&cfg).await {
         Ok(sb) => Some(Arc::new(sb)),
