@@ -26,6 +26,10 @@ pub(crate) enum SendError {
     #[error("action not stored (JetStream): {0}")]
     Unavailable(String),
     #[error(
+        "action not stored: the server's action queue is full (OH_QUEUE_MAX_MIB); try again later"
+    )]
+    QueueFull,
+    #[error(
         "msg_id {0:?} was already used for a different action in the last 2 minutes; the first one was kept and this one was not stored"
     )]
     MsgIdConflict(String),
@@ -184,8 +188,15 @@ async fn publish(
     metrics::histogram!("oh_gateway_action_publish_seconds").record(started.elapsed());
     match res {
         Ok(seq) => Ok(seq),
+        Err(e) if e.is_storage_full() => {
+            metrics::counter!("oh_gateway_action_publish_failed_total", "reason" => "full")
+                .increment(1);
+            warn!(session_id = %sid, "action queue full; action refused");
+            Err(SendError::QueueFull)
+        }
         Err(e) => {
-            metrics::counter!("oh_gateway_action_publish_failed_total").increment(1);
+            metrics::counter!("oh_gateway_action_publish_failed_total", "reason" => "error")
+                .increment(1);
             Err(SendError::Unavailable(e.to_string()))
         }
     }

@@ -62,6 +62,8 @@ pub(crate) enum ApiError {
         limit: usize,
     },
     Unavailable(String),
+    /// A stream is full: the write was refused (nothing stored, nothing acknowledged).
+    Full(String),
     Internal(String),
 }
 
@@ -69,6 +71,9 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Corrupt { .. } => ApiError::Internal(e.to_string()),
+            _ if e.is_storage_full() => {
+                ApiError::Full("storage is full (a JetStream limit); nothing was stored".into())
+            }
             _ => ApiError::Unavailable(e.to_string()),
         }
     }
@@ -76,7 +81,9 @@ impl From<StoreError> for ApiError {
 
 impl From<actions::SendError> for ApiError {
     fn from(e: actions::SendError) -> Self {
-        if e.is_server_fault() {
+        if matches!(e, actions::SendError::QueueFull) {
+            ApiError::Full(e.to_string())
+        } else if e.is_server_fault() {
             ApiError::Unavailable(e.to_string())
         } else {
             ApiError::BadRequest(e.to_string())
@@ -139,6 +146,10 @@ impl IntoResponse for ApiError {
                     json!({"status": "error", "message": "Service temporarily unavailable; please retry"}),
                 )
             }
+            ApiError::Full(m) => (
+                StatusCode::INSUFFICIENT_STORAGE,
+                json!({"status": "error", "message": m}),
+            ),
             ApiError::Internal(detail) => {
                 error!(detail, "internal error");
                 (

@@ -110,9 +110,13 @@ async fn start(
         .connect(&args.broker.nats_url)
         .await
         .context("connect NATS")?;
-    let store = shared::store::Store::open(client.clone(), args.broker.names.clone())
-        .await
-        .context("JetStream setup")?;
+    let store = shared::store::Store::open_with(
+        client.clone(),
+        args.broker.names.clone(),
+        args.broker.store_limits(),
+    )
+    .await
+    .context("JetStream setup")?;
     let redis = shared::ownership::connect(&args.broker.redis_url)
         .await
         .context("connect Redis")?;

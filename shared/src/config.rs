@@ -25,6 +25,28 @@ pub struct BrokerArgs {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "OH_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
+    /// Most events in one conversation's log; a full log refuses more (the client gets an
+    /// error). Give every process the same value.
+    #[arg(long, env = "OH_MAX_EVENTS_PER_CONVERSATION", default_value_t = 100_000, value_parser = clap::value_parser!(i64).range(100..=100_000_000))]
+    pub max_events_per_conversation: i64,
+    /// Bytes (MiB) of actions the queue holds before it refuses more (workers take them in
+    /// milliseconds; this bounds a backlog with no worker).
+    #[arg(long, env = "OH_QUEUE_MAX_MIB", default_value_t = 1024, value_parser = clap::value_parser!(i64).range(1..=1_048_576))]
+    pub queue_max_mib: i64,
+    /// Hours after which an action or start request no worker took is discarded.
+    #[arg(long, env = "OH_QUEUE_MAX_AGE_H", default_value_t = 168, value_parser = clap::value_parser!(u64).range(1..=87_600))]
+    pub queue_max_age_h: u64,
+}
+
+impl BrokerArgs {
+    /// The streams' storage limits.
+    pub fn store_limits(&self) -> crate::store::StoreLimits {
+        crate::store::StoreLimits {
+            max_events_per_conversation: self.max_events_per_conversation,
+            queue_max_bytes: self.queue_max_mib << 20,
+            queue_max_age: std::time::Duration::from_secs(self.queue_max_age_h * 3600),
+        }
+    }
 }
 
 fn parse_names(s: &str) -> Result<Names, String> {

@@ -32,6 +32,10 @@ pub enum AppendError {
         #[source]
         source: async_nats::Error,
     },
+    /// The log is full (`OH_MAX_EVENTS_PER_CONVERSATION`, or the stream's storage): JetStream
+    /// refused the event. Not retried; the session cannot go on.
+    #[error("session {session}: the event log is full")]
+    Full { session: SessionId },
     /// The blob store failed for a large event.
     #[error("session {session}: {source}")]
     Store {
@@ -241,6 +245,11 @@ impl Journal {
                     return Err(AppendError::Fenced {
                         session: self.sid.clone(),
                         fence: self.last_seq,
+                    });
+                }
+                Err(e) if crate::store::storage_full(&e) => {
+                    return Err(AppendError::Full {
+                        session: self.sid.clone(),
                     });
                 }
                 Err(e)

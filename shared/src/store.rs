@@ -62,12 +62,50 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the write was refused because a stream is full ([`storage_full`]).
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            StoreError::Nats { source, .. } | StoreError::Setup { source, .. } => {
+                storage_full(source.as_ref())
+            }
+            StoreError::Corrupt { .. } => false,
+        }
+    }
+}
+
 pub(crate) fn nats(op: &'static str) -> impl FnOnce(async_nats::Error) -> StoreError {
     move |source| StoreError::Nats { op, source }
 }
 
 pub(crate) fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> async_nats::Error {
     Box::new(e)
+}
+
+/// Gets or creates a stream; with `apply`, an existing stream whose limits differ from
+/// `config`'s is updated to them (a deployment made by an older version gets the limits).
+async fn ensure_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+    apply: bool,
+) -> Result<stream::Stream, async_nats::Error> {
+    let mut stream = js
+        .get_or_create_stream(config.clone())
+        .await
+        .map_err(boxed)?;
+    if apply {
+        let info = stream.info().await.map_err(boxed)?.config.clone();
+        let differs = info.max_messages_per_subject != config.max_messages_per_subject
+            || info.max_bytes != config.max_bytes
+            || info.max_age != config.max_age
+            || info.discard != config.discard
+            || info.discard_new_per_subject != config.discard_new_per_subject;
+        if differs {
+            js.update_stream(config.clone()).await.map_err(boxed)?;
+            stream = js.get_stream(&config.name).await.map_err(boxed)?;
+        }
+    }
+    Ok(stream)
 }
 
 /// Conversation metadata (durable, in the KV bucket). Field names follow OpenHands'
@@ -138,6 +176,45 @@ pub struct Store {
     inline_limit: usize,
 }
 
+/// Storage limits of the streams (`OH_MAX_EVENTS_PER_CONVERSATION`, `OH_QUEUE_MAX_MIB`,
+/// `OH_QUEUE_MAX_AGE_H`). A full stream refuses the publish (discard `New`): the writer gets
+/// an error ([`storage_full`]), never a false ack, and nothing stored is dropped. The event
+/// logs have no age limit (replay must be exact); the action and work queues do, since an
+/// entry nobody took for that long is stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Most events in one conversation's log.
+    pub max_events_per_conversation: i64,
+    /// Bytes the action queue may hold (actions not yet taken by a worker).
+    pub queue_max_bytes: i64,
+    /// Age after which an untaken action or start request is discarded.
+    pub queue_max_age: Duration,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits {
+            max_events_per_conversation: 100_000,
+            queue_max_bytes: 1 << 30,
+            queue_max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// Whether a JetStream publish failed because a stream is full (its bytes, its messages or a
+/// conversation's events): error code 10077, "maximum ... exceeded". Not retryable: the
+/// caller reports it.
+pub fn storage_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>() {
+            return js.error_code() == async_nats::jetstream::ErrorCode::STREAM_STORE_FAILED;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// How long a published message may wait for its JetStream ack.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where a read starts: its first event (as fetched by the search) and the newest id.
@@ -157,44 +234,76 @@ impl Store {
     /// # Errors
     /// [`StoreError::Setup`] naming what could not be created.
     pub async fn open(client: async_nats::Client, names: Names) -> Result<Self, StoreError> {
-        let inline_limit = client
-            .server_info()
-            .max_payload
-            .saturating_sub(16 * 1024)
-            .max(1024);
+        Self::open_inner(client, names, None).await
+    }
+
+    /// [`Store::open`], and brings the streams' limits to `limits` (the gateway and the worker
+    /// do this at startup; every process should be given the same limits).
+    ///
+    /// # Errors
+    /// [`StoreError::Setup`] naming what could not be created or updated.
+    pub async fn open_with(
+        client: async_nats::Client,
+        names: Names,
+        limits: StoreLimits,
+    ) -> Result<Self, StoreError> {
+        Self::open_inner(client, names, Some(limits)).await
+    }
+
+    async fn open_inner(
+        client: async_nats::Client,
+        names: Names,
+        limits: Option<StoreLimits>,
+    ) -> Result<Self, StoreError> {
+        let apply = limits.is_some();
+        let limits = limits.unwrap_or_default();
         let js = jetstream::ContextBuilder::new()
             .timeout(ACK_TIMEOUT)
-            .build(client);
+            .build(client.clone());
         let setup = |what: &str| {
             let what = what.to_owned();
             move |e: async_nats::Error| StoreError::Setup { what, source: e }
         };
         let dup = DUPLICATE_WINDOW;
-        let events = js
-            .get_or_create_stream(stream::Config {
+        let events = ensure_stream(
+            &js,
+            stream::Config {
                 name: names.events_stream(),
                 subjects: vec![names.events_subjects()],
                 storage: stream::StorageType::File,
                 allow_direct: true,
                 duplicate_window: dup,
+                // A full log refuses the append; nothing old is ever dropped.
+                max_messages_per_subject: limits.max_events_per_conversation,
+                discard: stream::DiscardPolicy::New,
+                discard_new_per_subject: true,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| setup(&names.events_stream())(boxed(e)))?;
-        let actions = js
-            .get_or_create_stream(stream::Config {
+            },
+            apply,
+        )
+        .await
+        .map_err(|e| setup(&names.events_stream())(e))?;
+        let actions = ensure_stream(
+            &js,
+            stream::Config {
                 name: names.actions_stream(),
                 subjects: vec![names.actions_subjects()],
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 allow_direct: true,
                 duplicate_window: dup,
+                max_bytes: limits.queue_max_bytes,
+                max_age: limits.queue_max_age,
+                discard: stream::DiscardPolicy::New,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| setup(&names.actions_stream())(boxed(e)))?;
-        let work = js
-            .get_or_create_stream(stream::Config {
+            },
+            apply,
+        )
+        .await
+        .map_err(|e| setup(&names.actions_stream())(e))?;
+        let work = ensure_stream(
+            &js,
+            stream::Config {
                 name: names.work_stream(),
                 subjects: vec![names.work_subjects()],
                 retention: stream::RetentionPolicy::WorkQueue,
@@ -203,10 +312,13 @@ impl Store {
                 discard: stream::DiscardPolicy::New,
                 discard_new_per_subject: true,
                 duplicate_window: dup,
+                max_age: limits.queue_max_age,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| setup(&names.work_stream())(boxed(e)))?;
+            },
+            apply,
+        )
+        .await
+        .map_err(|e| setup(&names.work_stream())(e))?;
         // Make sure the shared work consumer exists before anyone publishes.
         work.get_or_create_consumer(
             names.work_consumer(),
@@ -251,6 +363,14 @@ impl Store {
                 .await
                 .map_err(|e| setup(&names.blob_bucket())(boxed(e)))?,
         };
+        // Read after the setup above has talked to the server: with
+        // `retry_on_initial_connect` the client may not have had the server's INFO earlier
+        // (then `max_payload` reads 0 and every payload over 1 KiB would go out of line).
+        let max_payload = match client.server_info().max_payload {
+            0 => 1024 * 1024, // nats-server's default
+            n => n,
+        };
+        let inline_limit = max_payload.saturating_sub(16 * 1024).max(1024);
         Ok(Self {
             js,
             names,

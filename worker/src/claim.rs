@@ -227,11 +227,55 @@ async fn try_claim(
             claim.spawn(ready, sessions, cancel.clone(), lost, permit);
             Ok(Claimed::Started)
         }
+        Err(ClaimError::Takeover(AppendError::Full { .. })) => {
+            // Not a fault to retry: the conversation cannot take another event.
+            claim.abandon().await;
+            mark_full(ctx, &claim.sid, &claim.uid).await?;
+            Ok(Claimed::Skip("the conversation's event log is full"))
+        }
         Err(e) => {
             claim.abandon().await;
             Err(e)
         }
     }
+}
+
+/// The reason of a conversation whose event log is full.
+pub(crate) const FULL: &str = "AGENT_ERROR$CONVERSATION_FULL: this conversation has reached its event limit (OH_MAX_EVENTS_PER_CONVERSATION); start a new conversation";
+
+/// Records that a conversation's log is full: status `error` with [`FULL`], it no longer
+/// should run (nothing requeues it; a new message is refused the same way), and connected
+/// clients get a live error (the log itself takes nothing more).
+pub(crate) async fn mark_full(ctx: &Ctx, sid: &SessionId, uid: &UserId) -> redis::RedisResult<()> {
+    warn!(session_id = %sid, "event log full; conversation stopped");
+    metrics::counter!("oh_worker_logs_full_total").increment(1);
+    let names = ctx.store.names();
+    let update = StatusUpdate {
+        level: shared::event::StatusLevel::Error,
+        id: "AGENT_ERROR$CONVERSATION_FULL".to_owned(),
+        message: FULL.to_owned(),
+    };
+    if let Err(e) = ctx
+        .nats
+        .publish(names.status_subject(sid), update.to_json().into())
+        .await
+    {
+        warn!(error = %e, "full-log notice not sent");
+    }
+    let mut redis = ctx.redis.clone();
+    ownership::unmark_should_run(&mut redis, names, uid, sid).await?;
+    status::write(
+        &mut redis,
+        names,
+        sid,
+        status::Update {
+            state: Some(SessionState::Error),
+            worker_id: Some(""),
+            reason: Some(FULL),
+            ..Default::default()
+        },
+    )
+    .await
 }
 
 /// Takes the session's lease (and, with a per-user limit, a slot of its user); `Err` says

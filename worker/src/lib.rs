@@ -105,9 +105,13 @@ pub async fn run(
         .connect(&args.broker.nats_url)
         .await
         .context("connect NATS")?;
-    let store = Store::open(client.clone(), args.broker.names.clone())
-        .await
-        .context("JetStream setup")?;
+    let store = Store::open_with(
+        client.clone(),
+        args.broker.names.clone(),
+        args.broker.store_limits(),
+    )
+    .await
+    .context("JetStream setup")?;
     let llm = match args.agent_kind() {
         "codeact" => {
             if args.llm_base_url.is_none() {

@@ -99,6 +99,9 @@ enum End {
     Lost,
     /// Could not append (NATS trouble): release and enqueue a resume.
     Failed,
+    /// The event log is full: status `error` ([`crate::claim::FULL`]), lease released,
+    /// nothing requeued; clients get a live error.
+    Full,
 }
 
 impl AgentSession {
@@ -751,6 +754,7 @@ impl AgentSession {
                 metrics::counter!("oh_worker_fenced_total").increment(1);
                 End::Lost
             }
+            AppendError::Full { .. } => End::Full,
             other => {
                 warn!(error = %other, "append failed; handing the session back");
                 End::Failed
@@ -784,10 +788,18 @@ impl AgentSession {
                 ownership::unmark_should_run(&mut redis.clone(), names, &self.uid, &self.sid)
                     .await?;
             }
+            if matches!(end, End::Full) {
+                crate::claim::mark_full(&self.ctx, &self.sid, &self.uid).await?;
+            }
             redis::RedisResult::Ok(())
         };
         if let Err(e) = slots.await {
             warn!(error = %e, "releasing the user slot failed; it will expire");
+        }
+        if matches!(end, End::Full) {
+            // `mark_full` wrote the status.
+            info!(end = "full", title = %self.meta.title, "session ended");
+            return;
         }
         let state = match end {
             End::Stopped => SessionState::Stopped,
@@ -821,6 +833,7 @@ impl AgentSession {
                 End::Handover => "handed over",
                 End::Failed => "failed",
                 End::Lost => "lost",
+                End::Full => "full",
             },
             title = %self.meta.title,
             "session ended"
