@@ -755,9 +755,29 @@ impl Store {
         Ok(Bytes::from(buf))
     }
 
-    /// Deletes everything stored for a session: its events, pending actions, start request and
-    /// `replay_json` trajectory. (Payloads stored out of line stay until a collector exists:
-    /// their names are only in the purged messages' headers.)
+    /// Deletes the out-of-line payload a message's headers name, if any (an applied action's:
+    /// its content lives on in the event made from it). A blob already gone is fine.
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed.
+    pub async fn delete_payload_blob(&self, headers: &HeaderMap) -> Result<(), StoreError> {
+        let Some(name) = headers.get(HDR_BLOB) else {
+            return Ok(());
+        };
+        self.delete_blob(name.as_str()).await
+    }
+
+    async fn delete_blob(&self, name: &str) -> Result<(), StoreError> {
+        match self.blobs.delete(name).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => Ok(()),
+            Err(e) => Err(nats("delete blob")(boxed(e))),
+        }
+    }
+
+    /// Deletes everything stored for a session: its events, pending actions, start request,
+    /// `replay_json` trajectory and every payload stored out of line (named `{sid}.*`; found
+    /// by listing the bucket, which holds only payloads over NATS' message size).
     ///
     /// # Errors
     /// [`StoreError`] if NATS failed.
@@ -777,10 +797,22 @@ impl Store {
             .filter(self.names.work_subject(sid))
             .await
             .map_err(|e| nats("purge work")(boxed(e)))?;
-        match self.blobs.delete(self.names.replay_blob(sid)).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => {}
-            Err(e) => return Err(nats("delete replay blob")(boxed(e))),
+        self.delete_blob(&self.names.replay_blob(sid)).await?;
+        let prefix = format!("{sid}.");
+        let mut list = self
+            .blobs
+            .list()
+            .await
+            .map_err(|e| nats("list blobs")(boxed(e)))?;
+        let mut names = Vec::new();
+        while let Some(info) = list.next().await {
+            let info = info.map_err(|e| nats("list blobs")(boxed(e)))?;
+            if info.name.starts_with(&prefix) && !info.deleted {
+                names.push(info.name);
+            }
+        }
+        for name in names {
+            self.delete_blob(&name).await?;
         }
         Ok(())
     }

@@ -167,3 +167,62 @@ async fn a_full_action_queue_refuses_instead_of_acknowledging() {
         .collect();
     assert_eq!(echoed.len(), acked.len(), "each acknowledged action once");
 }
+
+/// Payloads over NATS' message size live in the blob store: an applied action's blob is
+/// deleted once its event is stored, and DELETE removes every blob of the conversation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_are_collected_after_apply_and_on_delete() {
+    use futures::StreamExt;
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        ..ClusterOpts::default()
+    })
+    .await;
+    let client = async_nats::connect(c.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let names = shared::names::Names::new(&c.namespace).unwrap();
+    let bucket = js.get_object_store(names.blob_bucket()).await.unwrap();
+    let blobs_of = |sid: String| {
+        let bucket = bucket.clone();
+        async move {
+            let mut list = bucket.list().await.unwrap();
+            let mut n = 0;
+            while let Some(info) = list.next().await {
+                let info = info.unwrap();
+                if info.name.starts_with(&format!("{sid}.")) && !info.deleted {
+                    n += 1;
+                }
+            }
+            n
+        }
+    };
+    let sid = c.create(0, None, None).await;
+    let mut a = c.connect(0, &sid, None, None).await.unwrap();
+    let big = "y".repeat(1536 * 1024);
+    let acks = a
+        .emit_with_ack(
+            "oh_user_action",
+            &json!({"action": "message", "args": {"content": big}}),
+            T,
+        )
+        .await
+        .unwrap();
+    assert_eq!(acks.first().map(|a| &a["success"]), Some(&json!(true)));
+    events_until(&mut a, T, |e| is_echo(e, &big)).await;
+    // The user message and the echo are events with blobs; the action's blob is gone.
+    let deadline = Instant::now() + T;
+    while blobs_of(sid.clone()).await != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "blobs: {}",
+            blobs_of(sid.clone()).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = c
+        .delete(0, &format!("/api/conversations/{sid}"), None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(blobs_of(sid.clone()).await, 0, "DELETE leaves no blob");
+}

@@ -601,6 +601,9 @@ impl AgentSession {
             Ok(action) => self.apply(action).await?,
         }
         ack(&msg).await;
+        if let Err(e) = self.ctx.store.delete_payload_blob(&headers).await {
+            warn!(error = %e, "applied action's blob not deleted");
+        }
         self.publish_status();
         metrics::histogram!("oh_worker_action_apply_seconds").record(started.elapsed());
         Ok(None)
