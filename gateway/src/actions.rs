@@ -30,6 +30,11 @@ pub(crate) enum SendError {
     )]
     QueueFull,
     #[error(
+        "too many actions: the limit is OH_MESSAGE_RATE; retry in {} s",
+        .0.as_secs().max(1)
+    )]
+    RateLimited(std::time::Duration),
+    #[error(
         "msg_id {0:?} was already used for a different action in the last 2 minutes; the first one was kept and this one was not stored"
     )]
     MsgIdConflict(String),

@@ -37,6 +37,12 @@ pub(crate) struct Inner {
     pub(crate) slow_client_timeout: Duration,
     /// Largest `replay_json` accepted (bytes).
     pub(crate) max_replay_bytes: usize,
+    /// Per-user rates and caps (see `limits`).
+    pub(crate) limits: crate::limits::Limits,
+    /// This gateway's id (presence entries, socket entries).
+    pub(crate) gateway_id: String,
+    /// This gateway's sockets in the per-user socket sets.
+    pub(crate) held_sockets: crate::limits::HeldSockets,
     /// Every task the gateway spawns; `run` closes it and waits (bounded) on shutdown.
     pub(crate) tasks: TaskTracker,
 }
@@ -77,6 +83,9 @@ impl AppState {
             metrics,
             slow_client_timeout: args.slow_client_timeout,
             max_replay_bytes: args.max_replay_mib as usize * 1024 * 1024,
+            limits: args.limits(),
+            gateway_id: gateway_id.to_owned(),
+            held_sockets: crate::limits::HeldSockets::default(),
             tasks,
         }))
     }

@@ -50,9 +50,52 @@ pub struct Args {
     /// stored and replayed as events, so it bounds what one request can make the system hold.
     #[arg(long, env = "OH_MAX_REPLAY_MIB", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=30))]
     pub max_replay_mib: u32,
+    /// Conversations a user may create per minute, exact across gateways: `off`, `N/min` or
+    /// `N/s`, optionally `,BURST`. Default: `60/min,20` with `OH_AUTH_TOKENS`, else `off`.
+    #[arg(long, env = "OH_CREATE_RATE", value_parser = crate::limits::parse_rate)]
+    pub create_rate: Option<shared::quota::Rate>,
+    /// Actions (`oh_user_action`) a user may send per minute, same form. Default:
+    /// `600/min,60` with `OH_AUTH_TOKENS`, else `off`.
+    #[arg(long, env = "OH_MESSAGE_RATE", value_parser = crate::limits::parse_rate)]
+    pub message_rate: Option<shared::quota::Rate>,
+    /// Stored conversations per user (0: no cap). Default: 1000 with `OH_AUTH_TOKENS`, else
+    /// no cap.
+    #[arg(long, env = "OH_MAX_STORED_CONVERSATIONS_PER_USER")]
+    pub max_stored_conversations_per_user: Option<u32>,
+    /// Open Socket.IO connections per user over all gateways (0: no cap). Default: 100 with
+    /// `OH_AUTH_TOKENS`, else no cap.
+    #[arg(long, env = "OH_MAX_SOCKETS_PER_USER")]
+    pub max_sockets_per_user: Option<u32>,
 }
 
 impl Args {
+    /// The per-user limits in force: the settings, or the defaults of the mode.
+    pub(crate) fn limits(&self) -> crate::limits::Limits {
+        use crate::limits as l;
+        let multi = !self.auth_tokens.is_single_user();
+        let rate = |set: Option<shared::quota::Rate>, default| {
+            set.unwrap_or(if multi {
+                default
+            } else {
+                shared::quota::Rate::OFF
+            })
+        };
+        let cap = |set: Option<u32>, default| match set {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => multi.then_some(default),
+        };
+        l::Limits {
+            create: rate(self.create_rate, l::DEFAULT_CREATE),
+            message: rate(self.message_rate, l::DEFAULT_MESSAGE),
+            max_stored: cap(
+                self.max_stored_conversations_per_user,
+                l::DEFAULT_MAX_STORED,
+            ),
+            max_sockets: cap(self.max_sockets_per_user, l::DEFAULT_MAX_SOCKETS),
+        }
+    }
+
     /// Checks that span several settings.
     ///
     /// # Errors

@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use shared::event::{UserAction, load_trajectory};
 use shared::id::{SessionId, UserId};
 use shared::msg_id::ActionMsgId;
+use shared::quota::{Capped, Verdict};
 use shared::status::{self, SessionState, Status};
 use shared::store::{ConversationMeta, StoreError};
 use shared::wire::{Control, StartReason};
@@ -27,6 +28,7 @@ use tracing::{error, info, warn};
 
 use crate::actions;
 use crate::app::AppState;
+use crate::limits;
 
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
@@ -64,6 +66,11 @@ pub(crate) enum ApiError {
     Unavailable(String),
     /// A stream is full: the write was refused (nothing stored, nothing acknowledged).
     Full(String),
+    /// A per-user rate or cap (429, with `Retry-After` for a rate).
+    TooMany {
+        message: String,
+        retry_after: Option<std::time::Duration>,
+    },
     Internal(String),
 }
 
@@ -115,6 +122,21 @@ impl From<redis::RedisError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if let ApiError::TooMany {
+            message,
+            retry_after,
+        } = &self
+        {
+            let body = json!({"status": "error", "message": message});
+            let mut resp = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+            if let Some(wait) = retry_after
+                && let Ok(v) = axum::http::HeaderValue::from_str(&wait.as_secs().max(1).to_string())
+            {
+                resp.headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, v);
+            }
+            return resp;
+        }
         let (code, body) = match self {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, json!({"error": "Invalid token"})),
             ApiError::NotFound => (
@@ -146,6 +168,10 @@ impl IntoResponse for ApiError {
                     json!({"status": "error", "message": "Service temporarily unavailable; please retry"}),
                 )
             }
+            ApiError::TooMany { message, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({"status": "error", "message": message}),
+            ),
             ApiError::Full(m) => (
                 StatusCode::INSUFFICIENT_STORAGE,
                 json!({"status": "error", "message": m}),
@@ -282,6 +308,45 @@ async fn create(
         ));
     }
     let sid = SessionId::generate();
+    let rate = state.limits.create;
+    if let Verdict::Limited(wait) = limits::take(&state, "create", &uid, rate).await {
+        return Err(ApiError::TooMany {
+            message: format!(
+                "too many conversations created: the limit is OH_CREATE_RATE; retry in {} s",
+                wait.as_secs().max(1)
+            ),
+            retry_after: Some(wait),
+        });
+    }
+    let capped = match state.limits.max_stored {
+        Some(cap) => {
+            if !limits::admit(&state, Capped::Conversations, &uid, sid.as_str(), cap).await {
+                return Err(ApiError::TooMany {
+                    message: format!(
+                        "you have {cap} stored conversations, the limit (OH_MAX_STORED_CONVERSATIONS_PER_USER); delete one first"
+                    ),
+                    retry_after: None,
+                });
+            }
+            true
+        }
+        None => false,
+    };
+    let res = store_new(&state, &uid, &sid, body).await;
+    if res.is_err() && capped {
+        limits::release(&state, Capped::Conversations, &uid, sid.as_str()).await;
+    }
+    res
+}
+
+/// Stores a new conversation (replay, metadata, initial message) and queues its start.
+async fn store_new(
+    state: &AppState,
+    uid: &UserId,
+    sid: &SessionId,
+    body: CreateBody,
+) -> Result<Response, ApiError> {
+    let (state, uid, sid) = (state.clone(), uid.clone(), sid.clone());
     let initial = if body.initial_user_msg.is_some() || body.image_urls.is_some() {
         let action = UserAction::message(
             body.initial_user_msg.clone().unwrap_or_default(),
@@ -632,6 +697,9 @@ async fn delete_one(
         }
     }
     state.store.purge_session(&sid).await?;
+    if state.limits.max_stored.is_some() {
+        limits::release(&state, Capped::Conversations, &uid, sid.as_str()).await;
+    }
     let mut redis = state.redis.clone();
     status::delete(&mut redis, state.store.names(), &sid).await?;
     shared::ownership::unmark_should_run(&mut redis, state.store.names(), &uid, &sid).await?;

@@ -12,12 +12,14 @@
 //! - `actions`: validated user actions published to JetStream; start requests.
 //! - `serve`: the HTTP server loop (axum's, with a header-read timeout).
 //! - `origin`: the browser boundary (allowed origins, served host names).
+//! - `limits`: per-user rates and caps (creates, actions, stored conversations, sockets).
 
 mod actions;
 mod app;
 pub mod config;
 mod fanout;
 mod http;
+mod limits;
 pub mod origin;
 mod replay;
 mod serve;
@@ -125,6 +127,7 @@ async fn start(
     let fanout = state.fanout.clone();
     tasks.spawn(fanout.clone().presence_loop(cancel.clone()));
     tasks.spawn(fanout.resync_loop(reconnected, cancel.clone()));
+    tasks.spawn(limits::refresh_loop(state.clone(), cancel.clone()));
     info!(gateway_id, "gateway connected to NATS and Redis");
     let router = app::router(
         state,

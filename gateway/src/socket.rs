@@ -55,6 +55,8 @@ enum Refusal {
     BadToken,
     #[error("Conversation not found")]
     NotFound,
+    #[error("Too many open connections for this user (the limit is {0}, OH_MAX_SOCKETS_PER_USER)")]
+    TooManySockets(u32),
     /// A server fault (the store did not answer), logged when it is made.
     #[error("{INTERNAL_ERROR}")]
     Server,
@@ -182,6 +184,13 @@ async fn authorize(
             return Err(Refusal::CursorAhead { latest, head });
         }
     }
+    if let Some(cap) = state.limits.max_sockets {
+        let member = socket_member(&state, &s);
+        if !crate::limits::admit(&state, shared::quota::Capped::Sockets, &uid, &member, cap).await {
+            return Err(Refusal::TooManySockets(cap));
+        }
+        state.held_sockets.insert(member, uid.clone());
+    }
     s.extensions.insert(Conn {
         sid,
         uid,
@@ -230,9 +239,20 @@ fn on_connect(s: SocketRef, State(state): State<AppState>, shutdown: Cancellatio
     );
 }
 
-async fn on_disconnect(s: SocketRef) {
+/// This socket's member in its user's socket set.
+fn socket_member(state: &AppState, s: &SocketRef) -> String {
+    format!("{}:{}", state.gateway_id, s.id)
+}
+
+async fn on_disconnect(s: SocketRef, State(state): State<AppState>) {
     if let Some(conn) = s.extensions.get::<Conn>() {
         conn.cancel.cancel();
+        if state.limits.max_sockets.is_some() {
+            let member = socket_member(&state, &s);
+            state.held_sockets.remove(&member);
+            let set = shared::quota::Capped::Sockets;
+            crate::limits::release(&state, set, &conn.uid, &member).await;
+        }
         // Counted once by whichever of connect and disconnect comes first.
         if conn.counted.swap(true, Ordering::Relaxed) {
             metrics::gauge!("oh_gateway_sockets").decrement(1.0);
@@ -253,6 +273,12 @@ async fn on_action(
     let result = async {
         let payload = data.map_err(|e| SocketError::NotJson(e.to_string()))?;
         let valid = actions::validate(&payload)?;
+        let rate = state.limits.message;
+        if let shared::quota::Verdict::Limited(wait) =
+            crate::limits::take(&state, "message", &conn.uid, rate).await
+        {
+            return Err(SendError::RateLimited(wait).into());
+        }
         let (msg_id, claim) = match &valid.client_msg_id {
             Some(id) => {
                 let claim =

@@ -13,6 +13,7 @@
 //! - [`msg_id`]: the `Nats-Msg-Id`s of user actions and the guard on a client's own `msg_id`.
 //! - [`journal`]: the fenced append to a session's log (the other half of ownership).
 //! - [`status`]: the live session status hash in Redis.
+//! - [`quota`]: per-user rate limits and caps, exact across gateways (one Redis script each).
 //! - [`telemetry`]: tracing and Prometheus metrics setup.
 //!
 //! `shared` depends on neither binary; both depend on it.
@@ -26,6 +27,7 @@ pub mod names;
 pub mod ownership;
 pub mod presence;
 pub mod queue;
+pub mod quota;
 pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -156,6 +156,19 @@ impl Names {
         format!("replay.{sid}")
     }
 
+    /// Redis hash of a user's token bucket for `kind` (`create`, `message`).
+    pub fn rate_key(&self, kind: &str, uid: &UserId) -> String {
+        format!("{}:rate:{kind}:{uid}", self.ns)
+    }
+    /// Redis sorted set of a user's stored conversations (for the per-user cap).
+    pub fn user_conversations_key(&self, uid: &UserId) -> String {
+        format!("{}:convs:{uid}", self.ns)
+    }
+    /// Redis sorted set of a user's open sockets, scored by expiry (for the per-user cap).
+    pub fn user_sockets_key(&self, uid: &UserId) -> String {
+        format!("{}:sockets:{uid}", self.ns)
+    }
+
     /// Redis key of a session's owner lease.
     pub fn lease_key(&self, sid: &SessionId) -> String {
         format!("{}:lease:{sid}", self.ns)

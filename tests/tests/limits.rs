@@ -226,3 +226,154 @@ async fn blobs_are_collected_after_apply_and_on_delete() {
     assert_eq!(status, 200);
     assert_eq!(blobs_of(sid.clone()).await, 0, "DELETE leaves no blob");
 }
+
+/// Per-user rates and caps hold exactly across two gateways: creates (token bucket), stored
+/// conversations, open sockets and actions; each refusal is a clear error to that caller only
+/// (REST 429 with `Retry-After` for a rate; a refused connect; an action error), and another
+/// user is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_rates_and_caps_are_exact_across_gateways() {
+    let env = vec![
+        ("OH_CREATE_RATE", "6/min,6".to_owned()),
+        ("OH_MAX_STORED_CONVERSATIONS_PER_USER", "3".to_owned()),
+        ("OH_MAX_SOCKETS_PER_USER", "2".to_owned()),
+        ("OH_MESSAGE_RATE", "6/min,4".to_owned()),
+    ];
+    let c = Cluster::start(ClusterOpts {
+        gateways: 2,
+        workers: 1,
+        auth_tokens: Some("token-alice=alice,token-bob=bob".to_owned()),
+        gateway_env: env,
+        ..ClusterOpts::default()
+    })
+    .await;
+    // Bob: 10 creates at once over both gateways. 6 tokens: 3 stored (the cap), 3 refused by
+    // the cap, 4 by the rate.
+    let creates = (0..10).map(|i| {
+        let c = &c;
+        async move {
+            c.post(i % 2, "/api/conversations", &json!({}), Some("token-bob"))
+                .await
+        }
+    });
+    let results = futures::future::join_all(creates).await;
+    let count = |pred: &dyn Fn(&(u16, Value)) -> bool| results.iter().filter(|r| pred(r)).count();
+    let msg = |r: &(u16, Value)| r.1["message"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(count(&|r| r.0 == 200), 3, "{results:?}");
+    assert_eq!(
+        count(&|r| r.0 == 429 && msg(r).contains("stored conversations")),
+        3,
+        "{results:?}"
+    );
+    assert_eq!(
+        count(&|r| r.0 == 429 && msg(r).contains("OH_CREATE_RATE")),
+        4,
+        "{results:?}"
+    );
+    // The rate refusal says when to come back.
+    let r = reqwest::Client::new()
+        .post(c.url(1) + "/api/conversations")
+        .bearer_auth("token-bob")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=10).contains(&retry), "Retry-After {retry}");
+
+    // Alice is not affected by Bob; deleting frees a stored slot.
+    let mut alice = Vec::new();
+    for i in 0..3 {
+        alice.push(c.create(i % 2, None, Some("token-alice")).await);
+    }
+    let (code, v) = c
+        .post(0, "/api/conversations", &json!({}), Some("token-alice"))
+        .await;
+    assert_eq!(code, 429, "{v}");
+    let (code, _) = c
+        .delete(
+            1,
+            &format!("/api/conversations/{}", alice[2]),
+            Some("token-alice"),
+        )
+        .await;
+    assert_eq!(code, 200);
+    alice[2] = c.create(0, None, Some("token-alice")).await;
+
+    // Sockets: two (one per gateway), the third refused; closing one lets it in.
+    let s1 = c
+        .connect(0, &alice[0], None, Some("token-alice"))
+        .await
+        .unwrap();
+    let s2 = c
+        .connect(1, &alice[1], None, Some("token-alice"))
+        .await
+        .unwrap();
+    let third = c.connect(0, &alice[2], None, Some("token-alice")).await;
+    let err = format!("{:?}", third.err().expect("third socket refused"));
+    assert!(err.contains("Too many open connections"), "{err}");
+    // Bob's sockets are his own.
+    let bob_sid = results
+        .iter()
+        .find(|r| r.0 == 200)
+        .and_then(|r| r.1["conversation_id"].as_str())
+        .unwrap()
+        .to_owned();
+    let bob_sock = c
+        .connect(1, &bob_sid, None, Some("token-bob"))
+        .await
+        .unwrap();
+    s2.close().await;
+    let deadline = Instant::now() + T;
+    let s3 = loop {
+        match c.connect(0, &alice[2], None, Some("token-alice")).await {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "never admitted again: {e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    // Actions: 4 tokens; the 5th and 6th are refused to that socket, not stored.
+    let mut verdicts = Vec::new();
+    for i in 0..6 {
+        let acks = s1
+            .emit_with_ack(
+                "oh_user_action",
+                &json!({"action": "message", "args": {"content": format!("a{i}")}}),
+                T,
+            )
+            .await
+            .unwrap();
+        verdicts.push(acks.into_iter().next().unwrap_or(Value::Null));
+    }
+    let ok = verdicts.iter().filter(|a| a["success"] == true).count();
+    let limited = verdicts
+        .iter()
+        .filter(|a| {
+            a["error"] == true
+                && a["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("OH_MESSAGE_RATE")
+        })
+        .count();
+    assert_eq!((ok, limited), (4, 2), "{verdicts:?}");
+    // Bob's actions have their own bucket.
+    let acks = bob_sock
+        .emit_with_ack(
+            "oh_user_action",
+            &json!({"action": "message", "args": {"content": "hi"}}),
+            T,
+        )
+        .await
+        .unwrap();
+    assert_eq!(acks[0]["success"], true, "{acks:?}");
+    drop(s3);
+}
