@@ -246,7 +246,11 @@ impl Sandbox {
         env: &[(&str, OsString)],
         program: &[&str],
     ) -> std::io::Result<Launch> {
-        let mut argv: Vec<OsString> = Vec::new();
+        // SIGINT at its default for everything below, so bash can trap C-c.
+        let mut argv: Vec<OsString> = super::shell::default_sigint()
+            .iter()
+            .map(OsString::from)
+            .collect();
         let mut cgroup = None;
         match &self.enforcement {
             Enforcement::Cgroups(h) => {

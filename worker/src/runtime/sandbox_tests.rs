@@ -74,6 +74,19 @@ fn host_pids(needle: &str) -> Vec<i32> {
     .collect()
 }
 
+/// Host pids whose command line contains `needle`, once there are `n` (they may still be
+/// exec-ing when the command that started them returns).
+async fn wait_host_pids(needle: &str, n: usize) -> Vec<i32> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let found = host_pids(needle);
+        if found.len() >= n || Instant::now() > deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn all_gone(pids: &[i32]) -> bool {
     let deadline = Instant::now() + Duration::from_secs(5);
     while pids.iter().any(|&p| process::is_alive(p)) {
@@ -197,7 +210,7 @@ async fn setsid_and_double_forked_daemons_die_with_the_session() {
     .await;
     let mut pids = Vec::new();
     for n in ["sleep 3131", "sleep 3132", "sleep 3133"] {
-        let found = host_pids(n);
+        let found = wait_host_pids(n, 1).await;
         assert_eq!(found.len(), 1, "{n}: {found:?}");
         pids.extend(found);
     }
@@ -207,7 +220,7 @@ async fn setsid_and_double_forked_daemons_die_with_the_session() {
     // The same when the runtime is only dropped (the worker's session task ends).
     let mut rt = start(&tmp, &sb, "sess-escape2").await;
     run(&mut rt, "(setsid sleep 3134 &); echo ok").await;
-    let pids = host_pids("sleep 3134");
+    let pids = wait_host_pids("sleep 3134", 1).await;
     assert_eq!(pids.len(), 1);
     drop(rt);
     assert!(all_gone(&pids).await, "a daemon survived drop: {pids:?}");

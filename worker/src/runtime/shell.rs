@@ -90,20 +90,19 @@ impl Shell {
     /// The command for an unsandboxed bash in `cwd` with exactly `env`: the leader of its own
     /// session and process group (through `setsid` when available, else its own group).
     pub(super) fn plain_command(cwd: &Path, env: &[(&str, OsString)]) -> Command {
-        let mut cmd = match SETSID.iter().find(|p| Path::new(p).is_file()) {
-            Some(setsid) => {
-                // Not a group leader when spawned, so `setsid` calls setsid(2) and execs bash
-                // in the same process: the pid we hold is bash's.
-                let mut c = Command::new(setsid);
-                c.arg("bash");
-                c
-            }
-            None => {
-                let mut c = Command::new("bash");
-                c.process_group(0);
-                c
-            }
-        };
+        let mut argv: Vec<&str> = default_sigint().to_vec();
+        let setsid = SETSID.iter().find(|p| Path::new(p).is_file());
+        if let Some(setsid) = setsid {
+            // Not a group leader when spawned, so `setsid` calls setsid(2) and execs bash in
+            // the same process: the pid we hold is bash's.
+            argv.push(setsid);
+        }
+        argv.push("bash");
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..]);
+        if setsid.is_none() {
+            cmd.process_group(0);
+        }
         cmd.args(["--noprofile", "--norc"])
             .current_dir(cwd)
             .env_clear()
@@ -365,6 +364,26 @@ fn kill_all(pid: i32, child: &mut Child, dead: &mut bool) {
     // Also covered by the group kill; this one is for bash itself if /proc was unreadable.
     let _ = child.start_kill();
     *dead = true;
+}
+
+/// `env --default-signal=INT`, where coreutils has it: the command after it starts with
+/// SIGINT at its default disposition even if the worker was started with SIGINT ignored (a
+/// background job of a script, `nohup`): bash cannot trap a signal ignored at its start, and
+/// C-c would do nothing. Empty where `env` lacks the option. Every exec keeps it (dispositions
+/// other than handlers are inherited).
+pub(super) fn default_sigint() -> &'static [&'static str] {
+    static PREFIX: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    PREFIX.get_or_init(|| {
+        let args = ["/usr/bin/env", "--default-signal=INT"];
+        let ok = std::process::Command::new(args[0])
+            .args([args[1], "true"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok { args.to_vec() } else { Vec::new() }
+    })
 }
 
 /// `at + d`, saturating far in the future instead of overflowing (`d` may come from a model).
