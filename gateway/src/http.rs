@@ -697,6 +697,12 @@ async fn delete_one(
         }
     }
     state.store.purge_session(&sid).await?;
+    // Workers remove the workspace (best effort: a worker that misses this keeps the folder,
+    // which no conversation references any more).
+    let gone = state.store.names().deleted_subject(&sid);
+    if let Err(e) = state.nats.publish(gone, bytes::Bytes::new()).await {
+        warn!(session_id = %sid, error = %e, "workspace removal notice not sent");
+    }
     if state.limits.max_stored.is_some() {
         limits::release(&state, Capped::Conversations, &uid, sid.as_str()).await;
     }

@@ -87,6 +87,14 @@ impl Names {
     pub fn actions_subject(&self, sid: &SessionId) -> String {
         format!("{}.act.{sid}", self.ns)
     }
+    /// Core subject announcing that a conversation was deleted (workers remove its workspace).
+    pub fn deleted_subject(&self, sid: &SessionId) -> String {
+        format!("{}.gone.{sid}", self.ns)
+    }
+    /// Every [`Self::deleted_subject`].
+    pub fn deleted_subjects(&self) -> String {
+        format!("{}.gone.*", self.ns)
+    }
     /// Subjects of [`Self::actions_stream`].
     pub fn actions_subjects(&self) -> String {
         format!("{}.act.*", self.ns)

@@ -169,13 +169,16 @@ async fn a_full_action_queue_refuses_instead_of_acknowledging() {
 }
 
 /// Payloads over NATS' message size live in the blob store: an applied action's blob is
-/// deleted once its event is stored, and DELETE removes every blob of the conversation.
+/// deleted once its event is stored, and DELETE removes every blob of the conversation, and
+/// its workspace on the worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blobs_are_collected_after_apply_and_on_delete() {
+async fn blobs_and_workspaces_are_collected_after_apply_and_on_delete() {
     use futures::StreamExt;
+    let ws = tempfile::tempdir().unwrap();
     let c = Cluster::start(ClusterOpts {
         gateways: 1,
         workers: 1,
+        worker_env: vec![("OH_WORKSPACE_ROOT", ws.path().display().to_string())],
         ..ClusterOpts::default()
     })
     .await;
@@ -225,6 +228,35 @@ async fn blobs_are_collected_after_apply_and_on_delete() {
         .await;
     assert_eq!(status, 200);
     assert_eq!(blobs_of(sid.clone()).await, 0, "DELETE leaves no blob");
+
+    // A replayed trajectory writes files in the workspace; DELETE removes the folder.
+    let trajectory = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/openhands/basic.json"),
+    )
+    .unwrap();
+    let (code, v) = c
+        .post(
+            0,
+            "/api/conversations",
+            &json!({"replay_json": trajectory}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let sid = v["conversation_id"].as_str().unwrap().to_owned();
+    let mut r = c.connect(0, &sid, None, None).await.unwrap();
+    events_until(&mut r, T, |e| tests::cluster::is_state(e, "finished")).await;
+    let dir = ws.path().join(&sid);
+    assert!(dir.join("game_2048.py").exists());
+    let (status, _) = c
+        .delete(0, &format!("/api/conversations/{sid}"), None)
+        .await;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dir.exists() {
+        assert!(Instant::now() < deadline, "the workspace outlived DELETE");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Per-user rates and caps hold exactly across two gateways: creates (token bucket), stored

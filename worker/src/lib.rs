@@ -7,6 +7,7 @@
 //! - `lease`: renews every held lease; a lost lease cancels its session.
 //! - `session`: `AgentSession`, one task per session, driven by user actions.
 //! - `sweep`: queues a resume for sessions that should run but lost their owner.
+//! - `cleanup`: removes the workspace of a deleted conversation.
 //! - `controller`: the steps of a turn (think, act) as futures that own the controller.
 //! - `agent`: the agent trait, the CodeAct agent, replay, and the `echo` test/demo agent.
 //! - `memory`: recall of workspace instructions and knowledge on user messages.
@@ -18,6 +19,7 @@ mod agent;
 #[doc(hidden)]
 pub mod bench;
 mod claim;
+mod cleanup;
 pub mod config;
 mod controller;
 mod lease;
@@ -166,6 +168,7 @@ pub async fn run(
     }
     core.spawn(lease::renew_loop(ctx.clone(), cancel.child_token()));
     core.spawn(sweep::sweep_loop(ctx.clone(), cancel.child_token()));
+    core.spawn(cleanup::workspace_gc(ctx.clone(), cancel.child_token()));
     core.spawn(claim::pull_loop(
         ctx.clone(),
         sessions.clone(),
