@@ -27,6 +27,9 @@ pub struct ClusterOpts {
     pub worker_env: Vec<(&'static str, String)>,
     /// Extra environment of every gateway (e.g. `OH_SOCKET_BUFFER`).
     pub gateway_env: Vec<(&'static str, String)>,
+    /// A password NATS (user `oh`) and Redis (`requirepass`) require of every client; the
+    /// processes get it in their URLs.
+    pub broker_password: Option<String>,
 }
 
 impl Default for ClusterOpts {
@@ -39,6 +42,7 @@ impl Default for ClusterOpts {
             lease_ttl_ms: 3000,
             worker_env: Vec::new(),
             gateway_env: Vec::new(),
+            broker_password: None,
         }
     }
 }
@@ -64,8 +68,13 @@ impl Cluster {
     /// Starts NATS, Redis, the gateways (waits for `/readyz`) and the workers (waits for
     /// `/healthz`).
     pub async fn start(opts: ClusterOpts) -> Cluster {
-        let nats = NatsServer::start().await;
-        let redis = RedisServer::start().await;
+        let (nats, redis) = match &opts.broker_password {
+            Some(p) => (
+                NatsServer::start_with_password(p).await,
+                RedisServer::start_with_password(p).await,
+            ),
+            None => (NatsServer::start().await, RedisServer::start().await),
+        };
         let namespace = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let mut c = Cluster {
             nats,
@@ -153,9 +162,8 @@ impl Cluster {
 
     /// A direct handle on the deployment's JetStream data (for checks on the raw log).
     pub async fn store(&self) -> shared::store::Store {
-        let client = async_nats::connect(self.nats.url())
-            .await
-            .expect("connect NATS");
+        let (opts, servers) = shared::config::nats_options(&self.nats.url()).expect("NATS URL");
+        let client = opts.connect(servers).await.expect("connect NATS");
         let names = shared::names::Names::new(&self.namespace).expect("namespace");
         shared::store::Store::open(client, names)
             .await
