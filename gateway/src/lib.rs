@@ -91,9 +91,7 @@ async fn start(
 ) -> anyhow::Result<(axum::Router, TaskTracker)> {
     let gateway_id = format!("gw-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let (reconnected_tx, reconnected) = tokio::sync::mpsc::channel::<()>(1);
-    let (nats_opts, nats_servers) =
-        shared::config::nats_options(&args.broker.nats_url).map_err(anyhow::Error::msg)?;
-    let client = nats_opts
+    let client = async_nats::ConnectOptions::new()
         .name(format!("gateway {gateway_id} {}", args.gateway_addr))
         .event_callback(move |ev| {
             let tx = reconnected_tx.clone();
@@ -111,7 +109,7 @@ async fn start(
         })
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .connect(nats_servers.as_str())
+        .connect(&args.broker.nats_url)
         .await
         .context("connect NATS")?;
     let store = shared::store::Store::open_with(
@@ -130,12 +128,7 @@ async fn start(
     tasks.spawn(fanout.clone().presence_loop(cancel.clone()));
     tasks.spawn(fanout.resync_loop(reconnected, cancel.clone()));
     tasks.spawn(limits::refresh_loop(state.clone(), cancel.clone()));
-    info!(
-        gateway_id,
-        nats = %shared::config::redact_url(&args.broker.nats_url),
-        redis = %shared::config::redact_url(&args.broker.redis_url),
-        "gateway connected to NATS and Redis"
-    );
+    info!(gateway_id, "gateway connected to NATS and Redis");
     let router = app::router(
         state,
         args.socket_buffer as usize,

@@ -13,22 +13,11 @@ use crate::names::Names;
 /// Where NATS and Redis are, and the namespace of every name in them.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerArgs {
-    /// NATS server URL(s), comma-separated (JetStream enabled); credentials as
-    /// `nats://user:password@host:port` (or `nats://token@host:port`). Never logged.
-    #[arg(
-        long,
-        env = "OH_NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
-        hide_env_values = true
-    )]
+    /// NATS server URL (JetStream enabled).
+    #[arg(long, env = "OH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
-    /// Redis URL; credentials as `redis://user:password@host:port`. Never logged.
-    #[arg(
-        long,
-        env = "OH_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379",
-        hide_env_values = true
-    )]
+    /// Redis URL.
+    #[arg(long, env = "OH_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
     /// Prefix of every subject, stream, bucket and key (tests use one per test).
     #[arg(long = "namespace", env = "OH_NAMESPACE", default_value = "oh", value_parser = parse_names)]
@@ -58,64 +47,6 @@ impl BrokerArgs {
             queue_max_age: std::time::Duration::from_secs(self.queue_max_age_h * 3600),
         }
     }
-}
-
-/// The NATS connect options and server list for `urls` (comma-separated): credentials in a
-/// URL's user part become `user_and_password` (or `token`) options and are removed from the
-/// list, since async-nats ignores them there. All URLs must carry the same credentials.
-///
-/// # Errors
-/// URLs with different credentials.
-pub fn nats_options(urls: &str) -> Result<(async_nats::ConnectOptions, String), String> {
-    let mut creds: Option<(String, Option<String>)> = None;
-    let mut servers = Vec::new();
-    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-        let (scheme, rest) = url.split_once("://").unwrap_or(("nats", url));
-        let (userinfo, host) = match rest.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, rest),
-        };
-        let these = userinfo.map(|u| match u.split_once(':') {
-            Some((user, pass)) => (decode(user), Some(decode(pass))),
-            None => (decode(u), None),
-        });
-        if these.is_some() {
-            if creds.is_some() && creds != these {
-                return Err("OH_NATS_URL: every URL must carry the same credentials".to_owned());
-            }
-            creds = these;
-        }
-        servers.push(format!("{scheme}://{host}"));
-    }
-    let opts = match creds {
-        Some((user, Some(pass))) => async_nats::ConnectOptions::with_user_and_password(user, pass),
-        Some((token, None)) => async_nats::ConnectOptions::with_token(token),
-        None => async_nats::ConnectOptions::new(),
-    };
-    Ok((opts, servers.join(",")))
-}
-
-/// Percent-decodes a URL's user part (`%40` in a password is `@`).
-fn decode(s: &str) -> String {
-    form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
-}
-
-/// `url` with its password replaced by `***`, for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    url.split(',')
-        .map(|u| match (u.split_once("://"), u.rsplit_once('@')) {
-            (Some((scheme, rest)), Some(_)) => {
-                let (userinfo, host) = rest.rsplit_once('@').unwrap_or(("", rest));
-                let user = userinfo.split_once(':').map_or("", |(user, _)| user);
-                format!("{scheme}://{user}:***@{host}")
-            }
-            _ => u.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 fn parse_names(s: &str) -> Result<Names, String> {
@@ -215,33 +146,6 @@ pub fn parse_or_exit<T: clap::Parser>() -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nats_credentials_leave_the_url() {
-        let (_, servers) =
-            nats_options("nats://gw:p%40ss@n1:4222, nats://gw:p%40ss@n2:4222").expect("same");
-        assert_eq!(servers, "nats://n1:4222,nats://n2:4222");
-        let (_, servers) = nats_options("nats://127.0.0.1:4222").expect("plain");
-        assert_eq!(servers, "nats://127.0.0.1:4222");
-        let (_, servers) = nats_options("tls://tok@n1:4222").expect("token");
-        assert_eq!(servers, "tls://n1:4222");
-        assert!(nats_options("nats://a:b@n1,nats://a:c@n2").is_err());
-        assert_eq!(decode("p%40ss"), "p@ss");
-        assert_eq!(decode("a+b"), "a+b");
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("redis://worker:s3cret@r:6379/0"),
-            "redis://worker:***@r:6379/0"
-        );
-        assert_eq!(
-            redact_url("nats://a:x@n1:4222,nats://n2"),
-            "nats://a:***@n1:4222,nats://n2"
-        );
-        assert_eq!(redact_url("nats://n1:4222"), "nats://n1:4222");
-    }
 
     #[test]
     fn bearer_scheme_is_case_insensitive() {

@@ -27,9 +27,6 @@ pub struct ClusterOpts {
     pub worker_env: Vec<(&'static str, String)>,
     /// Extra environment of every gateway (e.g. `OH_SOCKET_BUFFER`).
     pub gateway_env: Vec<(&'static str, String)>,
-    /// A password NATS (user `oh`) and Redis (`requirepass`) require of every client; the
-    /// processes get it in their URLs.
-    pub broker_password: Option<String>,
 }
 
 impl Default for ClusterOpts {
@@ -42,7 +39,6 @@ impl Default for ClusterOpts {
             lease_ttl_ms: 3000,
             worker_env: Vec::new(),
             gateway_env: Vec::new(),
-            broker_password: None,
         }
     }
 }
@@ -68,13 +64,8 @@ impl Cluster {
     /// Starts NATS, Redis, the gateways (waits for `/readyz`) and the workers (waits for
     /// `/healthz`).
     pub async fn start(opts: ClusterOpts) -> Cluster {
-        let (nats, redis) = match &opts.broker_password {
-            Some(p) => (
-                NatsServer::start_with_password(p).await,
-                RedisServer::start_with_password(p).await,
-            ),
-            None => (NatsServer::start().await, RedisServer::start().await),
-        };
+        let nats = NatsServer::start().await;
+        let redis = RedisServer::start().await;
         let namespace = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let mut c = Cluster {
             nats,
@@ -162,8 +153,9 @@ impl Cluster {
 
     /// A direct handle on the deployment's JetStream data (for checks on the raw log).
     pub async fn store(&self) -> shared::store::Store {
-        let (opts, servers) = shared::config::nats_options(&self.nats.url()).expect("NATS URL");
-        let client = opts.connect(servers).await.expect("connect NATS");
+        let client = async_nats::connect(self.nats.url())
+            .await
+            .expect("connect NATS");
         let names = shared::names::Names::new(&self.namespace).expect("namespace");
         shared::store::Store::open(client, names)
             .await

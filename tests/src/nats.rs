@@ -33,23 +33,12 @@ pub struct NatsServer {
     port: u16,
     bin: PathBuf,
     dir: TempDir,
-    /// `--user oh --pass <password>` when set.
-    password: Option<String>,
 }
 
 impl NatsServer {
     /// Starts a server on a free port with a private store dir and waits until it is ready.
     /// Panics (with the server log) if it does not become ready within 20 s.
     pub async fn start() -> NatsServer {
-        Self::start_with(None).await
-    }
-
-    /// [`NatsServer::start`] with a user `oh` and this password required of every client.
-    pub async fn start_with_password(password: &str) -> NatsServer {
-        Self::start_with(Some(password.to_owned())).await
-    }
-
-    async fn start_with(password: Option<String>) -> NatsServer {
         let bin = find_system_bin("nats-server", &["/usr/sbin/nats-server"])
             .unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::Builder::new()
@@ -61,14 +50,13 @@ impl NatsServer {
         // Another process may grab the "free" port before nats-server binds it: try a few ports.
         for _ in 0..5 {
             let port = free_port();
-            match launch(&bin, port, dir.path(), password.as_deref(), READY_DEADLINE).await {
+            match launch(&bin, port, dir.path(), READY_DEADLINE).await {
                 Ok(child) => {
                     return NatsServer {
                         child: Some(child),
                         port,
                         bin,
                         dir,
-                        password,
                     };
                 }
                 Err(e) => errors.push(format!("port {port}: {e}")),
@@ -80,12 +68,9 @@ impl NatsServer {
         );
     }
 
-    /// `nats://127.0.0.1:PORT`, with `oh:<password>@` when the server requires one.
+    /// `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        match &self.password {
-            Some(p) => format!("nats://oh:{p}@127.0.0.1:{}", self.port),
-            None => format!("nats://127.0.0.1:{}", self.port),
-        }
+        format!("nats://127.0.0.1:{}", self.port)
     }
 
     /// The TCP port (stable across [`NatsServer::restart`]).
@@ -123,8 +108,7 @@ impl NatsServer {
         let mut errors = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let password = self.password.as_deref();
-            match launch(&self.bin, self.port, self.dir.path(), password, left).await {
+            match launch(&self.bin, self.port, self.dir.path(), left).await {
                 Ok(child) => {
                     self.child = Some(child);
                     return;
@@ -153,22 +137,12 @@ impl Drop for NatsServer {
 }
 
 /// Spawns nats-server and waits until it is ready; on failure the child is killed.
-async fn launch(
-    bin: &Path,
-    port: u16,
-    dir: &Path,
-    password: Option<&str>,
-    deadline: Duration,
-) -> Result<Child, String> {
+async fn launch(bin: &Path, port: u16, dir: &Path, deadline: Duration) -> Result<Child, String> {
     let log = dir.join("nats.log");
     log_marker(&log, &format!("starting nats-server on port {port}"));
     let (out, err) = log_stdio(&log);
     let store = dir.join("store");
-    let mut cmd = Command::new(bin);
-    if let Some(p) = password {
-        cmd.args(["--user", "oh", "--pass", p]);
-    }
-    let mut child = cmd
+    let mut child = Command::new(bin)
         .arg("-js")
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(&store)
@@ -178,7 +152,7 @@ async fn launch(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
-    match wait_ready(&mut child, port, &log, password, deadline).await {
+    match wait_ready(&mut child, port, &log, deadline).await {
         Ok(()) => Ok(child),
         Err(e) => {
             kill_and_wait(&mut child).await;
@@ -191,7 +165,6 @@ async fn wait_ready(
     child: &mut Child,
     port: u16,
     log: &Path,
-    password: Option<&str>,
     timeout: Duration,
 ) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
@@ -199,7 +172,7 @@ async fn wait_ready(
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("nats-server exited early: {status}"));
         }
-        let last = match probe(port, password).await {
+        let last = match probe(port).await {
             Ok(server_id) => {
                 // Make sure the answer came from our process, not another test's server that
                 // took the port first.
@@ -226,7 +199,7 @@ async fn wait_ready(
 }
 
 /// TCP connect, then a JetStream account-info request. Returns the server id.
-async fn probe(port: u16, password: Option<&str>) -> Result<String, String> {
+async fn probe(port: u16) -> Result<String, String> {
     let tcp = tokio::time::timeout(
         Duration::from_secs(2),
         tokio::net::TcpStream::connect(("127.0.0.1", port)),
@@ -238,11 +211,7 @@ async fn probe(port: u16, password: Option<&str>) -> Result<String, String> {
         Err(_) => return Err("tcp connect timed out".to_owned()),
     }
     let check = async {
-        let opts = match password {
-            Some(p) => async_nats::ConnectOptions::with_user_and_password("oh".into(), p.into()),
-            None => async_nats::ConnectOptions::new(),
-        };
-        let client = opts
+        let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(2))
             .connect(format!("nats://127.0.0.1:{port}"))
             .await

@@ -32,23 +32,12 @@ pub struct RedisServer {
     port: u16,
     bin: PathBuf,
     dir: TempDir,
-    /// `--requirepass` when set.
-    password: Option<String>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers `PING`. Panics (with the
     /// server log) if it is not ready within 20 s.
     pub async fn start() -> RedisServer {
-        Self::start_with(None).await
-    }
-
-    /// [`RedisServer::start`] with this password required (`requirepass`).
-    pub async fn start_with_password(password: &str) -> RedisServer {
-        Self::start_with(Some(password.to_owned())).await
-    }
-
-    async fn start_with(password: Option<String>) -> RedisServer {
         let bin = find_system_bin("redis-server", &["/usr/bin/redis-server"])
             .unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::Builder::new()
@@ -58,14 +47,13 @@ impl RedisServer {
         let mut errors = Vec::new();
         for _ in 0..5 {
             let port = free_port();
-            match launch(&bin, port, dir.path(), password.as_deref(), READY_DEADLINE).await {
+            match launch(&bin, port, dir.path(), READY_DEADLINE).await {
                 Ok(child) => {
                     return RedisServer {
                         child: Some(child),
                         port,
                         bin,
                         dir,
-                        password,
                     };
                 }
                 Err(e) => errors.push(format!("port {port}: {e}")),
@@ -77,12 +65,9 @@ impl RedisServer {
         );
     }
 
-    /// `redis://127.0.0.1:PORT`, with `:<password>@` when the server requires one.
+    /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        match &self.password {
-            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
-            None => format!("redis://127.0.0.1:{}", self.port),
-        }
+        format!("redis://127.0.0.1:{}", self.port)
     }
 
     /// The TCP port (stable across [`RedisServer::restart`]).
@@ -115,15 +100,7 @@ impl RedisServer {
         let mut errors = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match launch(
-                &self.bin,
-                self.port,
-                self.dir.path(),
-                self.password.as_deref(),
-                left,
-            )
-            .await
-            {
+            match launch(&self.bin, self.port, self.dir.path(), left).await {
                 Ok(child) => {
                     self.child = Some(child);
                     return;
@@ -150,21 +127,11 @@ impl Drop for RedisServer {
     }
 }
 
-async fn launch(
-    bin: &Path,
-    port: u16,
-    dir: &Path,
-    password: Option<&str>,
-    deadline: Duration,
-) -> Result<Child, String> {
+async fn launch(bin: &Path, port: u16, dir: &Path, deadline: Duration) -> Result<Child, String> {
     let log = dir.join("redis.log");
     log_marker(&log, &format!("starting redis-server on port {port}"));
     let (out, err) = log_stdio(&log);
-    let mut cmd = Command::new(bin);
-    if let Some(p) = password {
-        cmd.args(["--requirepass", p]);
-    }
-    let mut child = cmd
+    let mut child = Command::new(bin)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
         .arg("--dir")
@@ -175,7 +142,7 @@ async fn launch(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
-    match wait_ready(&mut child, port, password, deadline).await {
+    match wait_ready(&mut child, port, deadline).await {
         Ok(()) => Ok(child),
         Err(e) => {
             kill_and_wait(&mut child).await;
@@ -184,18 +151,13 @@ async fn launch(
     }
 }
 
-async fn wait_ready(
-    child: &mut Child,
-    port: u16,
-    password: Option<&str>,
-    timeout: Duration,
-) -> Result<(), String> {
+async fn wait_ready(child: &mut Child, port: u16, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("redis-server exited early: {status}"));
         }
-        let last = match probe(port, password).await {
+        let last = match probe(port).await {
             Ok(pid) if Some(pid) == child.id() => return Ok(()),
             Ok(pid) => {
                 if let Ok(Some(status)) = child.try_wait() {
@@ -215,10 +177,9 @@ async fn wait_ready(
 }
 
 /// `PING`, then `INFO server`; returns the server's pid.
-async fn probe(port: u16, password: Option<&str>) -> Result<u32, String> {
+async fn probe(port: u16) -> Result<u32, String> {
     let check = async {
-        let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
-        let client = ::redis::Client::open(format!("redis://{auth}127.0.0.1:{port}"))
+        let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}"))
             .map_err(|e| format!("redis client: {e}"))?;
         let mut con = client
             .get_multiplexed_async_connection()

@@ -69,13 +69,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let worker_id = args.worker_id.clone().unwrap_or_else(WorkerId::generate);
-    info!(
-        worker_id = %worker_id,
-        max_sessions = args.max_sessions,
-        nats = %shared::config::redact_url(&args.broker.nats_url),
-        redis = %shared::config::redact_url(&args.broker.redis_url),
-        "worker starting"
-    );
+    info!(worker_id = %worker_id, max_sessions = args.max_sessions, "worker starting");
     // Other processes of this user cannot read our memory or /proc/<pid>/environ.
     if let Err(e) =
         rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
@@ -106,13 +100,11 @@ pub async fn run(
             None
         }
     };
-    let (nats_opts, nats_servers) =
-        shared::config::nats_options(&args.broker.nats_url).map_err(anyhow::Error::msg)?;
-    let client = nats_opts
+    let client = async_nats::ConnectOptions::new()
         .name(format!("worker {worker_id}"))
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .connect(nats_servers.as_str())
+        .connect(&args.broker.nats_url)
         .await
         .context("connect NATS")?;
     let store = Store::open_with(
