@@ -10,7 +10,8 @@
 # its own nats-server on 127.0.0.1:${OH_DEPLOY_NATS_PORT:-4223} (redis-server on
 # ${OH_DEPLOY_REDIS_PORT:-6380}) with a user per role: random passwords are generated once into
 # $STATE/secrets (0700), the permission sets of deploy/auth/ are rendered for OH_NAMESPACE into
-# $STATE/nats-auth.conf and $STATE/redis-users.acl, and each process gets its role's URLs as files
+# $STATE/nats-auth.conf (included by $STATE/nats.conf) and $STATE/redis-users.acl, and each
+# process gets its role's URLs as files
 # (OH_NATS_URL_FILE, OH_REDIS_URL_FILE = $STATE/secrets/<role>.nats-url, .redis-url; admin's and
 # loadtest's are there too). A running managed broker is given the current namespace's config
 # (nats-server reload, ACL LOAD).
@@ -58,7 +59,7 @@ redis_up() {
   if [ $REDIS_MANAGED = 1 ] && [ -s "$SECRETS/admin.password" ]; then
     REDISCLI_AUTH=$(cat "$SECRETS/admin.password") redis-cli --user admin -h "${hp%:*}" -p "${hp##*:}" ping 2>/dev/null | grep -q PONG
   else
-    redis-cli -h "${hp%:*}" -p "${hp##*:}" ping 2>/dev/null | grep -q PONG
+    redis-cli -u "$OH_REDIS_URL" --no-auth-warning ping 2>/dev/null | grep -q PONG
   fi
 }
 running() { [ -e "$PIDS/$1.pid" ] && kill -0 "$(cat "$PIDS/$1.pid")" 2>/dev/null; }
