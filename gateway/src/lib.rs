@@ -91,7 +91,8 @@ async fn start(
 ) -> anyhow::Result<(axum::Router, TaskTracker)> {
     let gateway_id = format!("gw-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let (reconnected_tx, reconnected) = tokio::sync::mpsc::channel::<()>(1);
-    let client = async_nats::ConnectOptions::new()
+    let (nats_options, nats_servers) = shared::creds::nats_connect_options(args.broker.nats());
+    let client = nats_options
         .name(format!("gateway {gateway_id} {}", args.gateway_addr))
         .event_callback(move |ev| {
             let tx = reconnected_tx.clone();
@@ -109,19 +110,21 @@ async fn start(
         })
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .connect(&args.broker.nats_url)
+        .connect(nats_servers)
         .await
-        .context("connect NATS")?;
-    let store = shared::store::Store::open_with(
+        .with_context(|| format!("connect NATS at {}", args.broker.nats()))?;
+    // Workers bring existing streams to the configured limits; a gateway only creates missing
+    // ones (its NATS user may not update streams).
+    let store = shared::store::Store::open_keeping_limits(
         client.clone(),
         args.broker.names.clone(),
         args.broker.store_limits(),
     )
     .await
     .context("JetStream setup")?;
-    let redis = shared::ownership::connect(&args.broker.redis_url)
+    let redis = shared::ownership::connect(args.broker.redis())
         .await
-        .context("connect Redis")?;
+        .with_context(|| format!("connect Redis at {}", args.broker.redis()))?;
     let state = app::AppState::new((client, store, redis), args, metrics, &gateway_id);
     let tasks = state.tasks.clone();
     let fanout = state.fanout.clone();

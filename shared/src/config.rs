@@ -7,18 +7,28 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::creds::{BrokerUrl, parse_url_file};
 use crate::id::UserId;
 use crate::names::Names;
 
-/// Where NATS and Redis are, and the namespace of every name in them.
+/// Where NATS and Redis are, with this process's credentials, and the namespace of every name
+/// in them.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerArgs {
-    /// NATS server URL (JetStream enabled).
+    /// NATS server URL (JetStream enabled), with the role's user:
+    /// `nats://USER:PASSWORD@HOST:PORT`. Never logged with its password.
     #[arg(long, env = "OH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    /// Redis URL.
+    pub nats_url: BrokerUrl,
+    /// File holding the NATS URL (read once at startup; wins over `OH_NATS_URL`), so the
+    /// password stays out of the environment.
+    #[arg(long, env = "OH_NATS_URL_FILE", value_parser = parse_url_file)]
+    pub nats_url_file: Option<BrokerUrl>,
+    /// Redis URL, with the role's ACL user: `redis://USER:PASSWORD@HOST:PORT`.
     #[arg(long, env = "OH_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
+    pub redis_url: BrokerUrl,
+    /// File holding the Redis URL (read once at startup; wins over `OH_REDIS_URL`).
+    #[arg(long, env = "OH_REDIS_URL_FILE", value_parser = parse_url_file)]
+    pub redis_url_file: Option<BrokerUrl>,
     /// Prefix of every subject, stream, bucket and key (tests use one per test).
     #[arg(long = "namespace", env = "OH_NAMESPACE", default_value = "oh", value_parser = parse_names)]
     pub names: Names,
@@ -39,6 +49,16 @@ pub struct BrokerArgs {
 }
 
 impl BrokerArgs {
+    /// The NATS URL in effect (`OH_NATS_URL_FILE`'s, else `OH_NATS_URL`).
+    pub fn nats(&self) -> &BrokerUrl {
+        self.nats_url_file.as_ref().unwrap_or(&self.nats_url)
+    }
+
+    /// The Redis URL in effect (`OH_REDIS_URL_FILE`'s, else `OH_REDIS_URL`).
+    pub fn redis(&self) -> &BrokerUrl {
+        self.redis_url_file.as_ref().unwrap_or(&self.redis_url)
+    }
+
     /// The streams' storage limits.
     pub fn store_limits(&self) -> crate::store::StoreLimits {
         crate::store::StoreLimits {
@@ -136,7 +156,21 @@ pub fn parse_or_exit<T: clap::Parser>() -> T {
                 std::process::exit(0);
             }
             let text = err.to_string();
-            let line = text.lines().next().unwrap_or("invalid configuration");
+            let mut line = text
+                .lines()
+                .next()
+                .unwrap_or("invalid configuration")
+                .to_owned();
+            // A broker URL may hold a password: name the setting and the reason, not the value.
+            if let Some(clap::error::ContextValue::String(arg)) =
+                err.get(clap::error::ContextKind::InvalidArg)
+                && arg.contains("-url")
+            {
+                let reason = std::error::Error::source(&err)
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                line = format!("error: invalid value for '{arg}' (not shown): {reason}");
+            }
             eprintln!("{line} (flags also read their OH_* environment variable; see --help)");
             std::process::exit(2);
         }

@@ -5,6 +5,8 @@
 //! - [`id`]: validated identifiers ([`id::SessionId`], [`id::UserId`]); parse once at the boundary.
 //! - [`names`]: every NATS subject, stream, bucket and Redis key, derived from the namespace.
 //! - [`config`]: command-line/env configuration shared by both binaries.
+//! - [`creds`]: broker URLs with credentials (never shown with their password) and the NATS
+//!   connect options they become.
 //! - [`wire`]: the messages that cross NATS between gateway and worker (start requests, headers).
 //! - [`store`]: JetStream setup and reads of a session's event log (replay seek, ranges, blobs).
 //! - [`ownership`]: the Redis lease protocol (acquire, renew, release by compare-and-set).
@@ -19,6 +21,7 @@
 //! `shared` depends on neither binary; both depend on it.
 
 pub mod config;
+pub mod creds;
 pub mod event;
 pub mod id;
 pub mod journal;

@@ -308,12 +308,14 @@ fn ttl_ms(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-/// Opens a Redis connection manager (reconnects by itself) with bounded timeouts.
+/// Opens a Redis connection manager (reconnects by itself) with bounded timeouts, as the
+/// URL's ACL user (`redis://USER:PASSWORD@HOST:PORT`).
 ///
 /// # Errors
-/// The Redis error if the URL is invalid or the first connection fails.
-pub async fn connect(url: &str) -> redis::RedisResult<ConnectionManager> {
-    let client = redis::Client::open(url)?;
+/// The Redis error if the URL is invalid, the credentials are refused or the first connection
+/// fails.
+pub async fn connect(url: &crate::creds::BrokerUrl) -> redis::RedisResult<ConnectionManager> {
+    let client = redis::Client::open(url.expose())?;
     let cfg = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(Duration::from_secs(2)))

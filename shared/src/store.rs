@@ -234,11 +234,11 @@ impl Store {
     /// # Errors
     /// [`StoreError::Setup`] naming what could not be created.
     pub async fn open(client: async_nats::Client, names: Names) -> Result<Self, StoreError> {
-        Self::open_inner(client, names, None).await
+        Self::open_inner(client, names, StoreLimits::default(), false).await
     }
 
-    /// [`Store::open`], and brings the streams' limits to `limits` (the gateway and the worker
-    /// do this at startup; every process should be given the same limits).
+    /// [`Store::open`], and brings the streams' limits to `limits` (workers do this at startup;
+    /// every process should be given the same limits).
     ///
     /// # Errors
     /// [`StoreError::Setup`] naming what could not be created or updated.
@@ -247,16 +247,29 @@ impl Store {
         names: Names,
         limits: StoreLimits,
     ) -> Result<Self, StoreError> {
-        Self::open_inner(client, names, Some(limits)).await
+        Self::open_inner(client, names, limits, true).await
+    }
+
+    /// [`Store::open`] creating missing streams with `limits` but never changing an existing
+    /// stream: the gateway's NATS user may not update streams (only workers bring their limits
+    /// to the configured ones).
+    ///
+    /// # Errors
+    /// [`StoreError::Setup`] naming what could not be found or created.
+    pub async fn open_keeping_limits(
+        client: async_nats::Client,
+        names: Names,
+        limits: StoreLimits,
+    ) -> Result<Self, StoreError> {
+        Self::open_inner(client, names, limits, false).await
     }
 
     async fn open_inner(
         client: async_nats::Client,
         names: Names,
-        limits: Option<StoreLimits>,
+        limits: StoreLimits,
+        apply: bool,
     ) -> Result<Self, StoreError> {
-        let apply = limits.is_some();
-        let limits = limits.unwrap_or_default();
         let js = jetstream::ContextBuilder::new()
             .timeout(ACK_TIMEOUT)
             .build(client.clone());

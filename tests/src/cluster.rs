@@ -1,10 +1,17 @@
 //! A whole deployment for one test: its own nats-server and redis-server, G gateways and W
 //! workers (the real binaries), a namespace of its own, and REST/Socket.IO helpers.
+//!
+//! By default ([`ClusterOpts::auth`]) the brokers require credentials: NATS users and Redis
+//! ACL users per role, rendered from `deploy/auth/` with random passwords ([`crate::auth`]).
+//! Gateways get the gateway's URLs in `OH_NATS_URL`/`OH_REDIS_URL`, workers the worker's in
+//! files (`OH_NATS_URL_FILE`/`OH_REDIS_URL_FILE`), so both forms run in every test. The
+//! harness itself (`nats.url()`, `redis.url()`, [`Cluster::store`]) is admin.
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::auth::{Credentials, Role};
 use crate::nats::NatsServer;
 use crate::proc::{Proc, bin_path, free_port};
 use crate::redis::RedisServer;
@@ -27,6 +34,8 @@ pub struct ClusterOpts {
     pub worker_env: Vec<(&'static str, String)>,
     /// Extra environment of every gateway (e.g. `OH_SOCKET_BUFFER`).
     pub gateway_env: Vec<(&'static str, String)>,
+    /// Brokers with per-role users (default); `false`: anyone may connect, with every right.
+    pub auth: bool,
 }
 
 impl Default for ClusterOpts {
@@ -39,6 +48,7 @@ impl Default for ClusterOpts {
             lease_ttl_ms: 3000,
             worker_env: Vec::new(),
             gateway_env: Vec::new(),
+            auth: true,
         }
     }
 }
@@ -58,15 +68,34 @@ pub struct Cluster {
     gateway_ports: Vec<u16>,
     opts: ClusterOpts,
     http: reqwest::Client,
+    /// The workers' URL files.
+    secrets: tempfile::TempDir,
 }
 
 impl Cluster {
     /// Starts NATS, Redis, the gateways (waits for `/readyz`) and the workers (waits for
     /// `/healthz`).
     pub async fn start(opts: ClusterOpts) -> Cluster {
-        let nats = NatsServer::start().await;
-        let redis = RedisServer::start().await;
         let namespace = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let (nats, redis) = if opts.auth {
+            let creds = Credentials::generate(&namespace);
+            tokio::join!(
+                NatsServer::start_with_auth(&creds),
+                RedisServer::start_with_auth(&creds)
+            )
+        } else {
+            tokio::join!(NatsServer::start(), RedisServer::start())
+        };
+        let secrets = tempfile::Builder::new()
+            .prefix("oh-secrets-")
+            .tempdir()
+            .expect("create temp dir for URL files");
+        for (file, url) in [
+            ("worker.nats-url", nats.url_as(Role::Worker)),
+            ("worker.redis-url", redis.url_as(Role::Worker)),
+        ] {
+            std::fs::write(secrets.path().join(file), url).expect("write URL file");
+        }
         let mut c = Cluster {
             nats,
             redis,
@@ -76,6 +105,7 @@ impl Cluster {
             gateway_ports: Vec::new(),
             opts: opts.clone(),
             http: crate::http_client(),
+            secrets,
         };
         for _ in 0..opts.gateways {
             c.add_gateway().await;
@@ -86,13 +116,22 @@ impl Cluster {
         c
     }
 
-    fn common_env(&self) -> Vec<(&'static str, String)> {
-        let mut env = vec![
-            ("OH_NATS_URL", self.nats.url()),
-            ("OH_REDIS_URL", self.redis.url()),
+    fn common_env(&self, role: Role) -> Vec<(&'static str, String)> {
+        let file = |name: &str| self.secrets.path().join(name).display().to_string();
+        let mut env = match role {
+            Role::Worker => vec![
+                ("OH_NATS_URL_FILE", file("worker.nats-url")),
+                ("OH_REDIS_URL_FILE", file("worker.redis-url")),
+            ],
+            _ => vec![
+                ("OH_NATS_URL", self.nats.url_as(role)),
+                ("OH_REDIS_URL", self.redis.url_as(role)),
+            ],
+        };
+        env.extend([
             ("OH_NAMESPACE", self.namespace.clone()),
             ("RUST_LOG", "info,async_nats=warn".to_owned()),
-        ];
+        ]);
         if let Some(t) = &self.opts.auth_tokens {
             env.push(("OH_AUTH_TOKENS", t.clone()));
         }
@@ -102,7 +141,7 @@ impl Cluster {
     /// Starts one more gateway and waits until it is ready.
     pub async fn add_gateway(&mut self) -> usize {
         let port = free_port();
-        let mut env = self.common_env();
+        let mut env = self.common_env(Role::Gateway);
         env.push(("OH_GATEWAY_ADDR", format!("127.0.0.1:{port}")));
         env.extend(self.opts.gateway_env.iter().cloned());
         let i = self.gateways.len();
@@ -122,7 +161,7 @@ impl Cluster {
     /// before its claim loop starts.
     pub async fn add_worker(&mut self) -> usize {
         let i = self.workers.len();
-        let mut env = self.common_env();
+        let mut env = self.common_env(Role::Worker);
         env.push(("OH_WORKER_ID", format!("w{i}")));
         env.push(("OH_MAX_SESSIONS", self.opts.max_sessions.to_string()));
         env.push(("OH_LEASE_TTL_MS", self.opts.lease_ttl_ms.to_string()));
@@ -153,9 +192,7 @@ impl Cluster {
 
     /// A direct handle on the deployment's JetStream data (for checks on the raw log).
     pub async fn store(&self) -> shared::store::Store {
-        let client = async_nats::connect(self.nats.url())
-            .await
-            .expect("connect NATS");
+        let client = self.nats.connect().await;
         let names = shared::names::Names::new(&self.namespace).expect("namespace");
         shared::store::Store::open(client, names)
             .await

@@ -1,5 +1,5 @@
 //! Helpers for the end-to-end, fault and load tests: real `nats-server` and `redis-server`
-//! processes ([`nats`], [`redis`]), the workspace binaries as child processes ([`proc`]), a
+//! processes ([`nats`], [`redis`]), optionally with per-role users ([`auth`]), the workspace binaries as child processes ([`proc`]), a
 //! small Socket.IO client ([`sio`]), the official JavaScript client ([`js`]), and a whole
 //! deployment per test ([`cluster`]).
 //!
@@ -7,6 +7,7 @@
 //! target), never a fixed sleep, and kills its processes on drop.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod auth;
 pub mod check;
 pub mod cluster;
 pub mod js;

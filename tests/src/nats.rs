@@ -6,6 +6,11 @@
 //! server answering is the one just started (its server id appears in its own log). The process
 //! is SIGKILLed on drop. [`NatsServer::kill`] and [`NatsServer::restart`] keep the port and the
 //! store dir, which the failover and NATS-restart tests need. The default `max_payload` is kept.
+//!
+//! [`NatsServer::start_with_auth`] adds `-c auth.conf` with the deployment's users
+//! ([`crate::auth::Credentials::nats_config`]); then [`NatsServer::url`] carries the admin's
+//! credentials, [`NatsServer::url_as`] a role's, and [`NatsServer::connect`] connects as admin
+//! (async-nats ignores a URL's userinfo; [`shared::creds::nats_connect_options`] moves it).
 
 use std::{
     path::{Path, PathBuf},
@@ -18,6 +23,7 @@ use tokio::{
     time::Instant,
 };
 
+use crate::auth::{Credentials, Role};
 use crate::proc::{
     LOG_TAIL, find_system_bin, free_port, kill_and_wait, kill_in_drop, log_marker, log_stdio,
     read_tail,
@@ -33,12 +39,23 @@ pub struct NatsServer {
     port: u16,
     bin: PathBuf,
     dir: TempDir,
+    auth: Option<Credentials>,
 }
 
 impl NatsServer {
     /// Starts a server on a free port with a private store dir and waits until it is ready.
     /// Panics (with the server log) if it does not become ready within 20 s.
     pub async fn start() -> NatsServer {
+        Self::start_inner(None).await
+    }
+
+    /// [`NatsServer::start`] with authentication: only the users of `creds`, each with its
+    /// role's permissions, may connect.
+    pub async fn start_with_auth(creds: &Credentials) -> NatsServer {
+        Self::start_inner(Some(creds.clone())).await
+    }
+
+    async fn start_inner(auth: Option<Credentials>) -> NatsServer {
         let bin = find_system_bin("nats-server", &["/usr/sbin/nats-server"])
             .unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::Builder::new()
@@ -46,17 +63,22 @@ impl NatsServer {
             .tempdir()
             .expect("create temp dir for nats-server");
         std::fs::create_dir_all(dir.path().join("store")).expect("create nats store dir");
+        if let Some(creds) = &auth {
+            std::fs::write(dir.path().join(AUTH_CONF), creds.nats_config())
+                .expect("write nats auth config");
+        }
         let mut errors = Vec::new();
         // Another process may grab the "free" port before nats-server binds it: try a few ports.
         for _ in 0..5 {
             let port = free_port();
-            match launch(&bin, port, dir.path(), READY_DEADLINE).await {
+            match launch(&bin, port, dir.path(), auth.as_ref(), READY_DEADLINE).await {
                 Ok(child) => {
                     return NatsServer {
                         child: Some(child),
                         port,
                         bin,
                         dir,
+                        auth,
                     };
                 }
                 Err(e) => errors.push(format!("port {port}: {e}")),
@@ -68,9 +90,38 @@ impl NatsServer {
         );
     }
 
-    /// `nats://127.0.0.1:PORT`.
+    /// `nats://127.0.0.1:PORT`, with the admin's credentials on a server with authentication.
     pub fn url(&self) -> String {
+        match &self.auth {
+            Some(_) => self.url_as(Role::Admin),
+            None => self.anonymous_url(),
+        }
+    }
+
+    /// `nats://USER:PASSWORD@127.0.0.1:PORT` of a role (no credentials on a server without
+    /// authentication).
+    pub fn url_as(&self, role: Role) -> String {
+        match &self.auth {
+            Some(creds) => format!("nats://{}127.0.0.1:{}", creds.userinfo(role), self.port),
+            None => self.anonymous_url(),
+        }
+    }
+
+    /// `nats://127.0.0.1:PORT`, without credentials.
+    pub fn anonymous_url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The users of a server with authentication.
+    pub fn credentials(&self) -> Option<&Credentials> {
+        self.auth.as_ref()
+    }
+
+    /// A client connected as admin (or anonymously on a server without authentication).
+    pub async fn connect(&self) -> async_nats::Client {
+        connect_url(&self.url())
+            .await
+            .unwrap_or_else(|e| panic!("connect NATS as admin: {e}"))
     }
 
     /// The TCP port (stable across [`NatsServer::restart`]).
@@ -108,7 +159,15 @@ impl NatsServer {
         let mut errors = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match launch(&self.bin, self.port, self.dir.path(), left).await {
+            match launch(
+                &self.bin,
+                self.port,
+                self.dir.path(),
+                self.auth.as_ref(),
+                left,
+            )
+            .await
+            {
                 Ok(child) => {
                     self.child = Some(child);
                     return;
@@ -136,13 +195,40 @@ impl Drop for NatsServer {
     }
 }
 
+/// Connects to a NATS URL, with the credentials it carries (`user:password@`).
+///
+/// # Errors
+/// The connect error (never naming the password).
+pub async fn connect_url(url: &str) -> Result<async_nats::Client, String> {
+    let url = shared::creds::BrokerUrl::parse(url)?;
+    let (opts, servers) = shared::creds::nats_connect_options(&url);
+    opts.connection_timeout(Duration::from_secs(2))
+        .connect(servers)
+        .await
+        .map_err(|e| format!("connect {url}: {e}"))
+}
+
+/// The file, in the server's private dir, holding its users.
+const AUTH_CONF: &str = "auth.conf";
+
 /// Spawns nats-server and waits until it is ready; on failure the child is killed.
-async fn launch(bin: &Path, port: u16, dir: &Path, deadline: Duration) -> Result<Child, String> {
+async fn launch(
+    bin: &Path,
+    port: u16,
+    dir: &Path,
+    auth: Option<&Credentials>,
+    deadline: Duration,
+) -> Result<Child, String> {
     let log = dir.join("nats.log");
     log_marker(&log, &format!("starting nats-server on port {port}"));
     let (out, err) = log_stdio(&log);
     let store = dir.join("store");
-    let mut child = Command::new(bin)
+    let mut cmd = Command::new(bin);
+    if auth.is_some() {
+        cmd.arg("-c").arg(dir.join(AUTH_CONF));
+    }
+    let admin = auth.map(|c| c.userinfo(Role::Admin)).unwrap_or_default();
+    let mut child = cmd
         .arg("-js")
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(&store)
@@ -152,7 +238,7 @@ async fn launch(bin: &Path, port: u16, dir: &Path, deadline: Duration) -> Result
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
-    match wait_ready(&mut child, port, &log, deadline).await {
+    match wait_ready(&mut child, port, &admin, &log, deadline).await {
         Ok(()) => Ok(child),
         Err(e) => {
             kill_and_wait(&mut child).await;
@@ -164,6 +250,7 @@ async fn launch(bin: &Path, port: u16, dir: &Path, deadline: Duration) -> Result
 async fn wait_ready(
     child: &mut Child,
     port: u16,
+    userinfo: &str,
     log: &Path,
     timeout: Duration,
 ) -> Result<(), String> {
@@ -172,7 +259,7 @@ async fn wait_ready(
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("nats-server exited early: {status}"));
         }
-        let last = match probe(port).await {
+        let last = match probe(port, userinfo).await {
             Ok(server_id) => {
                 // Make sure the answer came from our process, not another test's server that
                 // took the port first.
@@ -198,8 +285,9 @@ async fn wait_ready(
     }
 }
 
-/// TCP connect, then a JetStream account-info request. Returns the server id.
-async fn probe(port: u16) -> Result<String, String> {
+/// TCP connect, then a JetStream account-info request (as the user of `userinfo`, if any).
+/// Returns the server id.
+async fn probe(port: u16, userinfo: &str) -> Result<String, String> {
     let tcp = tokio::time::timeout(
         Duration::from_secs(2),
         tokio::net::TcpStream::connect(("127.0.0.1", port)),
@@ -211,9 +299,7 @@ async fn probe(port: u16) -> Result<String, String> {
         Err(_) => return Err("tcp connect timed out".to_owned()),
     }
     let check = async {
-        let client = async_nats::ConnectOptions::new()
-            .connection_timeout(Duration::from_secs(2))
-            .connect(format!("nats://127.0.0.1:{port}"))
+        let client = connect_url(&format!("nats://{userinfo}127.0.0.1:{port}"))
             .await
             .map_err(|e| format!("nats connect: {e}"))?;
         // A raw `$JS.API.INFO` request: async-nats 0.51's `query_account()` cannot parse the

@@ -5,6 +5,10 @@
 //! its private temp dir, and returns once `PING` answers and `INFO server` reports the pid of
 //! the process just started. Nothing is persisted, so [`RedisServer::restart`] (same port) comes
 //! back empty, like a failed-over Redis that lost its data. SIGKILLed on drop.
+//!
+//! [`RedisServer::start_with_auth`] adds `--aclfile users.acl` with the deployment's ACL users
+//! ([`crate::auth::Credentials::redis_acl`]; the `default` user is off); then
+//! [`RedisServer::url`] carries the admin's credentials and [`RedisServer::url_as`] a role's.
 
 use std::{
     path::{Path, PathBuf},
@@ -17,6 +21,7 @@ use tokio::{
     time::Instant,
 };
 
+use crate::auth::{Credentials, Role};
 use crate::proc::{
     LOG_TAIL, find_system_bin, free_port, kill_and_wait, kill_in_drop, log_marker, log_stdio,
     read_tail,
@@ -32,28 +37,43 @@ pub struct RedisServer {
     port: u16,
     bin: PathBuf,
     dir: TempDir,
+    auth: Option<Credentials>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers `PING`. Panics (with the
     /// server log) if it is not ready within 20 s.
     pub async fn start() -> RedisServer {
+        Self::start_inner(None).await
+    }
+
+    /// [`RedisServer::start`] with the ACL users of `creds` only (`default` disabled).
+    pub async fn start_with_auth(creds: &Credentials) -> RedisServer {
+        Self::start_inner(Some(creds.clone())).await
+    }
+
+    async fn start_inner(auth: Option<Credentials>) -> RedisServer {
         let bin = find_system_bin("redis-server", &["/usr/bin/redis-server"])
             .unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::Builder::new()
             .prefix("oh-redis-")
             .tempdir()
             .expect("create temp dir for redis-server");
+        if let Some(creds) = &auth {
+            std::fs::write(dir.path().join(ACL_FILE), creds.redis_acl())
+                .expect("write redis ACL file");
+        }
         let mut errors = Vec::new();
         for _ in 0..5 {
             let port = free_port();
-            match launch(&bin, port, dir.path(), READY_DEADLINE).await {
+            match launch(&bin, port, dir.path(), auth.as_ref(), READY_DEADLINE).await {
                 Ok(child) => {
                     return RedisServer {
                         child: Some(child),
                         port,
                         bin,
                         dir,
+                        auth,
                     };
                 }
                 Err(e) => errors.push(format!("port {port}: {e}")),
@@ -65,8 +85,24 @@ impl RedisServer {
         );
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT`, with the admin's credentials on a server with ACL users.
     pub fn url(&self) -> String {
+        self.url_as(Role::Admin)
+    }
+
+    /// `redis://USER:PASSWORD@127.0.0.1:PORT` of a role (no credentials on a server without
+    /// ACL users).
+    pub fn url_as(&self, role: Role) -> String {
+        let userinfo = self
+            .auth
+            .as_ref()
+            .map(|c| c.userinfo(role))
+            .unwrap_or_default();
+        format!("redis://{userinfo}127.0.0.1:{}", self.port)
+    }
+
+    /// `redis://127.0.0.1:PORT`, without credentials.
+    pub fn anonymous_url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
@@ -100,7 +136,15 @@ impl RedisServer {
         let mut errors = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match launch(&self.bin, self.port, self.dir.path(), left).await {
+            match launch(
+                &self.bin,
+                self.port,
+                self.dir.path(),
+                self.auth.as_ref(),
+                left,
+            )
+            .await
+            {
                 Ok(child) => {
                     self.child = Some(child);
                     return;
@@ -127,11 +171,25 @@ impl Drop for RedisServer {
     }
 }
 
-async fn launch(bin: &Path, port: u16, dir: &Path, deadline: Duration) -> Result<Child, String> {
+/// The file, in the server's private dir, holding its ACL users.
+const ACL_FILE: &str = "users.acl";
+
+async fn launch(
+    bin: &Path,
+    port: u16,
+    dir: &Path,
+    auth: Option<&Credentials>,
+    deadline: Duration,
+) -> Result<Child, String> {
     let log = dir.join("redis.log");
     log_marker(&log, &format!("starting redis-server on port {port}"));
     let (out, err) = log_stdio(&log);
-    let mut child = Command::new(bin)
+    let mut cmd = Command::new(bin);
+    if auth.is_some() {
+        cmd.arg("--aclfile").arg(dir.join(ACL_FILE));
+    }
+    let admin = auth.map(|c| c.userinfo(Role::Admin)).unwrap_or_default();
+    let mut child = cmd
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
         .arg("--dir")
@@ -142,7 +200,7 @@ async fn launch(bin: &Path, port: u16, dir: &Path, deadline: Duration) -> Result
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
-    match wait_ready(&mut child, port, deadline).await {
+    match wait_ready(&mut child, port, &admin, deadline).await {
         Ok(()) => Ok(child),
         Err(e) => {
             kill_and_wait(&mut child).await;
@@ -151,13 +209,18 @@ async fn launch(bin: &Path, port: u16, dir: &Path, deadline: Duration) -> Result
     }
 }
 
-async fn wait_ready(child: &mut Child, port: u16, timeout: Duration) -> Result<(), String> {
+async fn wait_ready(
+    child: &mut Child,
+    port: u16,
+    userinfo: &str,
+    timeout: Duration,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("redis-server exited early: {status}"));
         }
-        let last = match probe(port).await {
+        let last = match probe(port, userinfo).await {
             Ok(pid) if Some(pid) == child.id() => return Ok(()),
             Ok(pid) => {
                 if let Ok(Some(status)) = child.try_wait() {
@@ -176,10 +239,10 @@ async fn wait_ready(child: &mut Child, port: u16, timeout: Duration) -> Result<(
     }
 }
 
-/// `PING`, then `INFO server`; returns the server's pid.
-async fn probe(port: u16) -> Result<u32, String> {
+/// `PING`, then `INFO server` (as the user of `userinfo`, if any); returns the server's pid.
+async fn probe(port: u16, userinfo: &str) -> Result<u32, String> {
     let check = async {
-        let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        let client = ::redis::Client::open(format!("redis://{userinfo}127.0.0.1:{port}"))
             .map_err(|e| format!("redis client: {e}"))?;
         let mut con = client
             .get_multiplexed_async_connection()

@@ -500,7 +500,7 @@ async fn action_emitted_right_after_connect_is_handled() {
 /// Bad configuration: one line naming the setting, exit code 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configuration_exits_2_naming_the_setting() {
-    let cases: [(&str, &str, &str, &str); 7] = [
+    let cases: [(&str, &str, &str, &str); 9] = [
         ("gateway", "OH_AUTH_TOKENS", "no-equals-sign", "auth-tokens"),
         ("gateway", "OH_REQUEST_TIMEOUT_S", "0", "request-timeout-s"),
         (
@@ -518,6 +518,19 @@ async fn bad_configuration_exits_2_naming_the_setting() {
         ("gateway", "OH_NAMESPACE", "Bad.NS", "namespace"),
         ("worker", "OH_MAX_SESSIONS", "0", "max-sessions"),
         ("worker", "OH_LEASE_TTL_MS", "abc", "lease-ttl-ms"),
+        // A malformed broker URL is refused without showing it (it may hold a password).
+        (
+            "gateway",
+            "OH_REDIS_URL",
+            "gateway:secret-pw@127.0.0.1:6379",
+            "redis-url",
+        ),
+        (
+            "worker",
+            "OH_NATS_URL_FILE",
+            "/nonexistent/oh-url",
+            "nats-url-file",
+        ),
     ];
     for (bin, var, value, flag) in cases {
         let out = tokio::process::Command::new(tests::proc::bin_path(bin))
@@ -529,6 +542,7 @@ async fn bad_configuration_exits_2_naming_the_setting() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.trim().lines().count(), 1, "{bin} {var}: {err}");
         assert!(err.contains(flag), "{bin} {var}: {err}");
+        assert!(!err.contains("secret-pw"), "{bin} {var}: {err}");
     }
 }
 

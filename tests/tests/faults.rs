@@ -140,7 +140,8 @@ async fn inv2_fifty_concurrent_claims_one_owner_per_epoch() {
         .await
         .unwrap();
     let sid = SessionId::generate();
-    let conn = shared::ownership::connect(&redis_srv.url()).await.unwrap();
+    let redis_url = shared::creds::BrokerUrl::parse(&redis_srv.url()).unwrap();
+    let conn = shared::ownership::connect(&redis_url).await.unwrap();
     let ttl = Duration::from_secs(5);
     let leases = futures::future::join_all((0..50).map(|i| {
         let (mut conn, names, sid) = (conn.clone(), names.clone(), sid.clone());

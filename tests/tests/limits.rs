@@ -182,7 +182,7 @@ async fn blobs_and_workspaces_are_collected_after_apply_and_on_delete() {
         ..ClusterOpts::default()
     })
     .await;
-    let client = async_nats::connect(c.nats.url()).await.unwrap();
+    let client = c.nats.connect().await;
     let js = async_nats::jetstream::new(client);
     let names = shared::names::Names::new(&c.namespace).unwrap();
     let bucket = js.get_object_store(names.blob_bucket()).await.unwrap();

@@ -194,11 +194,8 @@ impl Args {
     /// NATS URLs comma-separated), with their default ports.
     pub(crate) fn control_plane_hosts(&self) -> Vec<(String, u16)> {
         let mut hosts = Vec::new();
-        for (urls, default_port) in [
-            (&self.broker.nats_url, 4222),
-            (&self.broker.redis_url, 6379),
-        ] {
-            for url in urls.split(',') {
+        for (urls, default_port) in [(self.broker.nats(), 4222), (self.broker.redis(), 6379)] {
+            for url in urls.expose().split(',') {
                 let rest = url.trim().split_once("://").map_or(url.trim(), |(_, r)| r);
                 let authority = rest.split('/').next().unwrap_or_default();
                 let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);

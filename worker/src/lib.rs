@@ -100,13 +100,14 @@ pub async fn run(
             None
         }
     };
-    let client = async_nats::ConnectOptions::new()
+    let (nats_options, nats_servers) = shared::creds::nats_connect_options(args.broker.nats());
+    let client = nats_options
         .name(format!("worker {worker_id}"))
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .connect(&args.broker.nats_url)
+        .connect(nats_servers)
         .await
-        .context("connect NATS")?;
+        .with_context(|| format!("connect NATS at {}", args.broker.nats()))?;
     let store = Store::open_with(
         client.clone(),
         args.broker.names.clone(),
@@ -124,9 +125,9 @@ pub async fn run(
         _ => None,
     };
     info!(agent = args.agent_kind(), "agent selected");
-    let redis = shared::ownership::connect(&args.broker.redis_url)
+    let redis = shared::ownership::connect(args.broker.redis())
         .await
-        .context("connect Redis")?;
+        .with_context(|| format!("connect Redis at {}", args.broker.redis()))?;
     let ctx = Ctx {
         nats: client,
         llm,

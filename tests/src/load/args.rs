@@ -138,12 +138,14 @@ pub struct Args {
     /// `deploy/local/cluster.sh` (default: the one of this workspace).
     #[arg(long)]
     pub deploy_script: Option<PathBuf>,
-    /// NATS of a deployment the tool starts.
-    #[arg(long, default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    /// Redis of a deployment the tool starts.
-    #[arg(long, default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
+    /// NATS of a deployment the tool starts (with credentials of a user that may do
+    /// everything: admin). Default: `cluster.sh` runs its own with a user per role.
+    #[arg(long)]
+    pub nats_url: Option<String>,
+    /// Redis of a deployment the tool starts (admin credentials). Default: `cluster.sh` runs
+    /// its own with a user per role.
+    #[arg(long)]
+    pub redis_url: Option<String>,
     /// `OH_MAX_SESSIONS` per worker of a deployment the tool starts.
     #[arg(long, default_value_t = 20_000)]
     pub max_sessions: u32,

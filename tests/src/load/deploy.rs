@@ -1,7 +1,8 @@
 //! Starting and stopping deployments for the tool: [`Deployer`] is what the `scale` scenario
 //! (and `--deploy`) needs; [`ScriptDeployer`] drives `deploy/local/cluster.sh` with a private
 //! `OH_DEPLOY_DIR`, its own gateway port and a fresh namespace per start, and removes that
-//! namespace's streams and Redis keys after the stop. Tests plug in a [`crate::cluster::Cluster`]
+//! namespace's streams and Redis keys after the stop (brokers given by URL), or the data of
+//! the brokers `cluster.sh` ran itself, with a user per role, in that dir (the default). Tests plug in a [`crate::cluster::Cluster`]
 //! instead.
 
 use std::path::PathBuf;
@@ -44,10 +45,10 @@ pub struct ScriptDeployer {
     pub port: u16,
     /// Gateways per deployment.
     pub gateways: usize,
-    /// `OH_NATS_URL`.
-    pub nats_url: String,
-    /// `OH_REDIS_URL`.
-    pub redis_url: String,
+    /// `OH_NATS_URL` (admin credentials); `None`: `cluster.sh` runs its own.
+    pub nats_url: Option<String>,
+    /// `OH_REDIS_URL` (admin credentials); `None`: `cluster.sh` runs its own.
+    pub redis_url: Option<String>,
     /// `OH_MAX_SESSIONS` of each worker.
     pub max_sessions: u32,
     /// Keep the namespace's streams and keys after stopping.
@@ -62,7 +63,7 @@ impl ScriptDeployer {
         dir: PathBuf,
         port: u16,
         gateways: usize,
-        broker: (String, String),
+        broker: (Option<String>, Option<String>),
         max_sessions: u32,
     ) -> Self {
         ScriptDeployer {
@@ -84,14 +85,31 @@ impl ScriptDeployer {
             .args(args)
             .env("OH_DEPLOY_DIR", &self.dir)
             .env("OH_GATEWAY_PORT", self.port.to_string())
-            .env("OH_NATS_URL", &self.nats_url)
-            .env("OH_REDIS_URL", &self.redis_url)
             .env("OH_NAMESPACE", ns)
+            // Its own brokers (when no URLs are given) next to its gateway port, so they do not
+            // collide with a local cluster's (4223, 6380).
+            .env(
+                "OH_DEPLOY_NATS_PORT",
+                (u32::from(self.port) + 2000).to_string(),
+            )
+            .env(
+                "OH_DEPLOY_REDIS_PORT",
+                (u32::from(self.port) + 2001).to_string(),
+            )
             .env("OH_MAX_SESSIONS", self.max_sessions.to_string())
             .env("OH_WORKER_ID_PREFIX", ns)
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
+        for (var, url) in [
+            ("OH_NATS_URL", &self.nats_url),
+            ("OH_REDIS_URL", &self.redis_url),
+        ] {
+            match url {
+                Some(u) => cmd.env(var, u),
+                None => cmd.env_remove(var),
+            };
+        }
         let out = tokio::time::timeout(Duration::from_secs(900), cmd.output())
             .await
             .map_err(|_| DeployError(format!("{} {args:?} timed out", self.script.display())))?
@@ -109,12 +127,21 @@ impl ScriptDeployer {
         }
     }
 
-    /// Deletes the namespace's streams (`{ns}_*`, `OBJ_{ns}_*`) and Redis keys (`{ns}:*`).
+    /// Deletes the namespace's streams (`{ns}_*`, `OBJ_{ns}_*`) and Redis keys (`{ns}:*`); for
+    /// brokers `cluster.sh` ran itself (stopped with the deployment), their data dirs.
     async fn cleanup(&self, ns: &str) -> Result<(), DeployError> {
         let e = |x: String| DeployError(format!("cleanup of namespace {ns}: {x}"));
-        let nats = async_nats::connect(&self.nats_url)
-            .await
-            .map_err(|x| e(x.to_string()))?;
+        let (Some(nats_url), Some(redis_url)) = (&self.nats_url, &self.redis_url) else {
+            for dir in ["nats", "redis"] {
+                let path = self.dir.join(dir);
+                if path.exists() {
+                    std::fs::remove_dir_all(&path)
+                        .map_err(|x| e(format!("{}: {x}", path.display())))?;
+                }
+            }
+            return Ok(());
+        };
+        let nats = crate::nats::connect_url(nats_url).await.map_err(e)?;
         let js = async_nats::jetstream::new(nats);
         for stream in [
             format!("{ns}_events"),
@@ -126,7 +153,7 @@ impl ScriptDeployer {
             // A stream that was never created is fine.
             let _ = js.delete_stream(&stream).await;
         }
-        let client = redis::Client::open(self.redis_url.as_str()).map_err(|x| e(x.to_string()))?;
+        let client = redis::Client::open(redis_url.as_str()).map_err(|x| e(x.to_string()))?;
         let mut con = client
             .get_multiplexed_async_connection()
             .await

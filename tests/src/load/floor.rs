@@ -5,9 +5,13 @@
 //!   (`_loadtest.floor.<uuid>`), one request in flight, over two connections (requester and
 //!   responder), like gateway and worker.
 //! - JetStream publish-ack: publishes to a throwaway file-storage stream
-//!   (`loadtest_floor_<uuid>`), one in flight, awaiting each ack; the stream is deleted
-//!   afterwards. Only plain streams and publish are used (async-nats 0.51's KV and account
-//!   calls do not parse nats-server 2.9.10 replies).
+//!   (`loadtest_floor`, subject `loadtest.floor.<uuid>`), one in flight, awaiting each ack; the
+//!   stream is deleted afterwards. Only plain streams and publish are used (async-nats 0.51's
+//!   KV and account calls do not parse nats-server 2.9.10 replies). The stream's name is fixed
+//!   so that the `loadtest` NATS user (`deploy/auth/nats-auth.conf.in`) may create and delete
+//!   exactly this one; two floors measured at once against one server would collide.
+//!
+//! The URL may carry the `loadtest` user's credentials (`nats://loadtest:PASSWORD@HOST:PORT`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +28,9 @@ pub struct FloorError {
     detail: String,
 }
 
+/// The throwaway stream of the publish-ack floor.
+const FLOOR_STREAM: &str = "loadtest_floor";
+
 fn err(what: &'static str) -> impl FnOnce(String) -> FloorError {
     move |detail| FloorError { what, detail }
 }
@@ -35,12 +42,15 @@ fn err(what: &'static str) -> impl FnOnce(String) -> FloorError {
 /// When NATS cannot be reached or a request/publish fails.
 pub async fn measure(url: &str, n: usize, stats: &Arc<Stats>) -> Result<(), FloorError> {
     let tag = uuid::Uuid::new_v4().simple().to_string();
-    let requester = async_nats::connect(url)
-        .await
-        .map_err(|e| err("connect")(e.to_string()))?;
-    let responder = async_nats::connect(url)
-        .await
-        .map_err(|e| err("connect")(e.to_string()))?;
+    let url = shared::creds::BrokerUrl::parse(url).map_err(err("NATS URL"))?;
+    let connect = || async {
+        let (opts, servers) = shared::creds::nats_connect_options(&url);
+        opts.connect(servers)
+            .await
+            .map_err(|e| err("connect")(format!("{url}: {e}")))
+    };
+    let requester = connect().await?;
+    let responder = connect().await?;
 
     let subject = format!("_loadtest.floor.{tag}");
     let mut sub = responder
@@ -106,11 +116,11 @@ pub async fn measure(url: &str, n: usize, stats: &Arc<Stats>) -> Result<(), Floo
     answer.abort();
 
     let js = async_nats::jetstream::new(requester.clone());
-    let stream = format!("loadtest_floor_{tag}");
+    let stream = FLOOR_STREAM.to_owned();
     let js_subject = format!("loadtest.floor.{tag}");
     js.create_stream(async_nats::jetstream::stream::Config {
         name: stream.clone(),
-        subjects: vec![js_subject.clone()],
+        subjects: vec!["loadtest.floor.>".to_owned()],
         storage: async_nats::jetstream::stream::StorageType::File,
         max_messages: 100_000,
         ..Default::default()
