@@ -55,6 +55,24 @@ enum ForwardError {
     Store(#[from] shared::store::StoreError),
 }
 
+/// What a slow client reads (if it reads on) before it is disconnected.
+pub(crate) const SLOW_CLIENT: &str = "disconnected: this client did not read its events within \
+     OH_SLOW_CLIENT_TIMEOUT_MS; reconnect with latest_event_id to resume";
+
+/// Disconnects a socket. socketioxide refuses while the socket's packet buffer is full (its
+/// DISCONNECT packet is queued too), so this retries until there is room or the socket is
+/// gone (Engine.IO's heartbeat, whose ping cannot be queued either, closes it by then).
+async fn disconnect(socket: &SocketRef) {
+    while socket.connected() {
+        match socket.clone().disconnect() {
+            Err(SocketError::InternalChannelFull) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ => return, // closed, or closing already
+        }
+    }
+}
+
 /// Runs until the socket disconnects or `cancel` fires.
 pub(crate) async fn forward(
     state: AppState,
@@ -72,7 +90,10 @@ pub(crate) async fn forward(
                 queued_bytes = budget.pending(),
                 "slow client disconnected: its send buffer stayed full for OH_SLOW_CLIENT_TIMEOUT_MS"
             );
-            let _ = socket.disconnect(); // already closing is fine
+            // The reason comes last in its queue (if there is room: best effort), then the
+            // disconnect; it resumes by replay with its cursor.
+            let _ = socket.emit("oh_event", &shared::event::error_payload(SLOW_CLIENT));
+            disconnect(&socket).await;
         }
         Err(e) => {
             // A server fault: the detail is logged, the client reads the generic message.

@@ -542,13 +542,25 @@ async fn replay_to_clients_that_never_read_is_bounded_in_bytes() {
         assert!(Instant::now() < deadline, "not all disconnected: {metrics}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // One reads on: a prefix of the replay, then the reason, then the end.
+    let got = stalled.pop().unwrap().read_until_closed().await;
+    let reason = got.last().unwrap();
+    assert_eq!(reason["error"], true, "{reason}");
+    assert!(
+        reason["message"]
+            .as_str()
+            .unwrap()
+            .contains("OH_SLOW_CLIENT_TIMEOUT_MS"),
+        "{reason}"
+    );
+    assert!(got.len() > 1 && got.len() < 60, "{} events", got.len());
     drop(stalled);
 }
 
 /// A Socket.IO client over a raw websocket that connects with `latest_event_id=-1` and then
 /// never reads (its TCP receive buffer is tiny).
 struct NeverReads {
-    _ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
 }
 
 impl NeverReads {
@@ -568,7 +580,27 @@ impl NeverReads {
         loop {
             let m = ws.next().await.unwrap().unwrap();
             if m.to_text().unwrap_or("").starts_with("40") {
-                return NeverReads { _ws: ws };
+                return NeverReads { ws };
+            }
+        }
+    }
+
+    /// Reads on until the server closes the connection; returns the `oh_event`s.
+    async fn read_until_closed(mut self) -> Vec<Value> {
+        use futures::StreamExt;
+        let mut got = Vec::new();
+        loop {
+            let m = match tokio::time::timeout(T, self.ws.next()).await {
+                Err(_) => panic!("never closed"),
+                Ok(None | Some(Err(_))) => return got,
+                Ok(Some(Ok(m))) => m,
+            };
+            let text = m.to_text().unwrap_or("");
+            if let Some(body) = text.strip_prefix("42") {
+                let v: Value = serde_json::from_str(body).unwrap();
+                got.push(v[1].clone());
+            } else if m.is_close() || text == "41" {
+                return got;
             }
         }
     }
