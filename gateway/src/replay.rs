@@ -56,7 +56,7 @@ enum ForwardError {
 }
 
 /// What a slow client reads (if it reads on) before it is disconnected.
-pub(crate) const SLOW_CLIENT: &str = "disconnected: this client did not read its events within \
+const SLOW_CLIENT: &str = "disconnected: this client did not read its events within \
      OH_SLOW_CLIENT_TIMEOUT_MS; reconnect with latest_event_id to resume";
 
 /// Disconnects a socket. socketioxide refuses while the socket's packet buffer is full (its
