@@ -35,6 +35,10 @@ pub(crate) struct Inner {
     pub(crate) metrics: PrometheusHandle,
     /// How long a client may keep its send buffer full (see `replay`).
     pub(crate) slow_client_timeout: Duration,
+    /// Bytes a socket may have queued for sending (see `sendbuf`).
+    pub(crate) socket_buffer_bytes: usize,
+    /// What each socket's client has read (see `sendbuf`).
+    pub(crate) drains: crate::sendbuf::Drains,
     /// Largest `replay_json` accepted (bytes).
     pub(crate) max_replay_bytes: usize,
     /// Per-user rates and caps (see `limits`).
@@ -82,6 +86,8 @@ impl AppState {
             fanout,
             metrics,
             slow_client_timeout: args.slow_client_timeout,
+            socket_buffer_bytes: args.socket_buffer_mib as usize * 1024 * 1024,
+            drains: crate::sendbuf::Drains::default(),
             max_replay_bytes: args.max_replay_mib as usize * 1024 * 1024,
             limits: args.limits(),
             gateway_id: gateway_id.to_owned(),
@@ -137,8 +143,15 @@ pub(crate) fn router(
                 tracing::info_span!("http", method = %req.method(), path = %path)
             }),
         )
-        .with_state(state)
+        .with_state(state.clone())
         .layer(sio_layer)
+        // Around Socket.IO: what each socket's client has read (websocket upgrades, polls).
+        .layer({
+            let drains = state.drains.clone();
+            axum::middleware::from_fn(move |req, next| {
+                crate::sendbuf::track(drains.clone(), req, next)
+            })
+        })
         .layer(axum::middleware::map_request(unshare_head))
         // Outermost: a foreign origin or host name reaches neither REST nor Socket.IO.
         .layer({

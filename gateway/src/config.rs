@@ -26,6 +26,11 @@ pub struct Args {
     /// `OH_SLOW_CLIENT_TIMEOUT_MS` is disconnected (it resumes by replay).
     #[arg(long, env = "OH_SOCKET_BUFFER", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(16..=1_000_000))]
     pub socket_buffer: u32,
+    /// Bytes a socket may have queued for sending (MiB): events are not queued beyond it
+    /// until the client has read (at most one event more), and a client that stays there for
+    /// `OH_SLOW_CLIENT_TIMEOUT_MS` is disconnected like a slow one (it resumes by replay).
+    #[arg(long, env = "OH_SOCKET_BUFFER_MIB", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub socket_buffer_mib: u32,
     /// How long a client may leave its send buffer full before it is disconnected (ms).
     #[arg(long = "slow-client-timeout-ms", env = "OH_SLOW_CLIENT_TIMEOUT_MS", default_value = "10000", value_parser = parse_ms)]
     pub slow_client_timeout: Duration,

@@ -22,6 +22,7 @@ mod http;
 mod limits;
 pub mod origin;
 mod replay;
+mod sendbuf;
 mod serve;
 mod socket;
 

@@ -10,10 +10,13 @@
 //! 4. forward live events with id > head in order (OpenHands' live filter). A live event that skips
 //!    ids (dropped core-NATS message, lagging broadcast) first fills the gap from the log.
 //!
-//! Sends are bounded: socketioxide's per-socket buffer is finite; when it is full we wait for
-//! the client to drain it, and a client that stays full for `OH_SLOW_CLIENT_TIMEOUT_MS` is
-//! disconnected
-//! (it resumes by replay), so a slow client never slows others or grows memory without bound.
+//! Sends are bounded: in packets by socketioxide's per-socket buffer (`OH_SOCKET_BUFFER`) and
+//! in bytes by the socket's [`Budget`] (`OH_SOCKET_BUFFER_MIB`, see `sendbuf`); when either is
+//! full we wait for the client to read, and a client that stays full for
+//! `OH_SLOW_CLIENT_TIMEOUT_MS` is disconnected (it resumes by replay with its cursor), so a
+//! slow client never slows others or grows memory without bound. The log is read in pages of
+//! at most [`PAGE_BYTES`] (plus one event), one page at a time, each sent before the next is
+//! read: a socket replaying a large history holds one page and its budget, never the history.
 //!
 //! Memory: this task lives as long as its socket and mostly waits on the live feed, but a
 //! future is as large as its largest await point. The rare ones (joining the feed, reading the
@@ -35,8 +38,12 @@ use tracing::{debug, error, warn};
 
 use crate::app::AppState;
 use crate::fanout::{Feed, Live};
+use crate::sendbuf::Budget;
 
+/// Most events read from the log at once.
 const CHUNK: usize = 512;
+/// Most payload bytes read from the log at once (plus one event), per socket.
+const PAGE_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 enum ForwardError {
@@ -48,20 +55,45 @@ enum ForwardError {
     Store(#[from] shared::store::StoreError),
 }
 
+/// What a slow client reads (if it reads on) before it is disconnected.
+const SLOW_CLIENT: &str = "disconnected: this client did not read its events within \
+     OH_SLOW_CLIENT_TIMEOUT_MS; reconnect with latest_event_id to resume";
+
+/// Disconnects a socket. socketioxide refuses while the socket's packet buffer is full (its
+/// DISCONNECT packet is queued too), so this retries until there is room or the socket is
+/// gone (Engine.IO's heartbeat, whose ping cannot be queued either, closes it by then).
+async fn disconnect(socket: &SocketRef) {
+    while socket.connected() {
+        match socket.clone().disconnect() {
+            Err(SocketError::InternalChannelFull) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ => return, // closed, or closing already
+        }
+    }
+}
+
 /// Runs until the socket disconnects or `cancel` fires.
 pub(crate) async fn forward(
     state: AppState,
     socket: SocketRef,
-    sid: SessionId,
-    latest: i64,
+    conn: &crate::socket::Conn,
     cancel: CancellationToken,
 ) {
-    match run(&state, &socket, &sid, latest, &cancel).await {
+    let mut budget = Budget::new(Arc::clone(&conn.drain), state.socket_buffer_bytes);
+    let (sid, latest) = (&conn.sid, conn.latest);
+    match run(&state, &socket, sid, latest, &cancel, &mut budget).await {
         Ok(()) | Err(ForwardError::Gone) => {}
         Err(ForwardError::Slow) => {
             metrics::counter!("oh_gateway_slow_client_disconnects_total").increment(1);
-            warn!("slow client disconnected");
-            let _ = socket.disconnect(); // already closing is fine
+            warn!(
+                queued_bytes = budget.pending(),
+                "slow client disconnected: its send buffer stayed full for OH_SLOW_CLIENT_TIMEOUT_MS"
+            );
+            // The reason comes last in its queue (if there is room: best effort), then the
+            // disconnect; it resumes by replay with its cursor.
+            let _ = socket.emit("oh_event", &shared::event::error_payload(SLOW_CLIENT));
+            disconnect(&socket).await;
         }
         Err(e) => {
             // A server fault: the detail is logged, the client reads the generic message.
@@ -81,6 +113,7 @@ async fn run(
     sid: &SessionId,
     latest: i64,
     cancel: &CancellationToken,
+    budget: &mut Budget,
 ) -> Result<(), ForwardError> {
     let (_topic, mut rx) = Box::pin(state.fanout.join(sid))
         .await
@@ -92,7 +125,7 @@ async fn run(
         && i64::try_from(head.id).unwrap_or(i64::MAX) > latest
     {
         let from = u64::try_from(latest + 1).unwrap_or(0);
-        Box::pin(replay(state, socket, sid, from, head.id)).await?;
+        Box::pin(replay(state, socket, sid, from, head.id, budget)).await?;
         cursor = i64::try_from(head.id).unwrap_or(i64::MAX);
     }
     metrics::histogram!("oh_gateway_replay_seconds").record(started.elapsed());
@@ -108,15 +141,23 @@ async fn run(
                     continue;
                 }
                 if id > cursor + 1 {
-                    Box::pin(catch_up(state, socket, sid, &mut cursor, Some(live.id - 1))).await?;
+                    Box::pin(catch_up(
+                        state,
+                        socket,
+                        sid,
+                        &mut cursor,
+                        Some(live.id - 1),
+                        budget,
+                    ))
+                    .await?;
                 }
-                send_live(socket, &live, state.slow_client_timeout).await?;
+                send_live(socket, &live, state.slow_client_timeout, budget).await?;
                 cursor = id;
             }
-            Ok(Feed::Status(raw)) => send(socket, &raw, state.slow_client_timeout).await?,
+            Ok(Feed::Status(raw)) => send(socket, &raw, state.slow_client_timeout, budget).await?,
             Ok(Feed::Resync) | Err(RecvError::Lagged(_)) => {
                 debug!("live feed may have missed events; filling from the log");
-                Box::pin(catch_up(state, socket, sid, &mut cursor, None)).await?;
+                Box::pin(catch_up(state, socket, sid, &mut cursor, None, budget)).await?;
             }
             Err(RecvError::Closed) => return Ok(()),
         }
@@ -137,12 +178,14 @@ async fn replay(
     sid: &SessionId,
     from: u64,
     to: u64,
+    budget: &mut Budget,
 ) -> Result<(), ForwardError> {
     let mut held_state: Option<Box<RawValue>> = None;
     let mut next = from;
+    let mut after = None;
     while next <= to {
         let want = usize::try_from(to - next + 1).unwrap_or(CHUNK).min(CHUNK);
-        let batch = state.store.read_from(sid, next, want).await?;
+        let batch = page(state, sid, next, after, want).await?;
         if batch.is_empty() {
             break;
         }
@@ -151,20 +194,36 @@ async fn replay(
                 break;
             }
             next = ev.id + 1;
+            after = Some(ev.seq);
             let Some(raw) = raw_of(ev) else { continue };
             match Event::from_json(&ev.payload).map(|e| e.replay_class()) {
                 Ok(ReplayClass::Skip) => {}
                 Ok(ReplayClass::State) => held_state = Some(raw),
                 Ok(ReplayClass::Emit) | Err(_) => {
-                    send(socket, &raw, state.slow_client_timeout).await?
+                    send(socket, &raw, state.slow_client_timeout, budget).await?
                 }
             }
         }
     }
     if let Some(raw) = held_state {
-        send(socket, &raw, state.slow_client_timeout).await?;
+        send(socket, &raw, state.slow_client_timeout, budget).await?;
     }
     Ok(())
+}
+
+/// The next page of the log: events from id `next` on, found by search on the first page and
+/// then read on after the previous page's last stream sequence (`after`).
+async fn page(
+    state: &AppState,
+    sid: &SessionId,
+    next: u64,
+    after: Option<u64>,
+    want: usize,
+) -> Result<Vec<StoredEvent>, shared::store::StoreError> {
+    match after {
+        None => state.store.read_page(sid, next, want, PAGE_BYTES).await,
+        Some(seq) => state.store.read_after(sid, seq, want, PAGE_BYTES).await,
+    }
 }
 
 /// How long a catch-up keeps retrying a log that does not answer (e.g. JetStream still
@@ -181,11 +240,12 @@ async fn catch_up(
     sid: &SessionId,
     cursor: &mut i64,
     to: Option<u64>,
+    budget: &mut Budget,
 ) -> Result<(), ForwardError> {
     let started = Instant::now();
     let mut pause = Duration::from_millis(100);
     loop {
-        match fill(state, socket, sid, cursor, to).await {
+        match fill(state, socket, sid, cursor, to, budget).await {
             Err(ForwardError::Store(e)) if started.elapsed() < CATCH_UP_PATIENCE => {
                 if !socket.connected() {
                     return Err(ForwardError::Gone);
@@ -205,6 +265,7 @@ async fn fill(
     sid: &SessionId,
     cursor: &mut i64,
     to: Option<u64>,
+    budget: &mut Budget,
 ) -> Result<(), ForwardError> {
     let to = match to {
         Some(to) => to,
@@ -213,18 +274,20 @@ async fn fill(
             None => return Ok(()),
         },
     };
+    let mut after = None;
     loop {
         let next = u64::try_from(*cursor + 1).unwrap_or(0);
         if next > to {
             break;
         }
         let want = usize::try_from(to - next + 1).unwrap_or(CHUNK).min(CHUNK);
-        let batch = state.store.read_from(sid, next, want).await?;
+        let batch = page(state, sid, next, after, want).await?;
         let before = *cursor;
         for ev in &batch {
             if ev.id > to {
                 break;
             }
+            after = Some(ev.seq);
             let live = match Event::from_json(&ev.payload) {
                 Ok(e) => e
                     .live_copy()
@@ -232,7 +295,7 @@ async fn fill(
                 Err(_) => raw_of(ev),
             };
             if let Some(raw) = live {
-                send(socket, &raw, state.slow_client_timeout).await?;
+                send(socket, &raw, state.slow_client_timeout, budget).await?;
             }
             *cursor = i64::try_from(ev.id).unwrap_or(i64::MAX);
         }
@@ -253,34 +316,41 @@ async fn send_live(
     socket: &SocketRef,
     live: &Arc<Live>,
     stall_limit: Duration,
+    budget: &mut Budget,
 ) -> Result<(), ForwardError> {
     match &live.json {
-        Some(raw) => send(socket, raw, stall_limit).await,
+        Some(raw) => send(socket, raw, stall_limit, budget).await,
         None => Ok(()),
     }
 }
 
-/// Emits one `oh_event`, waiting while the socket's buffer is full (at most `stall_limit`).
+/// Emits one `oh_event`, waiting while the socket's buffer is full in packets or bytes (at
+/// most `stall_limit`).
 async fn send(
     socket: &SocketRef,
     raw: &RawValue,
     stall_limit: Duration,
+    budget: &mut Budget,
 ) -> Result<(), ForwardError> {
     let mut stalled_since: Option<Instant> = None;
     loop {
-        match socket.emit("oh_event", raw) {
-            Ok(()) => {
-                metrics::counter!("oh_gateway_events_sent_total").increment(1);
-                return Ok(());
-            }
-            Err(SendError::Socket(SocketError::InternalChannelFull)) => {
-                let since = *stalled_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > stall_limit {
-                    return Err(ForwardError::Slow);
+        if !budget.full(socket.transport_type() == socketioxide::TransportType::Websocket) {
+            match socket.emit("oh_event", raw) {
+                Ok(()) => {
+                    budget.queued(raw.get().len());
+                    metrics::counter!("oh_gateway_events_sent_total").increment(1);
+                    return Ok(());
                 }
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                Err(SendError::Socket(SocketError::InternalChannelFull)) => {}
+                Err(_) => return Err(ForwardError::Gone),
             }
-            Err(_) => return Err(ForwardError::Gone),
+        } else if !socket.connected() {
+            return Err(ForwardError::Gone);
         }
+        let since = *stalled_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > stall_limit {
+            return Err(ForwardError::Slow);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -3,13 +3,15 @@
 //! client that sends headers slowly, or half a request and nothing more (slowloris), holds a
 //! connection and its buffers forever. A connection idle between keep-alive requests is closed
 //! after the same time. Websocket upgrades and long-polling are unaffected: their headers
-//! arrive at once.
+//! arrive at once. Every connection counts the bytes written to it, for the per-socket send
+//! budgets (`sendbuf`).
 //!
 //! Shutdown mirrors axum's: on `cancel` the listener closes, every connection is asked to
 //! finish its request in flight and close, and the loop returns once they have (Socket.IO
 //! sockets are closed by the app at the same moment).
 
 use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -24,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 use tracing::{debug, warn};
+
+use crate::sendbuf::Counted;
 
 /// Serves `router` on `listener` until `cancel`, then shuts down gracefully.
 pub(crate) async fn serve(
@@ -56,9 +60,13 @@ pub(crate) async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             debug!(error = %e, "TCP_NODELAY not set");
         }
-        let service = router
-            .clone()
-            .map_request(|req: Request<Incoming>| req.map(Body::new));
+        // Counted, so a socket's send budget sees what its client has read (`sendbuf`).
+        let (tcp, written) = Counted::new(tcp);
+        let service = router.clone().map_request(move |req: Request<Incoming>| {
+            let mut req = req.map(Body::new);
+            req.extensions_mut().insert(Arc::clone(&written));
+            req
+        });
         let service = TowerToHyperService::new(service);
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(tcp), service)

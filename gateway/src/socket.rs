@@ -31,13 +31,15 @@ use crate::app::AppState;
 
 /// What the connect middleware learned, for the connect handler.
 #[derive(Clone)]
-struct Conn {
-    sid: SessionId,
+pub(crate) struct Conn {
+    pub(crate) sid: SessionId,
     uid: UserId,
-    latest: i64,
+    pub(crate) latest: i64,
     cancel: CancellationToken,
     /// Whether the connect handler has run (the socket gauge counts it once).
     counted: Arc<AtomicBool>,
+    /// What the client has read (its send budget, see `sendbuf`).
+    pub(crate) drain: Arc<crate::sendbuf::Drain>,
 }
 
 /// Why a connection was refused. The text is what the client sees as `err.message`.
@@ -191,12 +193,15 @@ async fn authorize(
         }
         state.held_sockets.insert(member, uid.clone());
     }
+    let drain = Arc::new(crate::sendbuf::Drain::for_socket(s.req_parts()));
+    state.drains.insert(s.id.to_string(), Arc::clone(&drain));
     s.extensions.insert(Conn {
         sid,
         uid,
         latest,
         cancel: CancellationToken::new(),
         counted: Arc::new(AtomicBool::new(false)),
+        drain,
     });
     // Handlers go on here, before the CONNECT packet is sent: socketioxide runs the connect
     // handler in a task of its own, and an event the client emits right after `connect` could
@@ -231,7 +236,7 @@ fn on_connect(s: SocketRef, State(state): State<AppState>, shutdown: Cancellatio
     tasks.spawn(
         async move {
             tokio::select! {
-                () = crate::replay::forward(state, s, conn.sid.clone(), conn.latest, cancel) => {}
+                () = crate::replay::forward(state, s, &conn, cancel) => {}
                 () = shutdown.cancelled() => {}
             }
         }
@@ -247,6 +252,7 @@ fn socket_member(state: &AppState, s: &SocketRef) -> String {
 async fn on_disconnect(s: SocketRef, State(state): State<AppState>) {
     if let Some(conn) = s.extensions.get::<Conn>() {
         conn.cancel.cancel();
+        state.drains.remove(&s.id.to_string());
         if state.limits.max_sockets.is_some() {
             let member = socket_member(&state, &s);
             state.held_sockets.remove(&member);

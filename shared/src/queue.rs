@@ -103,16 +103,22 @@ impl Store {
         &self,
         sid: &SessionId,
     ) -> Result<consumer::PullConsumer, StoreError> {
+        self.delete_action_consumer(sid).await?;
+        self.create_action_consumer(sid).await
+    }
+
+    /// Deletes the session's action consumer if it has one (a takeover; DELETE, where the
+    /// durable consumer would otherwise outlive its conversation).
+    pub(crate) async fn delete_action_consumer(&self, sid: &SessionId) -> Result<(), StoreError> {
         match self
             .actions
             .delete_consumer(&self.names.actions_consumer(sid))
             .await
         {
-            Ok(_) => {}
-            Err(e) if is_not_found(&e.kind()) => {}
-            Err(e) => return Err(nats("delete action consumer")(boxed(e))),
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e.kind()) => Ok(()),
+            Err(e) => Err(nats("delete action consumer")(boxed(e))),
         }
-        self.create_action_consumer(sid).await
     }
 
     /// Starts reading a session's actions through its consumer.

@@ -625,10 +625,33 @@ impl Store {
         from: u64,
         max: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read_page(sid, from, max, usize::MAX).await
+    }
+
+    /// Like [`Store::read_from`], but also bounded in bytes: it stops after the event that
+    /// brings the page's payloads to `max_bytes` (so a page holds at least one event, and at
+    /// most `max_bytes` plus one event), and reads ahead from the server at most about that
+    /// much. Readers that hold a page per client (the gateway's replay) use it so a large
+    /// history is never in memory at once.
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed or the log is corrupt.
+    pub async fn read_page(
+        &self,
+        sid: &SessionId,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         let mut out = Vec::new();
         if max == 0 {
             return Ok(out);
         }
+        let mut bytes = 0usize;
+        let mut full = |ev: &StoredEvent| {
+            bytes = bytes.saturating_add(ev.payload.len());
+            bytes >= max_bytes
+        };
         let Some(Bounds { start, last_id }) = self.bounds(sid, from).await? else {
             return Ok(out);
         };
@@ -639,15 +662,28 @@ impl Store {
         if want <= 64 {
             // The search already fetched the first event.
             let mut seq = start.seq + 1;
+            let done = full(&start);
             out.push(start);
+            if done {
+                return Ok(out);
+            }
             while out.len() < want {
                 let Some(ev) = self.direct(sid, Which::NextFrom(seq)).await? else {
                     break;
                 };
                 seq = ev.seq + 1;
+                let done = full(&ev);
                 out.push(ev);
+                if done {
+                    break;
+                }
             }
             return Ok(out);
+        }
+        if max_bytes != usize::MAX {
+            return self
+                .read_bounded(sid, start_seq, want, max_bytes, out, full)
+                .await;
         }
         let consumer = self
             .events
@@ -680,6 +716,121 @@ impl Store {
             let payload = self.unpack(&parts.headers, msg.payload.clone()).await?;
             out.push(meta.into_event(seq, payload));
         }
+        Ok(out)
+    }
+
+    /// The events of a session stored after stream sequence `seq` (the `seq` of the last event
+    /// of a previous page), bounded like [`Store::read_page`]: the next page of a reader that
+    /// goes on where it stopped, without searching for its start again.
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed or the log is corrupt.
+    pub async fn read_after(
+        &self,
+        sid: &SessionId,
+        seq: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut out = Vec::new();
+        if max == 0 {
+            return Ok(out);
+        }
+        let mut bytes = 0usize;
+        let mut full = |ev: &StoredEvent| {
+            bytes = bytes.saturating_add(ev.payload.len());
+            bytes >= max_bytes
+        };
+        if max <= 64 {
+            let mut next = seq + 1;
+            while out.len() < max {
+                let Some(ev) = self.direct(sid, Which::NextFrom(next)).await? else {
+                    break;
+                };
+                next = ev.seq + 1;
+                let done = full(&ev);
+                out.push(ev);
+                if done {
+                    break;
+                }
+            }
+            return Ok(out);
+        }
+        self.read_bounded(sid, seq + 1, max, max_bytes, out, full)
+            .await
+    }
+
+    /// The consumer path of a byte-bounded [`Store::read_page`]: an ephemeral pull consumer
+    /// whose batches are bounded in bytes, so the client never buffers much more than a page.
+    async fn read_bounded(
+        &self,
+        sid: &SessionId,
+        start_seq: u64,
+        want: usize,
+        max_bytes: usize,
+        mut out: Vec<StoredEvent>,
+        mut full: impl FnMut(&StoredEvent) -> bool,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let consumer = self
+            .events
+            .create_consumer(consumer::pull::Config {
+                filter_subject: self.names.events_subject(sid),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start_seq,
+                },
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(10),
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats("page consumer")(boxed(e)))?;
+        if consumer.cached_info().num_pending == 0 {
+            // Nothing stored after the start: do not wait for what does not exist yet.
+            let _ = self
+                .events
+                .delete_consumer(&consumer.cached_info().name)
+                .await;
+            return Ok(out);
+        }
+        // A batch must fit the largest message (the server refuses a pull whose byte limit is
+        // below the next message's size); an inline payload is at most `inline_limit`.
+        let batch_bytes = max_bytes.max(self.inline_limit + 64 * 1024);
+        let mut msgs = consumer
+            .stream()
+            .max_messages_per_batch(want.min(1000))
+            .max_bytes_per_batch(batch_bytes)
+            .messages()
+            .await
+            .map_err(|e| nats("page consumer")(boxed(e)))?;
+        while out.len() < want {
+            let next = tokio::time::timeout(ACK_TIMEOUT, msgs.next())
+                .await
+                .map_err(|e| nats("page read")(boxed(e)))?;
+            let Some(msg) = next else { break };
+            let msg = msg.map_err(|e| nats("page read")(boxed(e)))?;
+            let (seq, pending) = msg
+                .info()
+                .map(|i| (i.stream_sequence, i.pending))
+                .map_err(|e| nats("page read")(e))?;
+            let headers = msg.headers.clone().unwrap_or_default();
+            let parts = StoredParts { headers };
+            let meta = self.to_stored(sid, &parts)?;
+            let payload = self.unpack(&parts.headers, msg.payload.clone()).await?;
+            let ev = meta.into_event(seq, payload);
+            // Nothing more stored: stop rather than wait for what does not exist yet.
+            let done = full(&ev) || pending == 0;
+            out.push(ev);
+            if done {
+                break;
+            }
+        }
+        drop(msgs);
+        // Best effort: an ephemeral consumer left behind goes away by itself when inactive.
+        let _ = self
+            .events
+            .delete_consumer(&consumer.cached_info().name)
+            .await;
         Ok(out)
     }
 
@@ -788,8 +939,8 @@ impl Store {
         }
     }
 
-    /// Deletes everything stored for a session: its events, pending actions, start request,
-    /// `replay_json` trajectory and every payload stored out of line (named `{sid}.*`; found
+    /// Deletes everything stored for a session: its events, pending actions, action consumer,
+    /// start request, `replay_json` trajectory and every payload stored out of line (named `{sid}.*`; found
     /// by listing the bucket, which holds only payloads over NATS' message size).
     ///
     /// # Errors
@@ -810,6 +961,7 @@ impl Store {
             .filter(self.names.work_subject(sid))
             .await
             .map_err(|e| nats("purge work")(boxed(e)))?;
+        self.delete_action_consumer(sid).await?;
         self.delete_blob(&self.names.replay_blob(sid)).await?;
         let prefix = format!("{sid}.");
         let mut list = self

@@ -294,6 +294,15 @@ impl Proc {
         self.child.id()
     }
 
+    /// Resident memory of the process (`VmRSS`, KiB), `None` once it is gone.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
     /// SIGKILLs the process and waits until it is gone.
     pub async fn kill9(&mut self) {
         kill_and_wait(&mut self.child).await;

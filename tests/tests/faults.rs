@@ -613,7 +613,18 @@ async fn slow_client_is_disconnected_and_resumes_by_replay() {
     // The fast client completed every turn while the slow one sat on a full buffer: one
     // stalled socket does not hold the others back.
     // The slow client reads what it had, then finds itself disconnected.
-    let slow_got = slow.drain_until_closed(T).await;
+    let mut slow_got = slow.drain_until_closed(T).await;
+    // If it reads on, the last thing it gets is why it was disconnected.
+    if slow_got.last().is_some_and(|e| e["error"] == true) {
+        let reason = slow_got.pop().unwrap();
+        assert!(
+            reason["message"]
+                .as_str()
+                .unwrap()
+                .contains("OH_SLOW_CLIENT_TIMEOUT_MS"),
+            "{reason}"
+        );
+    }
     let stored = c.all_events(0, &sid, None).await;
     assert!(
         ids(&slow_got).len() < stored.len(),

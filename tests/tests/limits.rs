@@ -223,11 +223,62 @@ async fn blobs_and_workspaces_are_collected_after_apply_and_on_delete() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The client leaves (a connected socket keeps the gateway's expiring presence entry).
+    a.close().await;
     let (status, _) = c
         .delete(0, &format!("/api/conversations/{sid}"), None)
         .await;
     assert_eq!(status, 200);
     assert_eq!(blobs_of(sid.clone()).await, 0, "DELETE leaves no blob");
+    // Nor anything else: no message on any of its subjects, no action consumer, no Redis key.
+    let id = shared::id::SessionId::parse(&sid).unwrap();
+    let uid = shared::id::UserId::parse("local").unwrap();
+    for (stream, subject) in [
+        (names.events_stream(), names.events_subject(&id)),
+        (names.actions_stream(), names.actions_subject(&id)),
+        (names.work_stream(), names.work_subject(&id)),
+        (names.meta_bucket(), names.meta_subject(&uid, &id)),
+    ] {
+        let st = js.get_stream(&stream).await.unwrap();
+        let info = st.info_with_subjects(&subject).await.unwrap();
+        let left: Vec<_> = info.collect().await;
+        assert!(left.is_empty(), "{subject} still holds messages: {left:?}");
+    }
+    let actions = js.get_stream(names.actions_stream()).await.unwrap();
+    assert!(
+        actions
+            .consumer_info(names.actions_consumer(&id))
+            .await
+            .is_err(),
+        "the action consumer outlives its conversation"
+    );
+    let mut redis = redis::Client::open(c.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("*{sid}*"))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if keys.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Redis keys left: {keys:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(names.should_run_key())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        !members.iter().any(|m| m.contains(&sid)),
+        "still in the should-run set: {members:?}"
+    );
 
     // A replayed trajectory writes files in the workspace; DELETE removes the folder.
     let trajectory = std::fs::read_to_string(
@@ -411,4 +462,178 @@ async fn per_user_rates_and_caps_are_exact_across_gateways() {
         .unwrap();
     assert_eq!(acks[0]["success"], true, "{acks:?}");
     drop(s3);
+}
+
+/// A large history replayed to many clients that never read stays within the per-socket byte
+/// budget (`OH_SOCKET_BUFFER_MIB`, default 4 MiB): the replay reads the log in pages and
+/// queues no more than the budget per socket, so the gateway's memory stays bounded, it keeps
+/// answering `/healthz`, other clients are served, and each stalled client is disconnected as
+/// a slow one once `OH_SLOW_CLIENT_TIMEOUT_MS` passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_to_clients_that_never_read_is_bounded_in_bytes() {
+    const CLIENTS: usize = 30;
+    /// Growth of the gateway's resident memory allowed while the clients are stalled.
+    const BOUND_MIB: u64 = 330;
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        gateway_env: vec![("OH_SLOW_CLIENT_TIMEOUT_MS", "15000".to_owned())],
+        ..ClusterOpts::default()
+    })
+    .await;
+    // A 30 MiB history: 30 messages of 512 KiB and their echoes (stored inline).
+    let sid = c.create(0, None, None).await;
+    let mut a = c.connect(0, &sid, None, None).await.unwrap();
+    let big = "h".repeat(512 * 1024);
+    for i in 0..30 {
+        let text = format!("{i} {big}");
+        a.emit(
+            "oh_user_action",
+            &json!({"action": "message", "args": {"content": text}}),
+        )
+        .await
+        .unwrap();
+        events_until(&mut a, T, |e| is_echo(e, &text)).await;
+    }
+    a.close().await;
+    let gateway = &c.gateways[0];
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let base = gateway.rss_kib().unwrap();
+
+    let mut stalled = Vec::new();
+    for _ in 0..CLIENTS {
+        stalled.push(NeverReads::connect(c.gateway_port(0), &sid).await);
+    }
+    // While they sit on full buffers: memory, health, and another client's conversation.
+    let other = c.create(0, Some("still here"), None).await;
+    let mut b = c.connect(0, &other, None, None).await.unwrap();
+    events_until(&mut b, T, |e| is_echo(e, "still here")).await;
+    let mut peak = base;
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        peak = peak.max(gateway.rss_kib().unwrap());
+        let health = tests::http_client()
+            .get(format!("{}/healthz", c.url(0)))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .unwrap();
+        assert!(health.status().is_success());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let acks = b
+        .emit_with_ack(
+            "oh_user_action",
+            &json!({"action": "message", "args": {"content": "and again"}}),
+            T,
+        )
+        .await
+        .unwrap();
+    assert_eq!(acks[0]["success"], true, "{acks:?}");
+    events_until(&mut b, T, |e| is_echo(e, "and again")).await;
+    let growth_mib = peak.saturating_sub(base) / 1024;
+    eprintln!(
+        "gateway RSS: {} MiB before, peak {} MiB with {CLIENTS} stalled replays of a 30 MiB history (+{growth_mib} MiB)",
+        base / 1024,
+        peak / 1024
+    );
+    assert!(
+        growth_mib < BOUND_MIB,
+        "gateway grew by {growth_mib} MiB (bound {BOUND_MIB})"
+    );
+    // Clients that read get the whole history (far over the budget) on every transport: the
+    // budget follows what they read, and never takes them for slow ones.
+    let last = format!("29 {big}");
+    let mut reader = c.connect(0, &sid, None, None).await.unwrap();
+    let got = events_until(&mut reader, T, |e| is_echo(e, &last)).await;
+    assert!(got.len() >= 60, "{} events", got.len());
+    for transports in ["polling", "polling,websocket"] {
+        let got = tests::js::run_js_converse_over(&c.url(0), &sid, transports, None, T, transports)
+            .await
+            .unwrap_or_else(|e| panic!("{transports}: {}", &e[e.len().saturating_sub(2000)..]));
+        assert!(
+            got.iter().any(|e| is_echo(e, &last)),
+            "{transports}: no full replay"
+        );
+    }
+    // Past OH_SLOW_CLIENT_TIMEOUT_MS every stalled client is disconnected as a slow one.
+    let want = format!("oh_gateway_slow_client_disconnects_total {CLIENTS}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = tests::http_client()
+            .get(format!("{}/metrics", c.url(0)))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains(&want) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not all disconnected: {metrics}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // One reads on: a prefix of the replay, then the reason, then the end.
+    let got = stalled.pop().unwrap().read_until_closed().await;
+    let reason = got.last().unwrap();
+    assert_eq!(reason["error"], true, "{reason}");
+    assert!(
+        reason["message"]
+            .as_str()
+            .unwrap()
+            .contains("OH_SLOW_CLIENT_TIMEOUT_MS"),
+        "{reason}"
+    );
+    assert!(got.len() > 1 && got.len() < 60, "{} events", got.len());
+    drop(stalled);
+}
+
+/// A Socket.IO client over a raw websocket that connects with `latest_event_id=-1` and then
+/// never reads (its TCP receive buffer is tiny).
+struct NeverReads {
+    ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+}
+
+impl NeverReads {
+    async fn connect(port: u16, sid: &str) -> Self {
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let stream = sock.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        let url = format!(
+            "ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket&conversation_id={sid}&latest_event_id=-1"
+        );
+        let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+        let open = ws.next().await.unwrap().unwrap();
+        assert!(open.to_text().unwrap().starts_with('0'), "{open:?}");
+        ws.send(Message::text("40")).await.unwrap();
+        loop {
+            let m = ws.next().await.unwrap().unwrap();
+            if m.to_text().unwrap_or("").starts_with("40") {
+                return NeverReads { ws };
+            }
+        }
+    }
+
+    /// Reads on until the server closes the connection; returns the `oh_event`s.
+    async fn read_until_closed(mut self) -> Vec<Value> {
+        use futures::StreamExt;
+        let mut got = Vec::new();
+        loop {
+            let m = match tokio::time::timeout(T, self.ws.next()).await {
+                Err(_) => panic!("never closed"),
+                Ok(None | Some(Err(_))) => return got,
+                Ok(Some(Ok(m))) => m,
+            };
+            let text = m.to_text().unwrap_or("");
+            if let Some(body) = text.strip_prefix("42") {
+                let v: Value = serde_json::from_str(body).unwrap();
+                got.push(v[1].clone());
+            } else if m.is_close() || text == "41" {
+                return got;
+            }
+        }
+    }
 }

@@ -131,6 +131,50 @@ async fn append(js: &jetstream::Context, sid: &SessionId, id: u64, body: &str) {
         .unwrap();
 }
 
+/// Pages bounded in bytes (the gateway's replay): each page stops at the event that reaches
+/// the byte limit, `read_after` goes on exactly where the previous page stopped (direct gets
+/// and the consumer path alike), and the whole log comes back once, in order.
+#[tokio::test]
+async fn byte_bounded_pages_cover_the_log_exactly_once() {
+    let nats = NatsServer::start().await;
+    let store = open(&nats).await;
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let (a, b) = (SessionId::generate(), SessionId::generate());
+    let body = "p".repeat(10_000);
+    for id in 0..200u64 {
+        append(&js, &a, id, &body).await;
+        if id % 3 == 0 {
+            append(&js, &b, id / 3, "b").await;
+        }
+    }
+    let size = store.read_from(&a, 0, 1).await.unwrap()[0].payload.len();
+    for (want, max_bytes) in [(20usize, 35_000usize), (150, 95_000), (500, 1)] {
+        let mut ids = Vec::new();
+        let mut page = store.read_page(&a, 0, want, max_bytes).await.unwrap();
+        while let Some(last) = page.last() {
+            let n = page.len();
+            assert!(
+                n <= want && (n - 1) * size < max_bytes,
+                "page of {n} events"
+            );
+            if n < want && last.id < 199 {
+                assert!(
+                    n * size >= max_bytes,
+                    "a short page stops at the byte limit"
+                );
+            }
+            ids.extend(page.iter().map(|e| e.id));
+            let seq = last.seq;
+            page = store.read_after(&a, seq, want, max_bytes).await.unwrap();
+        }
+        assert_eq!(
+            ids,
+            (0..200).collect::<Vec<_>>(),
+            "want {want}, {max_bytes} B"
+        );
+    }
+}
+
 #[tokio::test]
 async fn seek_and_read_over_interleaved_sessions() {
     let nats = NatsServer::start().await;
