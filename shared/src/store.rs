@@ -89,20 +89,23 @@ async fn ensure_stream(
     config: stream::Config,
     apply: bool,
 ) -> Result<stream::Stream, async_nats::Error> {
-    let mut stream = js
+    let stream = js
         .get_or_create_stream(config.clone())
         .await
         .map_err(boxed)?;
     if apply {
-        let info = stream.info().await.map_err(boxed)?.config.clone();
-        let differs = info.max_messages_per_subject != config.max_messages_per_subject
-            || info.max_bytes != config.max_bytes
+        // The info that came with the stream (no second request). A limit of 0 in a config
+        // means "none", which the server reports as -1.
+        let none_if_unset = |n: i64| if n <= 0 { -1 } else { n };
+        let info = &stream.cached_info().config;
+        let differs = none_if_unset(info.max_messages_per_subject)
+            != none_if_unset(config.max_messages_per_subject)
+            || none_if_unset(info.max_bytes) != none_if_unset(config.max_bytes)
             || info.max_age != config.max_age
             || info.discard != config.discard
             || info.discard_new_per_subject != config.discard_new_per_subject;
         if differs {
             js.update_stream(config.clone()).await.map_err(boxed)?;
-            stream = js.get_stream(&config.name).await.map_err(boxed)?;
         }
     }
     Ok(stream)
