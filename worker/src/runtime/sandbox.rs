@@ -127,6 +127,8 @@ pub(crate) struct Sandbox {
     seq: AtomicU64,
     /// The forwarder binary and the policy, with `OH_SANDBOX_NETWORK=egress`.
     egress: Option<(PathBuf, std::sync::Arc<EgressPolicy>)>,
+    /// A copy of the forwarder the sandbox user can reach (removed with the worker).
+    _helper_copy: Option<tempfile::TempDir>,
 }
 
 /// A prepared sandboxed shell: the command to spawn, and its control group (removed when the
@@ -161,6 +163,7 @@ impl Sandbox {
                 None => Enforcement::None(why),
             },
         };
+        let mut helper_copy = None;
         let egress = match &cfg.egress {
             None => None,
             Some(e) => {
@@ -173,7 +176,21 @@ impl Sandbox {
                 if !helper.is_file() {
                     return Err(SandboxError::NoNetHelper(helper));
                 }
-                Some((helper, std::sync::Arc::new(e.policy.clone())))
+                // bwrap runs as the sandbox user, who may not be able to enter the folders
+                // of the worker's own binary (a 0700 checkout): it gets a copy it can read.
+                let err = |e: std::io::Error| SandboxError::Probe(format!("forwarder copy: {e}"));
+                let dir = tempfile::Builder::new()
+                    .prefix("oh-sandbox-bin-")
+                    .tempdir()
+                    .map_err(err)?;
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+                    .map_err(err)?;
+                let copy = dir.path().join("oh-sandbox-net");
+                std::fs::copy(&helper, &copy).map_err(err)?;
+                std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))
+                    .map_err(err)?;
+                helper_copy = Some(dir);
+                Some((copy, std::sync::Arc::new(e.policy.clone())))
             }
         };
         let sandbox = Sandbox {
@@ -184,6 +201,7 @@ impl Sandbox {
             system: system_mounts(Path::new("/")),
             seq: AtomicU64::new(0),
             egress,
+            _helper_copy: helper_copy,
         };
         sandbox.probe().await?;
         Ok(sandbox)
