@@ -13,6 +13,7 @@
 //! - [`presence`]: which gateways have sockets on a session (gateways write, workers read).
 //! - [`queue`]: the work queues (user actions per session, start requests), both sides.
 //! - [`msg_id`]: the `Nats-Msg-Id`s of user actions and the guard on a client's own `msg_id`.
+//! - [`snapshot`]: workspace snapshots in JetStream (heads fenced like the log, chunks by hash).
 //! - [`journal`]: the fenced append to a session's log (the other half of ownership).
 //! - [`status`]: the live session status hash in Redis.
 //! - [`quota`]: per-user rate limits and caps, exact across gateways (one Redis script each).
@@ -31,6 +32,7 @@ pub mod ownership;
 pub mod presence;
 pub mod queue;
 pub mod quota;
+pub mod snapshot;
 pub mod status;
 pub mod store;
 pub mod telemetry;

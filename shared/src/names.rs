@@ -9,6 +9,7 @@
 //! | user actions not yet applied | stream `{ns}_actions` (work queue), subject `{ns}.act.{sid}`, durable consumer `act_{sid}` |
 //! | start/resume requests | stream `{ns}_work` (work queue, one per session at a time), subject `{ns}.work.{sid}`, consumer `workers` |
 //! | conversation metadata | stream `{ns}_meta`, subject `{ns}.meta.{uid}.{sid}`, one message each |
+//! | workspace snapshots (head and content chunks) | stream `{ns}_ws`, subjects `{ns}.ws.{sid}.h` (head) and `{ns}.ws.{sid}.c.{sha256}` (one chunk each) |
 //! | large payloads stored out of line | object store `{ns}_blobs`, objects `{sid}.{uuid}` and `replay.{sid}` |
 //! | owner lease | Redis `{ns}:lease:{sid}` |
 //! | live status | Redis hash `{ns}:status:{sid}` |
@@ -90,6 +91,30 @@ impl Names {
     /// Core subject announcing that a conversation was deleted (workers remove its workspace).
     pub fn deleted_subject(&self, sid: &SessionId) -> String {
         format!("{}.gone.{sid}", self.ns)
+    }
+    /// Stream of the workspace snapshots (heads and chunks of every session).
+    pub fn workspace_stream(&self) -> String {
+        format!("{}_ws", self.ns)
+    }
+    /// Subjects of [`Self::workspace_stream`].
+    pub fn workspace_subjects(&self) -> String {
+        format!("{}.ws.>", self.ns)
+    }
+    /// Every subject of one session's snapshots (head and chunks): DELETE purges this.
+    pub fn workspace_session_subjects(&self, sid: &SessionId) -> String {
+        format!("{}.ws.{sid}.>", self.ns)
+    }
+    /// The head of a session's snapshots: the newest manifest's address and its epoch.
+    pub fn workspace_head_subject(&self, sid: &SessionId) -> String {
+        format!("{}.ws.{sid}.h", self.ns)
+    }
+    /// One content chunk of a session's workspace, by the SHA-256 (hex) of its bytes.
+    pub fn workspace_chunk_subject(&self, sid: &SessionId, sha: &str) -> String {
+        format!("{}.ws.{sid}.c.{sha}", self.ns)
+    }
+    /// Every chunk subject of one session.
+    pub fn workspace_chunk_subjects(&self, sid: &SessionId) -> String {
+        format!("{}.ws.{sid}.c.*", self.ns)
     }
     /// Every [`Self::deleted_subject`].
     pub fn deleted_subjects(&self) -> String {

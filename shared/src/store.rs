@@ -175,6 +175,8 @@ pub struct Store {
     pub(crate) actions: stream::Stream,
     pub(crate) work: stream::Stream,
     meta: stream::Stream,
+    /// Workspace snapshots ([`crate::snapshot`]).
+    pub(crate) workspaces: stream::Stream,
     blobs: object_store::ObjectStore,
     inline_limit: usize,
 }
@@ -368,6 +370,23 @@ impl Store {
             })
             .await
             .map_err(|e| setup(&names.meta_bucket())(boxed(e)))?;
+        // Workspace snapshots: one message per subject (a head, or a chunk by its hash), the
+        // newest replacing the older; no age limit (a conversation's files live as long as it).
+        let workspaces = ensure_stream(
+            &js,
+            stream::Config {
+                name: names.workspace_stream(),
+                subjects: vec![names.workspace_subjects()],
+                storage: stream::StorageType::File,
+                max_messages_per_subject: 1,
+                allow_direct: true,
+                duplicate_window: dup,
+                ..Default::default()
+            },
+            false,
+        )
+        .await
+        .map_err(|e| setup(&names.workspace_stream())(e))?;
         let blobs = match js.get_object_store(names.blob_bucket()).await {
             Ok(s) => s,
             Err(_) => js
@@ -394,6 +413,7 @@ impl Store {
             actions,
             work,
             meta,
+            workspaces,
             blobs,
             inline_limit,
         })
@@ -943,8 +963,9 @@ impl Store {
     }
 
     /// Deletes everything stored for a session: its events, pending actions, action consumer,
-    /// start request, `replay_json` trajectory and every payload stored out of line (named `{sid}.*`; found
-    /// by listing the bucket, which holds only payloads over NATS' message size).
+    /// start request, workspace snapshots, `replay_json` trajectory and every payload stored
+    /// out of line (named `{sid}.*`; found by listing the bucket, which holds only payloads
+    /// over NATS' message size).
     ///
     /// # Errors
     /// [`StoreError`] if NATS failed.
@@ -965,6 +986,7 @@ impl Store {
             .await
             .map_err(|e| nats("purge work")(boxed(e)))?;
         self.delete_action_consumer(sid).await?;
+        self.purge_snapshots(sid).await?;
         self.delete_blob(&self.names.replay_blob(sid)).await?;
         let prefix = format!("{sid}.");
         let mut list = self

@@ -29,6 +29,7 @@ use crate::controller::Controller;
 use crate::llm::LlmSetupError;
 use crate::runtime::RuntimeConfig;
 use crate::session::{AgentSession, Start};
+use crate::workspace::{self, Place, Snapshots};
 
 /// Most events of a conversation loaded into a new owner's controller.
 const HISTORY_LIMIT: u64 = 2000;
@@ -186,6 +187,8 @@ enum ClaimError {
     Trajectory(#[from] shared::event::EventError),
     #[error("replay trajectory: {0}")]
     Replay(String),
+    #[error("workspace restore: {0}")]
+    Workspace(#[from] crate::workspace::SnapError),
 }
 
 async fn try_claim(
@@ -364,6 +367,9 @@ impl Claim<'_> {
         self.phases.mark("pull");
         let history = self.history(&fenced.journal, fenced.fresh).await?;
         self.phases.mark("history");
+        let (snapshots, workspace_note) =
+            self.workspace(fenced.fresh, fenced.epoch, &history).await?;
+        self.phases.mark("workspace");
         info!(
             epoch = fenced.epoch,
             fresh = fenced.fresh,
@@ -379,8 +385,9 @@ impl Claim<'_> {
             fresh: fenced.fresh,
             interrupted: fenced.interrupted,
             pending: actions.pending,
+            workspace_note,
         };
-        let session = AgentSession::new(
+        let mut session = AgentSession::new(
             self.ctx.clone(),
             (self.sid.clone(), self.uid.clone()),
             meta,
@@ -389,6 +396,7 @@ impl Claim<'_> {
             ctrl,
             AgentState::Loading,
         );
+        session.snapshots = Some(snapshots);
         Ok(Ready {
             session,
             actions,
@@ -452,6 +460,30 @@ impl Claim<'_> {
             .iter()
             .filter_map(|e| Event::from_json(&e.payload).ok())
             .collect())
+    }
+
+    /// The session's files: a first start has none; a takeover fences the previous owner's
+    /// snapshot writes and restores the newest snapshot into this worker's folder (fetching
+    /// only what differs from what it holds). Returns what the agent must be told, if
+    /// anything (file changes after the snapshot were lost).
+    async fn workspace(
+        &self,
+        fresh: bool,
+        epoch: u64,
+        history: &[Event],
+    ) -> Result<(Snapshots, Option<String>), ClaimError> {
+        let ctx = self.ctx;
+        let owner = ctx.sandbox.as_ref().and_then(|s| s.owner());
+        let place = Place::new(&ctx.args.workspace_root, &self.sid, owner);
+        let max = ctx.args.workspace_max_mib.saturating_mul(1024 * 1024);
+        let store = ctx.store.clone();
+        if fresh {
+            let snaps = Snapshots::fresh(store, self.sid.clone(), place, epoch, max);
+            return Ok((snaps, None));
+        }
+        let (snaps, restored) =
+            Snapshots::take_over(store, self.sid.clone(), place, epoch, max).await?;
+        Ok((snaps, workspace::lost_changes_note(&restored, history)))
     }
 
     /// Should-run (the sweeper resumes it if we die) and status `running`, together.

@@ -1,6 +1,6 @@
 //! Removes the workspace of a deleted conversation. The gateway that deletes it announces it
 //! on `{ns}.gone.{sid}` (core NATS) after stopping the session and purging its log; every
-//! worker removes `<OH_WORKSPACE_ROOT>/<sid>` if it has one. At most once: a worker that was
+//! worker removes `<OH_WORKSPACE_ROOT>/<sid>` (and its snapshot index) if it has one. At most once: a worker that was
 //! down at that moment keeps the folder (no conversation refers to it any more).
 
 use futures::StreamExt;
@@ -42,6 +42,7 @@ pub(crate) async fn workspace_gc(ctx: Ctx, cancel: CancellationToken) {
         else {
             continue;
         };
+        let _ = std::fs::remove_file(crate::workspace::index_path(&ctx.args.workspace_root, &sid));
         let dir = ctx.args.workspace_root.join(sid.as_str());
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => {

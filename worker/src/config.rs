@@ -80,6 +80,11 @@ pub struct Args {
     /// Folder under which each session gets its workspace folder.
     #[arg(long, env = "OH_WORKSPACE_ROOT", default_value = "/tmp/oh-workspaces")]
     pub workspace_root: std::path::PathBuf,
+    /// Largest workspace (MiB of file contents) snapshotted to JetStream so that its files
+    /// follow the session to another worker. Over it, the agent gets an error event, the
+    /// previous snapshot stands, and the session keeps working.
+    #[arg(long, env = "OH_WORKSPACE_MAX_MIB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub workspace_max_mib: u64,
     /// Folder of knowledge files (`*.md` with a `triggers:` list in a front matter) recalled
     /// when a user message mentions a trigger. Unset: none.
     #[arg(long, env = "OH_KNOWLEDGE_DIR")]

@@ -8,6 +8,7 @@
 //! - `session`: `AgentSession`, one task per session, driven by user actions.
 //! - `sweep`: queues a resume for sessions that should run but lost their owner.
 //! - `cleanup`: removes the workspace of a deleted conversation.
+//! - `workspace`: snapshots of a session's files in JetStream (incremental) and their restore.
 //! - `controller`: the steps of a turn (think, act) as futures that own the controller.
 //! - `agent`: the agent trait, the CodeAct agent, replay, and the `echo` test/demo agent.
 //! - `memory`: recall of workspace instructions and knowledge on user messages.
@@ -28,6 +29,7 @@ mod memory;
 pub(crate) mod runtime;
 mod session;
 mod sweep;
+mod workspace;
 
 use std::sync::Arc;
 

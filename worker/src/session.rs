@@ -34,10 +34,35 @@ use tracing::{info, warn};
 use crate::Ctx;
 use crate::agent::StepError;
 use crate::controller::{Busy, Controller, Step, is_runnable};
+use crate::workspace::{SnapError, Snapshots};
 use shared::journal::{AppendError, Journal};
+use shared::snapshot::SnapshotError;
 
 /// The interruption of a turn that ends it in `error` rather than continuing it.
 pub(crate) const MAX_TURN_INTERRUPTS: u32 = 2;
+
+/// `error_id` of the notices about the workspace's snapshots.
+const WORKSPACE_ERROR: &str = "AGENT_ERROR$WORKSPACE_SNAPSHOT";
+
+/// Longest a session's last snapshot may take (drain and stop wait for it).
+const FINAL_SNAPSHOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// What the agent is told when a snapshot is refused for good (not a passing NATS failure).
+fn refusal(e: &SnapError) -> Option<String> {
+    const MIB: u64 = 1024 * 1024;
+    match e {
+        SnapError::TooLarge { bytes, limit } => Some(format!(
+            "The workspace holds {} MiB of files, over the snapshot limit of {} MiB \
+             (OH_WORKSPACE_MAX_MIB), so it was not saved.",
+            bytes.div_ceil(MIB),
+            limit / MIB
+        )),
+        SnapError::Snapshot(SnapshotError::Store(s)) if s.is_storage_full() => Some(
+            "The workspace could not be saved: the server's snapshot storage is full.".to_owned(),
+        ),
+        _ => None,
+    }
+}
 
 pub(crate) struct AgentSession {
     pub(crate) ctx: Ctx,
@@ -61,6 +86,13 @@ pub(crate) struct AgentSession {
     status_write: Option<futures::future::BoxFuture<'static, ()>>,
     /// A status write is due once the one in flight is done (`true`: a full rewrite).
     status_due: Option<bool>,
+    /// The workspace's snapshots (set by the claim).
+    pub(crate) snapshots: Option<Snapshots>,
+    /// A turn ended: snapshot the workspace before the next input.
+    snapshot_due: bool,
+    /// The agent was told that snapshots are refused (too large, store full); told again
+    /// only after one succeeded.
+    snapshot_refused: bool,
 }
 
 struct Turn {
@@ -76,6 +108,8 @@ pub(crate) struct Start {
     pub(crate) interrupted: bool,
     /// User actions already waiting.
     pub(crate) pending: u64,
+    /// What the agent must be told about its restored workspace (changes lost).
+    pub(crate) workspace_note: Option<String>,
 }
 
 /// What can happen to a session.
@@ -129,6 +163,9 @@ impl AgentSession {
             draining: false,
             status_write: None,
             status_due: None,
+            snapshots: None,
+            snapshot_due: false,
+            snapshot_refused: false,
         }
     }
 
@@ -258,6 +295,12 @@ impl AgentSession {
                         }
                     }
                 }
+                if self.snapshot_due
+                    && self.turn.is_none()
+                    && let Some(end) = self.turn_end_snapshot().await
+                {
+                    break end;
+                }
             },
         };
         if let Some(t) = self.turn.take() {
@@ -270,6 +313,13 @@ impl AgentSession {
         if let Some(rt) = self.ctrl.as_mut().and_then(|c| c.runtime.as_mut()) {
             rt.close().await;
         }
+        let end = match end {
+            // The files as the session leaves them, for whichever worker runs it next.
+            End::Stopped | End::Handover | End::Failed | End::Full => {
+                self.final_snapshot(end).await
+            }
+            End::Lost => End::Lost,
+        };
         self.finish(end).await;
     }
 
@@ -291,6 +341,7 @@ impl AgentSession {
             fresh,
             interrupted,
             pending,
+            workspace_note,
         } = start;
         if interrupted {
             let n = self.journal.interrupts() + 1;
@@ -304,6 +355,8 @@ impl AgentSession {
                 obs.cause = action.id.and_then(|i| i64::try_from(i).ok());
                 self.append(obs).await?;
             }
+            // After the interrupted call's answer, so the model sees the call answered first.
+            self.tell_workspace(workspace_note).await?;
             if n >= MAX_TURN_INTERRUPTS {
                 warn!(
                     interrupts = n,
@@ -333,6 +386,7 @@ impl AgentSession {
             self.publish_status();
             return Ok(());
         }
+        self.tell_workspace(workspace_note).await?;
         if fresh {
             let (prompt, tools, class) = match self.ctrl.as_ref() {
                 Some(c) => (c.agent.system_prompt(), c.agent.tools(), c.agent.class()),
@@ -681,8 +735,101 @@ impl AgentSession {
     async fn set_state(&mut self, state: AgentState, reason: &str) -> Result<(), AppendError> {
         self.append(Event::agent_state_changed(state.clone(), reason))
             .await?;
+        if !matches!(state, AgentState::Running | AgentState::Loading) {
+            // A turn ended (or never started): the files are as the agent left them.
+            self.snapshot_due = true;
+        }
         self.agent_state = state;
         Ok(())
+    }
+
+    /// Tells the agent (an error observation it sees) what happened to its files on the way
+    /// to this worker.
+    async fn tell_workspace(&mut self, note: Option<String>) -> Result<(), AppendError> {
+        if let Some(note) = note {
+            warn!(note, "workspace changes lost in the move");
+            self.append(Event::error_observation(note, WORKSPACE_ERROR))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The snapshot at a turn end. `Some` if the session must end (fenced).
+    async fn turn_end_snapshot(&mut self) -> Option<End> {
+        self.snapshot_due = false;
+        let event_id = self.journal.last_id();
+        let res = self.snapshots.as_mut()?.snapshot(event_id).await;
+        match res {
+            Ok(_) => {
+                self.snapshot_refused = false;
+                None
+            }
+            Err(SnapError::Snapshot(SnapshotError::Fenced { .. })) => {
+                warn!("snapshot fenced: another worker took over; stopping here");
+                metrics::counter!("oh_worker_fenced_total").increment(1);
+                Some(End::Lost)
+            }
+            Err(e) => {
+                let Some(why) = refusal(&e) else {
+                    // NATS trouble: the previous snapshot stands; the next turn end retries.
+                    warn!(error = %e, "workspace snapshot failed");
+                    return None;
+                };
+                warn!(error = %e, "workspace snapshot refused");
+                if self.snapshot_refused {
+                    return None;
+                }
+                self.snapshot_refused = true;
+                let at = self
+                    .snapshots
+                    .as_ref()
+                    .and_then(|s| s.head().event_id)
+                    .map_or_else(|| "none yet".to_owned(), |id| format!("event {id}"));
+                let note = format!(
+                    "{why} Until then this conversation's files do not follow it to another \
+                     worker: if it moves, the workspace is restored from the last snapshot \
+                     ({at}). Remove files you do not need (build outputs, downloads, caches) \
+                     to have them saved again."
+                );
+                match self
+                    .append(Event::error_observation(note, WORKSPACE_ERROR))
+                    .await
+                {
+                    Ok(_) => {
+                        self.publish_status();
+                        None
+                    }
+                    Err(e) => Some(self.on_append_error(e)),
+                }
+            }
+        }
+    }
+
+    /// The snapshot as the session ends (stop, passivation, drain, failure), bounded in time
+    /// (a drain must finish). Fenced: the session was lost after all.
+    async fn final_snapshot(&mut self, end: End) -> End {
+        let event_id = self.journal.last_id();
+        let Some(snaps) = self.snapshots.as_mut() else {
+            return end;
+        };
+        match tokio::time::timeout(FINAL_SNAPSHOT_TIMEOUT, snaps.snapshot(event_id)).await {
+            Ok(Ok(_)) => end,
+            Ok(Err(SnapError::Snapshot(SnapshotError::Fenced { .. }))) => {
+                warn!("snapshot fenced: another worker took over");
+                metrics::counter!("oh_worker_fenced_total").increment(1);
+                End::Lost
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "workspace snapshot at the end of the session failed; the previous one stands");
+                end
+            }
+            Err(_) => {
+                warn!(
+                    "workspace snapshot at the end of the session timed out; the previous one stands"
+                );
+                end
+            }
+        }
     }
 
     /// Queues a status write (agent state, last event id); see `status_write`.

@@ -314,6 +314,13 @@ pub(crate) fn to_messages(system: &str, history: &[Event]) -> Vec<ChatMessage> {
                 ));
                 continue;
             }
+            if let (ObservationView::Error { content }, None) = (&obs, ev.cause) {
+                // A notice from the server (workspace restored, snapshot refused, ...): shown
+                // to the model as OpenHands shows an error observation without a tool call.
+                close_open(&mut out, &mut open);
+                out.push(ChatMessage::user(format!("ERROR: {content}")));
+                continue;
+            }
             if let ObservationView::Recall(recall) = obs {
                 let instr = recall.repo_instructions();
                 let knowledge: Vec<&str> = recall.knowledge().collect();
