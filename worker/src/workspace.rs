@@ -437,6 +437,7 @@ impl Snapshots {
             })
             .await
             .map_err(std::io::Error::other)??;
+            me.collect_leftovers().await;
             return Ok((
                 me,
                 Restored {
@@ -851,11 +852,17 @@ fn prepare(place: &Place, entries: &[Entry], old: &Index) -> Result<Plan, SnapEr
                     std::os::unix::fs::symlink(rel_path(target), &full)?;
                 }
             }
-            Entry::File { path, chunks, .. } => {
+            Entry::File {
+                path, chunks, size, ..
+            } => {
                 let same = present(path)
                     && match (local.get(path), old.files.get(path)) {
-                        (Some(Found::File(stat)), Some(k)) => {
-                            stat.matches(k) && &k.chunks == chunks
+                        (Some(Found::File(stat)), Some(k)) if stat.matches(k) => {
+                            &k.chunks == chunks
+                        }
+                        // Unknown to the index (or changed since): the same bytes need no fetch.
+                        (Some(Found::File(stat)), _) if stat.size == *size => {
+                            same_content(&full, chunks)?
                         }
                         _ => false,
                     };
@@ -866,6 +873,26 @@ fn prepare(place: &Place, entries: &[Entry], old: &Index) -> Result<Plan, SnapEr
         }
     }
     Ok(plan)
+}
+
+/// Whether the file at `path` holds exactly `chunks` (hashed locally: cheaper than a fetch).
+fn same_content(path: &Path, chunks: &[String]) -> std::io::Result<bool> {
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nofollow())
+        .open(path)?;
+    let mut buf = Vec::with_capacity(CHUNK_BYTES);
+    for want in chunks {
+        buf.clear();
+        Read::by_ref(&mut file)
+            .take(CHUNK_BYTES as u64)
+            .read_to_end(&mut buf)?;
+        if sha256_hex(&buf) != *want {
+            return Ok(false);
+        }
+    }
+    // Nothing after the last chunk.
+    Ok(file.read(&mut [0u8; 1])? == 0)
 }
 
 /// Fetches one file's chunks and writes it (a new file renamed over the path); returns its
@@ -1045,3 +1072,7 @@ pub(crate) fn lost_changes_note(restored: &Restored, history: &[Event]) -> Optio
         None => None,
     }
 }
+
+#[cfg(test)]
+#[path = "workspace_tests.rs"]
+mod tests;
