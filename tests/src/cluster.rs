@@ -160,6 +160,12 @@ impl Cluster {
     /// `OH_WORKER_METRICS_ADDR`) answers once NATS, JetStream and Redis are connected, right
     /// before its claim loop starts.
     pub async fn add_worker(&mut self) -> usize {
+        self.add_worker_with(Vec::new()).await
+    }
+
+    /// [`Cluster::add_worker`] with settings of its own (after [`ClusterOpts::worker_env`], so
+    /// they win), e.g. another `OH_WORKSPACE_ROOT` standing in for another machine.
+    pub async fn add_worker_with(&mut self, extra: Vec<(&'static str, String)>) -> usize {
         let i = self.workers.len();
         let mut env = self.common_env(Role::Worker);
         env.push(("OH_WORKER_ID", format!("w{i}")));
@@ -171,6 +177,7 @@ impl Cluster {
             format!("127.0.0.1:{}", free_port()),
         ));
         env.extend(self.opts.worker_env.iter().cloned());
+        env.extend(extra);
         // The last setting wins (a test may choose its own address).
         let addr = env
             .iter()

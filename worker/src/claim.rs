@@ -396,7 +396,8 @@ impl Claim<'_> {
             ctrl,
             AgentState::Loading,
         );
-        session.snapshots = Some(snapshots);
+        session.snapshots =
+            Some(snapshots.with_pause(Duration::from_millis(self.ctx.args.test_snapshot_pause_ms)));
         Ok(Ready {
             session,
             actions,

@@ -40,6 +40,16 @@ pub struct Args {
     /// (to test failover and poison input). Never enable in production.
     #[arg(long, env = "OH_ECHO_FAULTS", default_value_t = false)]
     pub echo_faults: bool,
+    /// Test hook: milliseconds a snapshot waits before writing its head (a window in which a
+    /// test pauses the worker, to show that a zombie's late write is fenced). Never set in
+    /// production.
+    #[arg(
+        long,
+        env = "OH_TEST_SNAPSHOT_PAUSE_MS",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub test_snapshot_pause_ms: u64,
     /// Most steps (LLM call plus action) in one turn before it ends in `error`.
     #[arg(long, env = "OH_MAX_ITERATIONS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_iterations: u32,

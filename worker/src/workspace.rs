@@ -128,6 +128,8 @@ pub(crate) struct Snapshots {
     /// Stream sequence of every chunk the committed manifest holds.
     chunks: BTreeMap<String, u64>,
     index: Index,
+    /// Test hook `OH_TEST_SNAPSHOT_PAUSE_MS`: a wait before each head write.
+    pause: std::time::Duration,
 }
 
 /// The local index: what each file's stat was when its chunks were computed.
@@ -400,6 +402,7 @@ impl Snapshots {
             head: Head::empty(epoch),
             chunks: BTreeMap::new(),
             index: Index::default(),
+            pause: std::time::Duration::ZERO,
         }
     }
 
@@ -428,6 +431,7 @@ impl Snapshots {
             head,
             chunks: BTreeMap::new(),
             index: Index::default(),
+            pause: std::time::Duration::ZERO,
         };
         if !me.head.has_snapshot() {
             // Nothing stored yet: the local folder (if this machine has one) is all there is.
@@ -720,6 +724,13 @@ impl Snapshots {
             entries_sha: sha,
             body: body_refs,
         };
+        if !self.pause.is_zero() {
+            info!(
+                ms = self.pause.as_millis() as u64,
+                "test hook: pausing before the snapshot head write"
+            );
+            tokio::time::sleep(self.pause).await;
+        }
         let seq = match self
             .store
             .write_snapshot_head(&self.sid, &head, self.head_seq)
@@ -790,6 +801,12 @@ impl Snapshots {
         if let Ok(Err(e)) | Err(e) = res.map_err(std::io::Error::other) {
             warn!(error = %e, "local snapshot index not written (the next restore fetches everything)");
         }
+    }
+
+    /// Sets the test hook `OH_TEST_SNAPSHOT_PAUSE_MS`.
+    pub(crate) fn with_pause(mut self, pause: std::time::Duration) -> Self {
+        self.pause = pause;
+        self
     }
 
     /// The head as committed (tests and logs).
