@@ -18,8 +18,11 @@
 //! **Collection:** after a head write commits, its writer drops the chunks the previous
 //! manifest held and the new one does not, each purge bounded by the chunk's own sequence
 //! ([`Store::drop_chunk`]): a chunk stored again later (a newer message on the subject) is
-//! never removed by an older owner's late purge. Chunks a crash left unreferenced are dropped
-//! by the next owner at takeover ([`Store::stored_chunks`]). DELETE purges `{ns}.ws.{sid}.>`.
+//! never removed by an older owner's late purge. The head names the chunks it made
+//! unreferenced ([`Head::garbage`]), so that the next owner drops them at takeover if the
+//! writer died before it did. Chunks stored by a snapshot that never committed (its writer
+//! died or was fenced) stay until a later snapshot stores the same content or the conversation
+//! is deleted. DELETE purges `{ns}.ws.{sid}.>`.
 //!
 //! Why a stream and not the JetStream object store: per-session subjects make DELETE one
 //! filtered purge, a chunk's existence and content one direct get, and its removal one purge;
@@ -94,6 +97,11 @@ pub struct Head {
     /// The manifest's chunks, in order; empty when there is no snapshot yet.
     #[serde(default)]
     pub body: Vec<ChunkRef>,
+    /// Chunks this head made unreferenced (the previous manifest's, not in this one): its
+    /// writer drops them right after writing it; a new owner drops them again at takeover, in
+    /// case the writer died in between.
+    #[serde(default)]
+    pub garbage: Vec<ChunkRef>,
 }
 
 impl Head {
@@ -108,6 +116,7 @@ impl Head {
             bytes: 0,
             entries_sha: String::new(),
             body: Vec::new(),
+            garbage: Vec::new(),
         }
     }
 

@@ -266,6 +266,12 @@ async fn files_follow_drain_and_passivation_and_delete_removes_every_snapshot() 
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Snapshots, restores, collection and DELETE needed nothing beyond the roles' rights.
+    let log = c.nats.log();
+    assert!(
+        !log.contains("Violation"),
+        "a role lacks a permission:\n{log}"
+    );
 }
 
 /// A worker paused (SIGSTOP) in the middle of its snapshot, after its turn ended, wakes after

@@ -14,7 +14,8 @@
 //! - `memory`: recall of workspace instructions and knowledge on user messages.
 //! - `llm`: the OpenAI-compatible LLM client; `runtime`: the session's shell and file tools,
 //!   in a bubblewrap sandbox (`runtime::sandbox`) with control-group limits (`runtime::cgroup`).
-//! - `bench`: the sandbox benchmark of the `sandbox-bench` binary.
+//! - `bench`: the sandbox benchmark of the `sandbox-bench` binary; `snapshot_bench`: the
+//!   workspace snapshot benchmark of `snapshot-bench`.
 
 mod agent;
 #[doc(hidden)]
@@ -28,6 +29,8 @@ pub mod llm;
 mod memory;
 pub(crate) mod runtime;
 mod session;
+#[doc(hidden)]
+pub mod snapshot_bench;
 mod sweep;
 mod workspace;
 

@@ -36,12 +36,17 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use shared::event::Event;
 use shared::id::SessionId;
-use shared::snapshot::{Body, CHUNK_BYTES, Entry, Head, SnapshotError, WsPath, sha256_hex};
+use shared::snapshot::{
+    Body, CHUNK_BYTES, ChunkRef, Entry, Head, SnapshotError, WsPath, sha256_hex,
+};
 use shared::store::{Store, StoreError};
 use tracing::{debug, info, warn};
 
 /// A file modified this recently (ns) before it was hashed is hashed again next time.
 const RACY_NS: i64 = 2_000_000_000;
+/// Most dropped chunks a head names for its successor (the rest of a huge drop is only dropped
+/// by its writer).
+const MAX_GARBAGE: usize = 4096;
 /// Chunk writes (and reads) in flight at once.
 const IN_FLIGHT: usize = 32;
 
@@ -441,7 +446,7 @@ impl Snapshots {
             })
             .await
             .map_err(std::io::Error::other)??;
-            me.collect_leftovers().await;
+            me.collect_garbage().await;
             return Ok((
                 me,
                 Restored {
@@ -467,7 +472,7 @@ impl Snapshots {
         let mut restored = me.restore(&body).await?;
         restored.event_id = me.head.event_id;
         me.chunks = body.chunks;
-        me.collect_leftovers().await;
+        me.collect_garbage().await;
         metrics::histogram!("oh_worker_restore_seconds").record(started.elapsed());
         metrics::counter!("oh_worker_restore_bytes_total").increment(restored.fetched_bytes);
         info!(
@@ -544,32 +549,20 @@ impl Snapshots {
         Ok(restored)
     }
 
-    /// Drops chunks a crash left unreferenced (stored but held by no manifest). Best effort.
-    async fn collect_leftovers(&self) {
-        let stored = match self.store.stored_chunks(&self.sid).await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "listing snapshot chunks failed");
-                return;
-            }
-        };
-        let held: HashSet<&str> = self
-            .chunks
-            .keys()
-            .map(String::as_str)
-            .chain(self.head.body.iter().map(|c| c.sha.as_str()))
+    /// Drops the chunks the newest head says its writer made unreferenced: a writer that died
+    /// between its head write and its drops leaves them there. Bounded by their sequences, so a
+    /// chunk stored again since is kept.
+    async fn collect_garbage(&self) {
+        let garbage: Vec<(String, u64)> = self
+            .head
+            .garbage
+            .iter()
+            .map(|c| (c.sha.clone(), c.seq))
             .collect();
-        let orphans: Vec<String> = stored
-            .into_iter()
-            .filter(|s| !held.contains(s.as_str()))
-            .collect();
-        if orphans.is_empty() {
-            return;
+        if !garbage.is_empty() {
+            debug!(n = garbage.len(), "dropping chunks the previous owner left");
+            self.drop_chunks(garbage).await;
         }
-        debug!(n = orphans.len(), "dropping unreferenced snapshot chunks");
-        // No bound needed: we own the session, and nothing we hold names these.
-        self.drop_chunks(orphans.into_iter().map(|s| (s, u64::MAX - 1)).collect())
-            .await;
     }
 
     async fn drop_chunks(&self, chunks: Vec<(String, u64)>) {
@@ -714,7 +707,27 @@ impl Snapshots {
                 return Err(e.into());
             }
         };
+        // What this head makes unreferenced: dropped right after it commits, and named in it
+        // so that the next owner drops them if this one dies in between.
+        let held: HashSet<&str> = body
+            .chunks
+            .keys()
+            .map(String::as_str)
+            .chain(body_refs.iter().map(|c| c.sha.as_str()))
+            .collect();
+        let stale: Vec<ChunkRef> = self
+            .chunks
+            .iter()
+            .map(|(s, q)| ChunkRef {
+                sha: s.clone(),
+                seq: *q,
+                len: 0,
+            })
+            .chain(self.head.body.iter().cloned())
+            .filter(|c| !held.contains(c.sha.as_str()))
+            .collect();
         let head = Head {
+            garbage: stale.iter().take(MAX_GARBAGE).cloned().collect(),
             epoch: self.epoch,
             snapshot_epoch: self.epoch,
             event_id,
@@ -737,28 +750,17 @@ impl Snapshots {
             .await
         {
             Ok(seq) => seq,
-            // Fenced: the newer owner collects what we stored at its next takeover.
+            // Fenced: what we stored stays unreferenced (dropped with the conversation); the
+            // new owner's next snapshot replaces any chunk it shares with ours.
             Err(e) => return Err(e.into()),
         };
         // Committed. Drop what only the previous manifest held, each bounded by its sequence.
-        let held: HashSet<&str> = body
-            .chunks
-            .keys()
-            .map(String::as_str)
-            .chain(head.body.iter().map(|c| c.sha.as_str()))
-            .collect();
-        let stale: Vec<(String, u64)> = self
-            .chunks
-            .iter()
-            .map(|(s, q)| (s.clone(), *q))
-            .chain(self.head.body.iter().map(|c| (c.sha.clone(), c.seq)))
-            .filter(|(s, _)| !held.contains(s.as_str()))
-            .collect();
         let (files, bytes) = (head.files, head.bytes);
         self.head_seq = seq;
         self.head = head;
         self.chunks = body.chunks;
-        self.drop_chunks(stale).await;
+        self.drop_chunks(stale.into_iter().map(|c| (c.sha, c.seq)).collect())
+            .await;
         self.save_index().await;
         let uploaded = uploaded_bytes + self.head.body.iter().map(|c| c.len).sum::<u64>();
         Ok(Taken::Stored {

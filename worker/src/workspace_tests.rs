@@ -241,17 +241,17 @@ async fn an_earlier_owner_cannot_replace_a_newer_owners_snapshot() {
         matches!(err, SnapError::Snapshot(SnapshotError::Fenced { .. })),
         "{err}"
     );
-    // What the fenced writer stored is collected by the next takeover.
-    let (_, _) = Snapshots::take_over(
-        store.clone(),
-        other.clone(),
-        place(b.path(), &other),
-        30,
-        MAX,
-    )
-    .await
-    .expect("take over");
-    assert!(store.stored_chunks(&other).await.expect("list").is_empty());
+    assert!(
+        store
+            .snapshot_head(&other)
+            .await
+            .expect("head")
+            .expect("head")
+            .1
+            .body
+            .is_empty(),
+        "the fenced writer's snapshot was committed"
+    );
 }
 
 /// Chunks held only by older manifests are dropped; a chunk stored again after an older owner
@@ -436,5 +436,59 @@ fn the_agent_is_told_which_changes_were_lost() {
         lost_changes_note(&empty, &history)
             .expect("note")
             .contains("events 3, 5, 8")
+    );
+}
+
+/// A writer that dies between its head write and its drops: the head names what it made
+/// unreferenced, and the next owner drops exactly that at takeover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_a_dead_writer_left_unreferenced_are_dropped_by_the_next_owner() {
+    let nats = NatsServer::start().await;
+    let store = store(&nats).await;
+    let (a, b) = (
+        tempfile::tempdir().expect("tmp"),
+        tempfile::tempdir().expect("tmp"),
+    );
+    let sid = new_sid();
+    let mut owner = Snapshots::fresh(store.clone(), sid.clone(), place(a.path(), &sid), 10, MAX);
+    populate(&a.path().join(sid.as_str()));
+    owner.snapshot(Some(1)).await.expect("snapshot");
+    // The dead writer's view: its head is written, naming `orphan` as garbage it never dropped.
+    let sha = sha256_hex(b"orphan");
+    let seq = store
+        .put_chunk(&sid, &sha, bytes::Bytes::from_static(b"orphan"))
+        .await
+        .expect("put");
+    let (head_seq, mut head) = store
+        .snapshot_head(&sid)
+        .await
+        .expect("head")
+        .expect("head");
+    head.garbage = vec![shared::snapshot::ChunkRef {
+        sha: sha.clone(),
+        seq,
+        len: 6,
+    }];
+    store
+        .write_snapshot_head(&sid, &head, head_seq)
+        .await
+        .expect("head write");
+    let before = store.stored_chunks(&sid).await.expect("list").len();
+    let (_, restored) =
+        Snapshots::take_over(store.clone(), sid.clone(), place(b.path(), &sid), 20, MAX)
+            .await
+            .expect("take over");
+    assert!(restored.failed.is_none());
+    let after: HashSet<String> = store
+        .stored_chunks(&sid)
+        .await
+        .expect("list")
+        .into_iter()
+        .collect();
+    assert_eq!(after.len(), before - 1);
+    assert!(!after.contains(&sha));
+    assert_eq!(
+        tree(&a.path().join(sid.as_str())),
+        tree(&b.path().join(sid.as_str()))
     );
 }
