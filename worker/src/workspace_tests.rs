@@ -405,13 +405,30 @@ async fn a_restore_replaces_local_symlinks_instead_of_following_them() {
 
 #[test]
 fn the_agent_is_told_which_changes_were_lost() {
+    use shared::event::{EditArgs, ReadArgs, RunArgs};
     let ev = |id: u64, action: &str| {
-        let mut e = Event::from_json(
-            serde_json::json!({"id": id, "source": "agent", "action": action, "args": {"command": "x", "path": "/workspace/f", "content": "", "old_str": "", "new_str": "", "thought": ""}})
-                .to_string()
-                .as_bytes(),
-        )
-        .expect("event");
+        let mut e = match action {
+            "run" => Event::run(RunArgs {
+                command: "x",
+                is_input: false,
+                thought: "",
+                timeout: None,
+            }),
+            "edit" => Event::edit(EditArgs {
+                path: "/workspace/f",
+                command: "create",
+                file_text: Some(""),
+                old_str: None,
+                new_str: None,
+                insert_line: None,
+                thought: "",
+            }),
+            _ => Event::read(ReadArgs {
+                path: "/workspace/f",
+                view_range: None,
+                thought: "",
+            }),
+        };
         e.id = Some(id);
         e
     };
