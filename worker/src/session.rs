@@ -314,11 +314,11 @@ impl AgentSession {
             rt.close().await;
         }
         let end = match end {
-            // The files as the session leaves them, for whichever worker runs it next.
-            End::Stopped | End::Handover | End::Failed | End::Full => {
-                self.final_snapshot(end).await
-            }
-            End::Lost => End::Lost,
+            // The files as the session leaves them, for whichever worker runs it next. Not
+            // after a failed append (NATS trouble): the handback must not wait for timeouts,
+            // and the next owner tells the agent what the last turn-end snapshot lacks.
+            End::Stopped | End::Handover | End::Full => self.final_snapshot(end).await,
+            other => other,
         };
         self.finish(end).await;
     }

@@ -619,6 +619,10 @@ impl Snapshots {
     }
 
     async fn snapshot_inner(&mut self, event_id: Option<u64>) -> Result<Taken, SnapError> {
+        if !self.head.has_snapshot() && !self.place.dir.exists() {
+            // No folder and nothing stored (e.g. a session that never ran a command).
+            return Ok(Taken::Unchanged);
+        }
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, Bytes)>(IN_FLIGHT);
         let known: HashSet<String> = self.chunks.keys().cloned().collect();
         let old = std::mem::take(&mut self.index);
