@@ -47,6 +47,8 @@ const RACY_NS: i64 = 2_000_000_000;
 /// Most dropped chunks a head names for its successor (the rest of a huge drop is only dropped
 /// by its writer).
 const MAX_GARBAGE: usize = 4096;
+/// Chunks of one file fetched at once during a restore (2 MiB).
+const WRITE_BATCH: usize = 8;
 /// Chunk writes (and reads) in flight at once.
 const IN_FLIGHT: usize = 32;
 
@@ -938,36 +940,63 @@ async fn write_file(
         name.push(format!(".oh-restore-{}", uuid::Uuid::new_v4().simple()));
         full.with_file_name(name)
     };
-    let mut file = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(nofollow())
-        .open(&tmp)
-        .await?;
+    // Chunks are fetched a batch at a time (in parallel) and written by one blocking call
+    // per batch; the first creates the new file, the last renames it into place.
+    let mut file: Option<std::fs::File> = None;
     let mut n = 0u64;
     let res: Result<(), SnapError> = async {
-        use tokio::io::AsyncWriteExt;
-        for sha in chunks {
-            let bytes = store.get_chunk(sid, sha).await?;
-            n += bytes.len() as u64;
-            file.write_all(&bytes).await?;
+        for batch in chunks.chunks(WRITE_BATCH) {
+            let parts =
+                futures::future::try_join_all(batch.iter().map(|sha| store.get_chunk(sid, sha)))
+                    .await?;
+            n += parts.iter().map(|p| p.len() as u64).sum::<u64>();
+            let (open, tmp) = (file.take(), tmp.clone());
+            file = Some(
+                tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+                    let mut f = match open {
+                        Some(f) => f,
+                        None => create_new(&tmp)?,
+                    };
+                    for p in parts {
+                        f.write_all(&p)?;
+                    }
+                    Ok(f)
+                })
+                .await
+                .map_err(std::io::Error::other)??,
+            );
         }
-        file.flush().await?;
+        let (open, tmp, full) = (file.take(), tmp.clone(), full.clone());
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            if open.is_none() {
+                create_new(&tmp)?; // an empty file
+            }
+            drop(open);
+            std::fs::rename(&tmp, &full)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         Ok(())
     }
     .await;
-    drop(file);
     match res {
-        Ok(()) => {
-            tokio::fs::rename(&tmp, &full).await?;
-            Ok(n)
-        }
+        Ok(()) => Ok(n),
         Err(e) => {
+            drop(file);
             let _ = tokio::fs::remove_file(&tmp).await;
             Err(e)
         }
     }
+}
+
+/// A new file for a restore: `0600`, never through a symlink, never over an existing path.
+fn create_new(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nofollow())
+        .open(path)
 }
 
 /// Second half of a restore (blocking): modes, mtimes, ownership; returns the new index.
