@@ -1,7 +1,8 @@
 //! The workspace snapshot benchmark behind `snapshot-bench` (a binary of this crate): snapshot
 //! and restore times and bytes stored, on the real [`Snapshots`] code against a real
 //! `nats-server -js` it starts itself (file storage in a temporary folder), beside the floor
-//! measured in the same run: one plain JetStream object-store put (and get) of the same bytes.
+//! measured in the same run: one plain JetStream object-store put of the same bytes (for a
+//! restore: its get, plus writing the same files with `std::fs`).
 //!
 //! Scenarios: a 1 MB workspace (10 files), a 100 MB one (1,000 files of 100 KB), the same with
 //! one line appended to one file (incremental), and unchanged (what every turn end costs when
@@ -101,6 +102,16 @@ fn write_tree(dir: &Path, files: usize, size: usize) -> anyhow::Result<Vec<u8>> 
         all.extend_from_slice(&bytes);
     }
     Ok(all)
+}
+
+/// Writes `all` as files of `size` bytes in [`write_tree`]'s layout.
+fn write_split(dir: &Path, all: &[u8], size: usize) -> anyhow::Result<()> {
+    for (i, part) in all.chunks(size).enumerate() {
+        let sub = dir.join(format!("d{:02}", i % 20));
+        std::fs::create_dir_all(&sub)?;
+        std::fs::write(sub.join(format!("f{i:04}.bin")), part)?;
+    }
+    Ok(())
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -212,6 +223,9 @@ pub async fn run(reps: usize) -> anyhow::Result<Vec<Row>> {
             let mut obj = floor_bucket.get(name.as_str()).await?;
             let mut back = Vec::with_capacity(all.len());
             tokio::io::AsyncReadExt::read_to_end(&mut obj, &mut back).await?;
+            // ... written as the same files (a restore writes them too: the disk's share).
+            let c = tempfile::tempdir()?;
+            write_split(c.path(), &back, size)?;
             floor_get.push(t0.elapsed());
             anyhow::ensure!(back.len() == all.len(), "floor get short");
             floor_bucket.delete(name.as_str()).await?;

@@ -15,7 +15,7 @@ async fn main() -> anyhow::Result<()> {
     println!("median of {reps} runs each");
     println!();
     println!(
-        "| scenario | time | bytes to/from JetStream | floor (one object put/get of the same bytes) | ratio |"
+        "| scenario | time | bytes to/from JetStream | floor (snapshot: one object put of the same bytes; restore: its get + writing the same files) | ratio |"
     );
     println!("|---|---|---|---|---|");
     for r in &rows {
