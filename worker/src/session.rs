@@ -57,6 +57,10 @@ fn refusal(e: &SnapError) -> Option<String> {
             bytes.div_ceil(MIB),
             limit / MIB
         )),
+        SnapError::TooMany { entries, limit } => Some(format!(
+            "The workspace holds {entries} files and folders, over the snapshot limit of \
+             {limit}, so it was not saved."
+        )),
         SnapError::Snapshot(SnapshotError::Store(s)) if s.is_storage_full() => Some(
             "The workspace could not be saved: the server's snapshot storage is full.".to_owned(),
         ),

@@ -47,6 +47,9 @@ const RACY_NS: i64 = 2_000_000_000;
 /// Most dropped chunks a head names for its successor (the rest of a huge drop is only dropped
 /// by its writer).
 const MAX_GARBAGE: usize = 4096;
+/// Most paths (files, folders, links) a snapshot takes: its manifest (~250 bytes a path) is
+/// rewritten whole at each snapshot.
+pub(crate) const MAX_ENTRIES: usize = 200_000;
 /// Chunks of one file fetched at once during a restore (2 MiB).
 const WRITE_BATCH: usize = 8;
 /// Chunk writes (and reads) in flight at once.
@@ -58,6 +61,9 @@ pub(crate) enum SnapError {
     /// Over `OH_WORKSPACE_MAX_MIB`: nothing stored, the previous snapshot stands.
     #[error("the workspace holds {bytes} bytes, over the snapshot limit of {limit} bytes")]
     TooLarge { bytes: u64, limit: u64 },
+    /// More paths than [`MAX_ENTRIES`] (the manifest is rewritten whole at each snapshot).
+    #[error("the workspace holds {entries} paths, over the snapshot limit of {limit}")]
+    TooMany { entries: usize, limit: usize },
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error("workspace files: {0}")]
@@ -280,10 +286,16 @@ fn scan(
     dir: &Path,
     old: &Index,
     known: &HashSet<String>,
-    max_bytes: u64,
+    (max_bytes, max_entries): (u64, usize),
     tx: &tokio::sync::mpsc::Sender<(String, Bytes)>,
 ) -> Result<Scan, SnapError> {
     let found = walk(dir)?;
+    if found.len() > max_entries {
+        return Err(SnapError::TooMany {
+            entries: found.len(),
+            limit: max_entries,
+        });
+    }
     let bytes: u64 = found
         .iter()
         .map(|(_, f)| match f {
@@ -595,7 +607,7 @@ impl Snapshots {
         let result = match &res {
             Ok(Taken::Unchanged) => "unchanged",
             Ok(Taken::Stored { .. }) => "stored",
-            Err(SnapError::TooLarge { .. }) => "too_large",
+            Err(SnapError::TooLarge { .. } | SnapError::TooMany { .. }) => "too_large",
             Err(SnapError::Snapshot(SnapshotError::Fenced { .. })) => "fenced",
             Err(_) => "failed",
         };
@@ -630,7 +642,7 @@ impl Snapshots {
         let old = std::mem::take(&mut self.index);
         let (dir, max_bytes) = (self.place.dir.clone(), self.max_bytes);
         let job = tokio::task::spawn_blocking(move || {
-            let res = scan(&dir, &old, &known, max_bytes, &tx);
+            let res = scan(&dir, &old, &known, (max_bytes, MAX_ENTRIES), &tx);
             (res, old)
         });
         // Store new chunks while the scan goes on.

@@ -509,3 +509,24 @@ async fn chunks_a_dead_writer_left_unreferenced_are_dropped_by_the_next_owner() 
         tree(&b.path().join(sid.as_str()))
     );
 }
+
+/// More paths than the limit: refused before anything is read (the manifest would be rewritten
+/// whole at every snapshot).
+#[test]
+fn a_workspace_with_too_many_paths_is_refused() {
+    let a = tempfile::tempdir().expect("tmp");
+    populate(a.path());
+    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    let res = scan(a.path(), &Index::default(), &HashSet::new(), (MAX, 5), &tx);
+    assert!(
+        matches!(
+            res,
+            Err(SnapError::TooMany {
+                entries: 11,
+                limit: 5
+            })
+        ),
+        "{:?}",
+        res.err()
+    );
+}
