@@ -17,6 +17,11 @@
 //! interruption count travels in the log (`Oh-Interrupts`) and is reset by every completed
 //! step; at [`MAX_TURN_INTERRUPTS`] the turn ends in `error` instead, so an input that crashes
 //! workers cannot crash-loop.
+//!
+//! **Workspace:** after every turn end (before the next input) and as the session ends (stop,
+//! passivation, drain, full log; after its sandbox is gone) the workspace is snapshotted
+//! ([`crate::workspace`]); a fenced snapshot ends the session as lost. A new owner tells the
+//! agent which file changes its restore lacks.
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
