@@ -74,8 +74,7 @@ pub async fn claim_client_msg_id(
     client_msg_id: &str,
     action: &Value,
 ) -> redis::RedisResult<ClientMsgId> {
-    use sha2::Digest;
-    let digest = hex(&sha2::Sha256::digest(canonical(action).as_bytes()));
+    let digest = crate::snapshot::sha256_hex(canonical(action).as_bytes());
     let key = names.msg_id_key(uid, sid, client_msg_id);
     // Outlives JetStream's window, which starts later (when the message is stored).
     let hold = DUPLICATE_WINDOW + std::time::Duration::from_secs(30);
@@ -145,14 +144,6 @@ fn canonical(v: &Value) -> String {
         }
     }
     sorted(v).to_string()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}"); // writing to a String cannot fail
-        s
-    })
 }
 
 #[cfg(test)]
