@@ -435,7 +435,7 @@ impl Store {
         let parts =
             futures::future::try_join_all(head.body.iter().map(|c| self.get_chunk(sid, &c.sha)))
                 .await?;
-        let bytes: Vec<u8> = parts.iter().flat_map(|b| b.iter().copied()).collect();
+        let bytes = parts.concat();
         serde_json::from_slice(&bytes).map_err(|e| Self::corrupt(sid, "snapshot manifest", e))
     }
 

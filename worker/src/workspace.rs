@@ -97,7 +97,7 @@ pub(crate) struct Restored {
     pub(crate) files: u64,
     pub(crate) fetched_files: u64,
     pub(crate) fetched_bytes: u64,
-    /// The local folder held no file when there was no snapshot to restore.
+    /// The local folder was missing or empty when there was no snapshot to restore.
     pub(crate) local_empty: bool,
     /// The snapshot could not be restored (missing or corrupt chunk): what went wrong.
     pub(crate) failed: Option<String>,
@@ -138,9 +138,10 @@ pub(crate) struct Snapshots {
     /// Sequence of the head this owner last wrote or read (the fence of its next write).
     head_seq: u64,
     head: Head,
-    /// Stream sequence of every chunk the committed manifest holds.
-    chunks: BTreeMap<String, u64>,
-    index: Index,
+    /// Stream sequence of every chunk the committed manifest holds (shared with the scan).
+    chunks: Arc<BTreeMap<String, u64>>,
+    /// Shared with the scan and the index writer (both on blocking threads).
+    index: Arc<Index>,
     /// Test hook `OH_TEST_SNAPSHOT_PAUSE_MS`: a wait before each head write.
     pause: std::time::Duration,
 }
@@ -272,9 +273,11 @@ fn rel_path(p: &WsPath) -> PathBuf {
     PathBuf::from(std::ffi::OsStr::from_bytes(&p.0))
 }
 
-/// The scan of a snapshot: the entries, the new index, and the chunks sent for storage.
+/// The scan of a snapshot: the entries (and their hash), the new index, and the chunks sent
+/// for storage.
 struct Scan {
     entries: Vec<Entry>,
+    entries_sha: String,
     index: Index,
     files: u64,
     bytes: u64,
@@ -285,7 +288,7 @@ struct Scan {
 fn scan(
     dir: &Path,
     old: &Index,
-    known: &HashSet<String>,
+    known: &BTreeMap<String, u64>,
     (max_bytes, max_entries): (u64, usize),
     tx: &tokio::sync::mpsc::Sender<(String, Bytes)>,
 ) -> Result<Scan, SnapError> {
@@ -312,6 +315,7 @@ fn scan(
     let mut sent = HashSet::new();
     let mut scan = Scan {
         entries: Vec::with_capacity(found.len()),
+        entries_sha: String::new(),
         index: Index::default(),
         files: 0,
         bytes: 0,
@@ -325,7 +329,7 @@ fn scan(
                 let cached = old
                     .files
                     .get(&path)
-                    .filter(|k| stat.matches(k) && k.chunks.iter().all(|c| known.contains(c)));
+                    .filter(|k| stat.matches(k) && k.chunks.iter().all(|c| known.contains_key(c)));
                 let (chunks, size) = match cached {
                     Some(k) => (k.chunks.clone(), stat.size),
                     None => {
@@ -357,6 +361,7 @@ fn scan(
             }
         }
     }
+    scan.entries_sha = sha256_hex(&serde_json::to_vec(&scan.entries).unwrap_or_default());
     Ok(scan)
 }
 
@@ -369,7 +374,7 @@ fn nofollow() -> i32 {
 /// bytes read.
 fn read_chunks(
     file: &mut std::fs::File,
-    known: &HashSet<String>,
+    known: &BTreeMap<String, u64>,
     sent: &mut HashSet<String>,
     tx: &tokio::sync::mpsc::Sender<(String, Bytes)>,
 ) -> Result<(Vec<String>, u64), SnapError> {
@@ -385,7 +390,7 @@ fn read_chunks(
         }
         size += n as u64;
         let sha = sha256_hex(&buf);
-        if !known.contains(&sha) && sent.insert(sha.clone()) {
+        if !known.contains_key(&sha) && sent.insert(sha.clone()) {
             tx.blocking_send((sha.clone(), Bytes::from(buf)))
                 .map_err(|_| std::io::Error::other("chunk upload stopped"))?;
         }
@@ -397,12 +402,9 @@ fn read_chunks(
     Ok((chunks, size))
 }
 
-fn entries_sha(entries: &[Entry]) -> String {
-    sha256_hex(&serde_json::to_vec(entries).unwrap_or_default())
-}
-
 impl Snapshots {
-    /// A first start: nothing stored yet, nothing to restore (a stale local index is dropped).
+    /// A first start: nothing stored yet, nothing to restore. (A stale local index is harmless:
+    /// with nothing committed, every file is read.)
     pub(crate) fn fresh(
         store: Store,
         sid: SessionId,
@@ -410,7 +412,6 @@ impl Snapshots {
         epoch: u64,
         max_bytes: u64,
     ) -> Self {
-        let _ = std::fs::remove_file(&place.index);
         Snapshots {
             store,
             sid,
@@ -419,8 +420,8 @@ impl Snapshots {
             max_bytes,
             head_seq: 0,
             head: Head::empty(epoch),
-            chunks: BTreeMap::new(),
-            index: Index::default(),
+            chunks: Arc::default(),
+            index: Arc::default(),
             pause: std::time::Duration::ZERO,
         }
     }
@@ -448,18 +449,14 @@ impl Snapshots {
             max_bytes,
             head_seq,
             head,
-            chunks: BTreeMap::new(),
-            index: Index::default(),
+            chunks: Arc::default(),
+            index: Arc::default(),
             pause: std::time::Duration::ZERO,
         };
         if !me.head.has_snapshot() {
             // Nothing stored yet: the local folder (if this machine has one) is all there is.
-            let dir = me.place.dir.clone();
-            let local_empty = tokio::task::spawn_blocking(move || {
-                walk(&dir).map(|f| !f.iter().any(|(_, f)| matches!(f, Found::File(_))))
-            })
-            .await
-            .map_err(std::io::Error::other)??;
+            let local_empty =
+                std::fs::read_dir(&me.place.dir).map_or(true, |mut d| d.next().is_none());
             me.collect_garbage().await;
             return Ok((
                 me,
@@ -483,9 +480,9 @@ impl Snapshots {
             }
             Err(e) => return Err(e.into()),
         };
-        let mut restored = me.restore(&body).await?;
+        let mut restored = me.restore(body.entries).await?;
         restored.event_id = me.head.event_id;
-        me.chunks = body.chunks;
+        me.chunks = Arc::new(body.chunks);
         me.collect_garbage().await;
         metrics::histogram!("oh_worker_restore_seconds").record(started.elapsed());
         metrics::counter!("oh_worker_restore_bytes_total").increment(restored.fetched_bytes);
@@ -500,20 +497,13 @@ impl Snapshots {
         Ok((me, restored))
     }
 
-    /// Makes the local folder equal to `body`.
-    async fn restore(&mut self, body: &Body) -> Result<Restored, SnapError> {
+    /// Makes the local folder equal to a manifest's `entries`.
+    async fn restore(&mut self, entries: Vec<Entry>) -> Result<Restored, SnapError> {
         let place = self.place.clone();
-        // The index is rewritten at the end: a crash meanwhile leaves none (every file is then
-        // checked against the manifest by content next time, i.e. fetched again).
-        let old: Index = std::fs::read(&place.index)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        let _ = std::fs::remove_file(&place.index);
-        let entries = Arc::new(body.entries.clone());
-        let plan = {
+        let entries = Arc::new(entries);
+        let fetch = {
             let (place, entries) = (place.clone(), Arc::clone(&entries));
-            tokio::task::spawn_blocking(move || prepare(&place, &entries, &old))
+            tokio::task::spawn_blocking(move || prepare(&place, &entries))
                 .await
                 .map_err(std::io::Error::other)??
         };
@@ -525,7 +515,6 @@ impl Snapshots {
             ..Restored::default()
         };
         // Fetch and write what differs, a few files at a time.
-        let fetch = plan.fetch.clone();
         let results: Vec<(usize, Result<u64, SnapError>)> = futures::stream::iter(fetch)
             .map(|i| {
                 let store = self.store.clone();
@@ -558,7 +547,7 @@ impl Snapshots {
                 .await
                 .map_err(std::io::Error::other)??
         };
-        self.index = index;
+        self.index = Arc::new(index);
         self.save_index().await;
         Ok(restored)
     }
@@ -638,12 +627,10 @@ impl Snapshots {
             return Ok(Taken::Unchanged);
         }
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, Bytes)>(IN_FLIGHT);
-        let known: HashSet<String> = self.chunks.keys().cloned().collect();
-        let old = std::mem::take(&mut self.index);
+        let (known, old) = (Arc::clone(&self.chunks), Arc::clone(&self.index));
         let (dir, max_bytes) = (self.place.dir.clone(), self.max_bytes);
         let job = tokio::task::spawn_blocking(move || {
-            let res = scan(&dir, &old, &known, (max_bytes, MAX_ENTRIES), &tx);
-            (res, old)
+            scan(&dir, &old, &known, (max_bytes, MAX_ENTRIES), &tx)
         });
         // Store new chunks while the scan goes on.
         let mut uploaded: HashMap<String, u64> = HashMap::new();
@@ -675,22 +662,22 @@ impl Snapshots {
                 Err(e) => upload_err = Some(e),
             }
         }
-        let (res, old) = job.await.map_err(std::io::Error::other)?;
+        let res = job.await.map_err(std::io::Error::other)?;
         let scan = match (res, upload_err) {
             (Ok(s), None) => s,
             (res, err) => {
-                self.index = old;
                 self.forget(uploaded).await;
-                return Err(match (res, err) {
-                    (_, Some(e)) => e.into(),
-                    (Err(e), None) => e,
-                    (Ok(_), None) => std::io::Error::other("unreachable").into(),
+                return Err(match err {
+                    Some(e) => e.into(),
+                    None => res
+                        .err()
+                        .unwrap_or_else(|| std::io::Error::other("scan").into()),
                 });
             }
         };
         // The index caches what each file's stat stands for, committed or not.
-        self.index = scan.index;
-        let sha = entries_sha(&scan.entries);
+        self.index = Arc::new(scan.index);
+        let sha = scan.entries_sha;
         if sha == self.head.entries_sha || (!self.head.has_snapshot() && scan.entries.is_empty()) {
             return Ok(Taken::Unchanged);
         }
@@ -776,7 +763,7 @@ impl Snapshots {
         let (files, bytes) = (head.files, head.bytes);
         self.head_seq = seq;
         self.head = head;
-        self.chunks = body.chunks;
+        self.chunks = Arc::new(body.chunks);
         self.drop_chunks(stale.into_iter().map(|c| (c.sha, c.seq)).collect())
             .await;
         self.save_index().await;
@@ -798,15 +785,9 @@ impl Snapshots {
     }
 
     async fn save_index(&self) {
-        let path = self.place.index.clone();
-        let bytes = match serde_json::to_vec(&self.index) {
-            Ok(b) => b,
-            Err(e) => {
-                warn!(error = %e, "local snapshot index not serialized");
-                return;
-            }
-        };
+        let (path, index) = (self.place.index.clone(), Arc::clone(&self.index));
         let res = tokio::task::spawn_blocking(move || {
+            let bytes = serde_json::to_vec(&*index).map_err(std::io::Error::other)?;
             let tmp = path.with_extension("snapshot.tmp");
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
@@ -835,14 +816,17 @@ impl Snapshots {
     }
 }
 
-/// What a restore must fetch (indexes into the entries).
-struct Plan {
-    fetch: Vec<usize>,
-}
-
 /// First half of a restore (blocking): removes what the manifest lacks or holds as another
-/// kind, creates directories and symlinks, and lists the files to fetch.
-fn prepare(place: &Place, entries: &[Entry], old: &Index) -> Result<Plan, SnapError> {
+/// kind, creates directories and symlinks, and lists the files to fetch (indexes into
+/// `entries`).
+fn prepare(place: &Place, entries: &[Entry]) -> Result<Vec<usize>, SnapError> {
+    // The index is rewritten at the end: a crash meanwhile leaves none (every file is then
+    // compared with the manifest by content next time).
+    let old: Index = std::fs::read(&place.index)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let _ = std::fs::remove_file(&place.index);
     let dir = &place.dir;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -875,7 +859,7 @@ fn prepare(place: &Place, entries: &[Entry], old: &Index) -> Result<Plan, SnapEr
     }
     let gone: HashSet<&WsPath> = removed.into_iter().collect();
     let present = |p: &WsPath| local.contains_key(p) && !gone.contains(p);
-    let mut plan = Plan { fetch: Vec::new() };
+    let mut fetch = Vec::new();
     for (i, e) in entries.iter().enumerate() {
         let full = dir.join(rel_path(e.path()));
         match e {
@@ -899,17 +883,17 @@ fn prepare(place: &Place, entries: &[Entry], old: &Index) -> Result<Plan, SnapEr
                         }
                         // Unknown to the index (or changed since): the same bytes need no fetch.
                         (Some(Found::File(stat)), _) if stat.size == *size => {
-                            same_content(&full, chunks)?
+                            same_content(&full, chunks).unwrap_or(false)
                         }
                         _ => false,
                     };
                 if !same {
-                    plan.fetch.push(i);
+                    fetch.push(i);
                 }
             }
         }
     }
-    Ok(plan)
+    Ok(fetch)
 }
 
 /// Whether the file at `path` holds exactly `chunks` (hashed locally: cheaper than a fetch).

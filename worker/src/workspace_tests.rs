@@ -517,7 +517,7 @@ fn a_workspace_with_too_many_paths_is_refused() {
     let a = tempfile::tempdir().expect("tmp");
     populate(a.path());
     let (tx, _rx) = tokio::sync::mpsc::channel(1);
-    let res = scan(a.path(), &Index::default(), &HashSet::new(), (MAX, 5), &tx);
+    let res = scan(a.path(), &Index::default(), &BTreeMap::new(), (MAX, 5), &tx);
     assert!(
         matches!(
             res,
