@@ -2,7 +2,9 @@
 # Installs what building, running and testing need on a Debian machine, skipping whatever is
 # already there: nats-server and redis-server (Debian packages), bubblewrap and util-linux's
 # setpriv/prlimit (the sandbox agent code runs in), a C toolchain, Node.js/npm (for the
-# JavaScript socket.io-client compatibility test), and Rust via rustup.
+# JavaScript socket.io-client compatibility test), the tools of the across-machines tests
+# (iproute2 for network namespaces and tc, nftables for partitions, libfaketime for clock
+# skew), and Rust via rustup.
 # Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
@@ -16,6 +18,9 @@ command -v pgrep >/dev/null || need+=(procps)
 command -v cc >/dev/null || need+=(build-essential)
 command -v curl >/dev/null || need+=(curl ca-certificates)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v ip >/dev/null || [ -x /usr/sbin/ip ] || need+=(iproute2)
+command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
+command -v faketime >/dev/null || need+=(faketime)
 if [ "${OH_SKIP_NODE:-0}" != 1 ]; then
   command -v node >/dev/null || need+=(nodejs)
   command -v npm >/dev/null || need+=(npm)

@@ -46,6 +46,11 @@ pub struct BrokerArgs {
     /// Hours after which an action or start request no worker took is discarded.
     #[arg(long, env = "OH_QUEUE_MAX_AGE_H", default_value_t = 168, value_parser = clap::value_parser!(u64).range(1..=87_600))]
     pub queue_max_age_h: u64,
+    /// Copies JetStream keeps of every stream (event logs, queues, metadata, snapshots,
+    /// blobs): 1 on a single nats-server, 3 (or 5) on a cluster, so losing a node loses
+    /// nothing. Applies when a stream is created (and, by workers, to existing streams).
+    #[arg(long, env = "OH_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub stream_replicas: u8,
 }
 
 impl BrokerArgs {
@@ -65,6 +70,7 @@ impl BrokerArgs {
             max_events_per_conversation: self.max_events_per_conversation,
             queue_max_bytes: self.queue_max_mib << 20,
             queue_max_age: std::time::Duration::from_secs(self.queue_max_age_h * 3600),
+            replicas: usize::from(self.stream_replicas),
         }
     }
 }

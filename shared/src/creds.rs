@@ -173,9 +173,10 @@ impl fmt::Debug for NatsAuth {
     }
 }
 
-/// Splits a NATS URL (list) into its server addresses without userinfo and the credentials
-/// of the first URL that carries some.
-pub fn split_nats_url(url: &BrokerUrl) -> (String, NatsAuth) {
+/// Splits a NATS URL (list) into its server addresses without userinfo, one per server (a
+/// cluster's nodes: async-nats takes a list, not a comma-separated string), and the
+/// credentials of the first URL that carries some.
+pub fn split_nats_url(url: &BrokerUrl) -> (Vec<String>, NatsAuth) {
     let mut auth = NatsAuth::None;
     let mut servers = Vec::new();
     for u in url.expose().split(',') {
@@ -190,12 +191,12 @@ pub fn split_nats_url(url: &BrokerUrl) -> (String, NatsAuth) {
         }
         servers.push(format!("{scheme}{rest}"));
     }
-    (servers.join(","), auth)
+    (servers, auth)
 }
 
 /// Connect options carrying the URL's credentials, and the server list to connect to (without
 /// them): `let (opts, servers) = nats_connect_options(&url); opts.name(..).connect(servers)`.
-pub fn nats_connect_options(url: &BrokerUrl) -> (async_nats::ConnectOptions, String) {
+pub fn nats_connect_options(url: &BrokerUrl) -> (async_nats::ConnectOptions, Vec<String>) {
     let (servers, auth) = split_nats_url(url);
     let opts = match auth {
         NatsAuth::None => async_nats::ConnectOptions::new(),
@@ -247,7 +248,7 @@ mod tests {
         let url = BrokerUrl::parse("nats://gateway:s3cr%40t@127.0.0.1:4222").unwrap();
         assert!(url.has_credentials());
         let (servers, auth) = split_nats_url(&url);
-        assert_eq!(servers, "nats://127.0.0.1:4222");
+        assert_eq!(servers, ["nats://127.0.0.1:4222"]);
         assert_eq!(
             auth,
             NatsAuth::UserPassword("gateway".into(), "s3cr@t".into())
@@ -255,8 +256,11 @@ mod tests {
         assert!(!format!("{auth:?}").contains("s3cr"));
         let url = BrokerUrl::parse("nats://h1:1, nats://t@h2:2").unwrap();
         let (servers, auth) = split_nats_url(&url);
-        assert_eq!(servers, "nats://h1:1,nats://h2:2");
+        assert_eq!(servers, ["nats://h1:1", "nats://h2:2"]);
         assert_eq!(auth, NatsAuth::Token("t".into()));
+        // What the client connects to: every node of the list.
+        use async_nats::ToServerAddrs;
+        assert_eq!(servers.to_server_addrs().unwrap().count(), 2);
         let plain = BrokerUrl::parse("nats://127.0.0.1:4222").unwrap();
         assert!(!plain.has_credentials());
         assert_eq!(split_nats_url(&plain).1, NatsAuth::None);

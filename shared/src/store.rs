@@ -103,7 +103,8 @@ async fn ensure_stream(
             || none_if_unset(info.max_bytes) != none_if_unset(config.max_bytes)
             || info.max_age != config.max_age
             || info.discard != config.discard
-            || info.discard_new_per_subject != config.discard_new_per_subject;
+            || info.discard_new_per_subject != config.discard_new_per_subject
+            || info.num_replicas.max(1) != config.num_replicas.max(1);
         if differs {
             js.update_stream(config.clone()).await.map_err(boxed)?;
         }
@@ -194,6 +195,8 @@ pub struct StoreLimits {
     pub queue_max_bytes: i64,
     /// Age after which an untaken action or start request is discarded.
     pub queue_max_age: Duration,
+    /// Replicas of every stream (`OH_STREAM_REPLICAS`; 1 on a single server).
+    pub replicas: usize,
 }
 
 impl Default for StoreLimits {
@@ -202,6 +205,7 @@ impl Default for StoreLimits {
             max_events_per_conversation: 100_000,
             queue_max_bytes: 1 << 30,
             queue_max_age: Duration::from_secs(7 * 24 * 3600),
+            replicas: 1,
         }
     }
 }
@@ -289,6 +293,7 @@ impl Store {
                 name: names.events_stream(),
                 subjects: vec![names.events_subjects()],
                 storage: stream::StorageType::File,
+                num_replicas: limits.replicas,
                 allow_direct: true,
                 duplicate_window: dup,
                 // A full log refuses the append; nothing old is ever dropped.
@@ -308,6 +313,7 @@ impl Store {
                 subjects: vec![names.actions_subjects()],
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
+                num_replicas: limits.replicas,
                 allow_direct: true,
                 duplicate_window: dup,
                 max_bytes: limits.queue_max_bytes,
@@ -326,6 +332,7 @@ impl Store {
                 subjects: vec![names.work_subjects()],
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
+                num_replicas: limits.replicas,
                 max_messages_per_subject: 1,
                 discard: stream::DiscardPolicy::New,
                 discard_new_per_subject: true,
@@ -361,6 +368,7 @@ impl Store {
                 name: names.meta_bucket(),
                 subjects: vec![names.meta_subjects()],
                 storage: stream::StorageType::File,
+                num_replicas: limits.replicas,
                 max_messages_per_subject: 1,
                 allow_direct: true,
                 allow_rollup: true,
@@ -378,6 +386,7 @@ impl Store {
                 name: names.workspace_stream(),
                 subjects: vec![names.workspace_subjects()],
                 storage: stream::StorageType::File,
+                num_replicas: limits.replicas,
                 max_messages_per_subject: 1,
                 allow_direct: true,
                 duplicate_window: dup,
@@ -393,6 +402,7 @@ impl Store {
                 .create_object_store(object_store::Config {
                     bucket: names.blob_bucket(),
                     storage: stream::StorageType::File,
+                    num_replicas: limits.replicas,
                     ..Default::default()
                 })
                 .await

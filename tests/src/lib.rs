@@ -10,10 +10,13 @@
 pub mod auth;
 pub mod check;
 pub mod cluster;
+pub mod history;
 pub mod js;
 pub mod llm;
 pub mod load;
 pub mod nats;
+pub mod netcluster;
+pub mod netns;
 pub mod proc;
 pub mod redis;
 pub mod sio;

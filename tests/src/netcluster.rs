@@ -1,0 +1,643 @@
+//! A whole deployment across network namespaces ([`crate::netns`]): three clustered
+//! `nats-server` nodes (JetStream, routes between hosts, every stream with 3 replicas), one
+//! Redis, two gateways and three workers, each process on a host of its own, and the test's
+//! clients on host `c`. The nemesis works on hosts ([`NetCluster::net`]: cut, loss, slow) and on
+//! processes (kill, pause, restart, a wall-clock offset for workers).
+//!
+//! | host | address | runs |
+//! |---|---|---|
+//! | `n1`..`n3` | 10.99.0.11-13 | nats-server (client port 4222, routes 6222) |
+//! | `redis` | 10.99.0.20 | redis-server 6379 |
+//! | `g1`, `g2` | 10.99.0.31-32 | gateway on 8000 |
+//! | `w1`..`w3` | 10.99.0.41-43 | worker (metrics 9100) |
+//! | `c` | 10.99.0.50 | the test: clients, checks, admin connections |
+//!
+//! The test must run on a current-thread tokio runtime (`#[tokio::test]`): [`NetCluster::start`]
+//! moves the test's thread onto host `c` for the cluster's lifetime.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use shared::id::SessionId;
+use shared::names::Names;
+use shared::store::{Store, StoreLimits};
+use tempfile::TempDir;
+
+use crate::auth::{Credentials, Role};
+use crate::history::Stored;
+use crate::netns::{Net, NsGuard};
+use crate::proc::{Proc, bin_path, find_system_bin};
+
+/// The clients' bearer token (user `alice`).
+pub const TOKEN: &str = "netcluster-token-alice";
+/// Replicas of every stream.
+pub const REPLICAS: u8 = 3;
+/// The NATS cluster's nodes.
+pub const NATS_NODES: usize = 3;
+
+const HOSTS: &[(&str, u8)] = &[
+    ("n1", 11),
+    ("n2", 12),
+    ("n3", 13),
+    ("redis", 20),
+    ("g1", 31),
+    ("g2", 32),
+    ("w1", 41),
+    ("w2", 42),
+    ("w3", 43),
+    ("c", 50),
+];
+
+/// How to build a [`NetCluster`].
+#[derive(Debug, Clone)]
+pub struct NetOpts {
+    /// Workers started (at most 3: hosts `w1`..`w3`).
+    pub workers: usize,
+    /// `OH_LEASE_TTL_MS` of the workers.
+    pub lease_ttl_ms: u64,
+    /// Extra environment of every worker.
+    pub worker_env: Vec<(&'static str, String)>,
+    /// Extra environment of every gateway.
+    pub gateway_env: Vec<(&'static str, String)>,
+    /// `jetstream.max_file_store` of every NATS node (bytes).
+    pub nats_max_file_store: u64,
+}
+
+impl Default for NetOpts {
+    fn default() -> Self {
+        NetOpts {
+            workers: 3,
+            lease_ttl_ms: 3000,
+            worker_env: Vec::new(),
+            gateway_env: Vec::new(),
+            nats_max_file_store: 16 << 30,
+        }
+    }
+}
+
+/// Whether this machine can run the namespace tests. Returns the reason to skip; panics
+/// instead when `OH_REQUIRE_NETNS=1` (the test script sets it: CI must run them).
+pub fn skip_reason() -> Option<String> {
+    match crate::netns::available() {
+        Ok(()) => None,
+        Err(e) => {
+            if std::env::var("OH_REQUIRE_NETNS").is_ok_and(|v| v == "1") {
+                panic!("OH_REQUIRE_NETNS=1 but network namespaces are impossible here: {e}");
+            }
+            eprintln!("SKIP: network namespaces are impossible here: {e}");
+            Some(e)
+        }
+    }
+}
+
+/// A running deployment across hosts. Processes are killed, then the namespaces removed, on
+/// drop.
+pub struct NetCluster {
+    /// NATS node `i` runs on host `n{i+1}` (`None` while killed).
+    pub nats: Vec<Option<Proc>>,
+    /// Redis (`None` while killed).
+    pub redis: Option<Proc>,
+    /// Gateway `i` runs on host `g{i+1}`.
+    pub gateways: Vec<Option<Proc>>,
+    /// Worker `i` (id `w{i}`) runs on host `w{i+1}`.
+    pub workers: Vec<Option<Proc>>,
+    /// Namespace of every name in NATS and Redis.
+    pub namespace: String,
+    creds: Credentials,
+    opts: NetOpts,
+    dir: TempDir,
+    http: reqwest::Client,
+    /// The network and its faults.
+    pub net: Net,
+    _on_client_host: NsGuard,
+}
+
+impl NetCluster {
+    /// Creates the hosts, starts the NATS cluster, Redis, two gateways and the workers, and
+    /// waits until every one is ready. `None` (with a printed reason) where namespaces are
+    /// impossible ([`skip_reason`]).
+    pub async fn start(opts: NetOpts) -> Option<NetCluster> {
+        if skip_reason().is_some() {
+            return None;
+        }
+        let net = Net::create(HOSTS);
+        let on_client = net.enter("c");
+        let namespace = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let creds = Credentials::generate(&namespace);
+        let dir = tempfile::Builder::new()
+            .prefix("oh-netcluster-")
+            .tempdir()
+            .expect("create the cluster's dir");
+        let mut c = NetCluster {
+            nats: (0..NATS_NODES).map(|_| None).collect(),
+            redis: None,
+            gateways: vec![None, None],
+            workers: Vec::new(),
+            namespace,
+            creds,
+            opts: opts.clone(),
+            dir,
+            http: http_client(),
+            net,
+            _on_client_host: on_client,
+        };
+        for i in 0..NATS_NODES {
+            c.spawn_nats(i);
+        }
+        c.start_redis().await;
+        for i in 0..NATS_NODES {
+            c.wait_nats(i).await;
+        }
+        for (file, url) in [
+            ("worker.nats-url", c.nats_url(Role::Worker)),
+            ("worker.redis-url", c.redis_url(Role::Worker)),
+        ] {
+            std::fs::write(c.dir.path().join(file), url).expect("write a URL file");
+        }
+        for g in 0..2 {
+            c.start_gateway(g).await;
+        }
+        for w in 0..opts.workers.min(3) {
+            c.workers.push(None);
+            c.start_worker(w, Vec::new()).await;
+        }
+        Some(c)
+    }
+
+    /// `nats://user:pw@10.99.0.11:4222,...` of a role: every node (a client fails over
+    /// between them).
+    pub fn nats_url(&self, role: Role) -> String {
+        (0..NATS_NODES)
+            .map(|i| {
+                format!(
+                    "nats://{}{}:4222",
+                    self.creds.userinfo(role),
+                    self.net.addr(&nats_host(i))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Redis URL of a role.
+    pub fn redis_url(&self, role: Role) -> String {
+        format!(
+            "redis://{}{}:6379",
+            self.creds.userinfo(role),
+            self.net.addr("redis")
+        )
+    }
+
+    /// Base URL of gateway `g`.
+    pub fn url(&self, g: usize) -> String {
+        format!("http://{}:8000", self.net.addr(&gateway_host(g)))
+    }
+
+    /// Base URLs of both gateways.
+    pub fn urls(&self) -> Vec<String> {
+        (0..self.gateways.len()).map(|g| self.url(g)).collect()
+    }
+
+    fn node_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(nats_host(i))
+    }
+
+    fn spawn_nats(&mut self, i: usize) {
+        let host = nats_host(i);
+        let dir = self.node_dir(i);
+        std::fs::create_dir_all(dir.join("store")).expect("create a node's store");
+        let addr = self.net.addr(&host);
+        let routes: Vec<String> = (0..NATS_NODES)
+            .filter(|j| *j != i)
+            .map(|j| format!("\"nats-route://{}:6222\"", self.net.addr(&nats_host(j))))
+            .collect();
+        let conf = format!(
+            "server_name: \"{host}\"\nlisten: \"{addr}:4222\"\n\
+             jetstream {{ store_dir: \"{}\", max_file_store: {} }}\n\
+             cluster {{ name: \"oh\", listen: \"{addr}:6222\", routes: [{}] }}\n{}\n",
+            dir.join("store").display(),
+            self.opts.nats_max_file_store,
+            routes.join(", "),
+            self.creds.nats_config()
+        );
+        let path = dir.join("nats.conf");
+        std::fs::write(&path, conf).expect("write a node's config");
+        let bin = find_system_bin("nats-server", &["/usr/sbin/nats-server"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let p = self.net.on(&host, || {
+            Proc::spawn(&host, &bin, &["-c", &path.display().to_string()], &[])
+        });
+        self.nats[i] = Some(p);
+    }
+
+    /// Waits until node `i` answers a JetStream request (which needs a meta leader: a quorum
+    /// of nodes).
+    pub async fn wait_nats(&mut self, i: usize) {
+        let url = format!(
+            "nats://{}{}:4222",
+            self.creds.userinfo(Role::Admin),
+            self.net.addr(&nats_host(i))
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Some(status) = self.nats[i].as_mut().and_then(Proc::try_exit_status) {
+                panic!("{} exited ({status})\n{}", nats_host(i), self.logs());
+            }
+            match js_info(&url).await {
+                Ok(()) => return,
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!(
+            "{} not ready in 60 s: {last}\n{}",
+            nats_host(i),
+            self.logs()
+        );
+    }
+
+    /// SIGKILLs NATS node `i`.
+    pub async fn kill_nats(&mut self, i: usize) {
+        if let Some(mut p) = self.nats[i].take() {
+            p.kill9().await;
+        }
+    }
+
+    /// Starts NATS node `i` again with its store and waits until it answers.
+    pub async fn restart_nats(&mut self, i: usize) {
+        self.kill_nats(i).await;
+        self.spawn_nats(i);
+        self.wait_nats(i).await;
+    }
+
+    /// Starts (or starts again, empty) Redis and waits for it.
+    pub async fn start_redis(&mut self) {
+        if let Some(mut p) = self.redis.take() {
+            p.kill9().await;
+        }
+        let dir = self.dir.path().join("redis");
+        std::fs::create_dir_all(&dir).expect("create redis dir");
+        let acl = dir.join("users.acl");
+        std::fs::write(&acl, self.creds.redis_acl()).expect("write the ACL file");
+        let bin = find_system_bin("redis-server", &["/usr/bin/redis-server"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = self.net.addr("redis").to_string();
+        let args = [
+            "--bind",
+            &addr,
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--aclfile",
+            &acl.display().to_string(),
+            "--dir",
+            &dir.display().to_string(),
+        ];
+        let p = self
+            .net
+            .on("redis", || Proc::spawn("redis", &bin, &args, &[]));
+        self.redis = Some(p);
+        let url = self.redis_url(Role::Admin);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.redis_admin(&url).await {
+                Ok(_) => return,
+                Err(e) if Instant::now() > deadline => panic!("redis not ready: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    async fn redis_admin(&self, url: &str) -> Result<::redis::aio::MultiplexedConnection, String> {
+        let client = ::redis::Client::open(url).map_err(|e| e.to_string())?;
+        let mut con = tokio::time::timeout(
+            Duration::from_secs(3),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+        let _: String = ::redis::cmd("PING")
+            .query_async(&mut con)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(con)
+    }
+
+    /// `FLUSHALL` on Redis (as admin).
+    pub async fn flushall(&self) {
+        let mut con = self
+            .redis_admin(&self.redis_url(Role::Admin))
+            .await
+            .unwrap_or_else(|e| panic!("redis admin: {e}"));
+        let _: String = ::redis::cmd("FLUSHALL")
+            .query_async(&mut con)
+            .await
+            .expect("FLUSHALL");
+    }
+
+    fn common_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("OH_NAMESPACE", self.namespace.clone()),
+            ("OH_STREAM_REPLICAS", REPLICAS.to_string()),
+            ("OH_AUTH_TOKENS", format!("{TOKEN}=alice")),
+            ("RUST_LOG", "info,async_nats=warn".to_owned()),
+            // Errors without anyhow's backtrace (panics keep theirs): short log tails.
+            ("RUST_LIB_BACKTRACE", "0".to_owned()),
+        ]
+    }
+
+    /// Starts gateway `g` on its host and waits for `/readyz`.
+    pub async fn start_gateway(&mut self, g: usize) {
+        if let Some(mut p) = self.gateways[g].take() {
+            p.kill9().await;
+        }
+        let host = gateway_host(g);
+        let mut env = self.common_env();
+        env.extend([
+            ("OH_NATS_URL", self.nats_url(Role::Gateway)),
+            ("OH_REDIS_URL", self.redis_url(Role::Gateway)),
+            ("OH_GATEWAY_ADDR", format!("{}:8000", self.net.addr(&host))),
+            // Fault tests, not rate tests: every client is user alice.
+            ("OH_MESSAGE_RATE", "off".to_owned()),
+            ("OH_CREATE_RATE", "off".to_owned()),
+        ]);
+        env.extend(self.opts.gateway_env.iter().cloned());
+        let bin = bin_path("gateway");
+        let mut p = self.net.on(&host, || Proc::spawn(&host, &bin, &[], &env));
+        p.wait_http_ok(&format!("{}/readyz", self.url(g)), Duration::from_secs(60))
+            .await;
+        self.gateways[g] = Some(p);
+    }
+
+    /// Starts worker `w` (id `w{w}`, host `w{w+1}`) with `extra` settings and waits for
+    /// `/healthz`. With `faketime`, its wall clock is offset by the contents of
+    /// [`NetCluster::clock_file`] (`+0`, `+30s`, `-30s`: read on every call; its monotonic
+    /// clock is left alone).
+    pub async fn start_worker(&mut self, w: usize, extra: Vec<(&'static str, String)>) {
+        if let Some(mut p) = self.workers[w].take() {
+            p.kill9().await;
+        }
+        let host = worker_host(w);
+        let root = self.dir.path().join(format!("workspaces-{host}"));
+        let mut env = self.common_env();
+        let file = |n: &str| self.dir.path().join(n).display().to_string();
+        env.extend([
+            ("OH_NATS_URL_FILE", file("worker.nats-url")),
+            ("OH_REDIS_URL_FILE", file("worker.redis-url")),
+            ("OH_WORKER_ID", format!("w{w}")),
+            ("OH_LEASE_TTL_MS", self.opts.lease_ttl_ms.to_string()),
+            ("OH_DRAIN_TIMEOUT_S", "10".to_owned()),
+            ("OH_WORKSPACE_ROOT", root.display().to_string()),
+            (
+                "OH_WORKER_METRICS_ADDR",
+                format!("{}:9100", self.net.addr(&host)),
+            ),
+        ]);
+        env.extend(self.opts.worker_env.iter().cloned());
+        env.extend(extra);
+        let bin = bin_path("worker");
+        let mut p = self.net.on(&host, || Proc::spawn(&host, &bin, &[], &env));
+        p.wait_http_ok(
+            &format!("http://{}:9100/healthz", self.net.addr(&host)),
+            Duration::from_secs(60),
+        )
+        .await;
+        self.workers[w] = Some(p);
+    }
+
+    /// The file whose contents offset a faketime worker's wall clock.
+    pub fn clock_file(&self, w: usize) -> PathBuf {
+        self.dir.path().join(format!("clock-w{w}"))
+    }
+
+    /// Settings that run worker `w` under libfaketime with [`NetCluster::clock_file`] (`+0`
+    /// to start). Panics if libfaketime is missing (deploy/setup.sh installs it).
+    pub fn faketime_env(&self, w: usize) -> Vec<(&'static str, String)> {
+        let lib = [
+            "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+            "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        ]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("libfaketime (Debian package faketime; deploy/setup.sh installs it)");
+        let file = self.clock_file(w);
+        std::fs::write(&file, "+0\n").expect("write the clock file");
+        vec![
+            ("LD_PRELOAD", lib.to_owned()),
+            ("FAKETIME_TIMESTAMP_FILE", file.display().to_string()),
+            ("FAKETIME_NO_CACHE", "1".to_owned()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+        ]
+    }
+
+    /// The worker's process (panics if it is not running).
+    pub fn worker(&self, w: usize) -> &Proc {
+        self.workers[w].as_ref().expect("worker running")
+    }
+
+    /// Index of the worker whose id is `id` (`w0`..`w2`).
+    pub fn worker_index(id: &str) -> usize {
+        id.trim_start_matches('w').parse().expect("worker id w<N>")
+    }
+
+    /// An admin connection to the whole NATS cluster.
+    pub async fn admin_nats(&self) -> async_nats::Client {
+        crate::nats::connect_url(&self.nats_url(Role::Admin))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The deployment's JetStream data as admin (never changes a stream's settings).
+    pub async fn store(&self) -> Store {
+        let names = Names::new(&self.namespace).expect("namespace");
+        let limits = StoreLimits {
+            replicas: usize::from(REPLICAS),
+            ..StoreLimits::default()
+        };
+        Store::open_keeping_limits(self.admin_nats().await, names, limits)
+            .await
+            .expect("open the store")
+    }
+
+    /// The node (`0..3`) that leads stream `{ns}_{suffix}` (e.g. `events`), from stream info.
+    pub async fn stream_leader(&self, suffix: &str) -> Option<usize> {
+        let client = self.admin_nats().await;
+        let subject = format!("$JS.API.STREAM.INFO.{}_{suffix}", self.namespace);
+        let resp = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.request(subject, bytes::Bytes::new()),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let info: Value = serde_json::from_slice(&resp.payload).ok()?;
+        let leader = info["cluster"]["leader"].as_str()?;
+        (0..NATS_NODES).find(|i| nats_host(*i) == leader)
+    }
+
+    /// Tails of every process's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        let all = self
+            .nats
+            .iter()
+            .chain(std::iter::once(&self.redis))
+            .chain(self.gateways.iter())
+            .chain(self.workers.iter())
+            .flatten();
+        for p in all {
+            s.push_str(&format!("\n===== {} =====\n{}", p.name(), p.log_tail(5000)));
+        }
+        s
+    }
+
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        g: usize,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), String> {
+        let mut r = self
+            .http
+            .request(method, format!("{}{path}", self.url(g)))
+            .bearer_auth(TOKEN)
+            .timeout(Duration::from_secs(10));
+        if let Some(b) = body {
+            r = r.json(b);
+        }
+        let resp = r.send().await.map_err(|e| e.to_string())?;
+        let code = resp.status().as_u16();
+        Ok((code, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// GET on gateway `g`.
+    pub async fn get(&self, g: usize, path: &str) -> Result<(u16, Value), String> {
+        self.request(reqwest::Method::GET, g, path, None).await
+    }
+
+    /// POST (JSON) on gateway `g`.
+    pub async fn post(&self, g: usize, path: &str, body: &Value) -> Result<(u16, Value), String> {
+        self.request(reqwest::Method::POST, g, path, Some(body))
+            .await
+    }
+
+    /// Creates a conversation through gateway `g`; its id.
+    pub async fn create(&self, g: usize) -> String {
+        match self.post(g, "/api/conversations", &json!({})).await {
+            Ok((200, v)) => v["conversation_id"]
+                .as_str()
+                .expect("conversation_id")
+                .to_owned(),
+            other => panic!("create failed: {other:?}{}", self.logs()),
+        }
+    }
+
+    /// Every stored event of a conversation (REST, paged), through the first gateway that
+    /// answers.
+    pub async fn all_events(&self, sid: &str) -> Vec<Value> {
+        'gateway: for g in 0..self.gateways.len() {
+            let mut out = Vec::new();
+            let mut start = 0;
+            loop {
+                let path = format!("/api/conversations/{sid}/events?start_id={start}&limit=100");
+                let Ok((200, v)) = self.get(g, &path).await else {
+                    continue 'gateway;
+                };
+                let evs = v["events"].as_array().cloned().unwrap_or_default();
+                if let Some(last) = evs.last() {
+                    start = last["id"].as_u64().expect("id") + 1;
+                }
+                out.extend(evs);
+                if !v["has_more"].as_bool().unwrap_or(false) {
+                    return out;
+                }
+            }
+        }
+        panic!("no gateway returned the events of {sid}{}", self.logs());
+    }
+
+    /// What is stored of each conversation, for [`crate::history::check`].
+    pub async fn read_stored(&self, sids: &[String]) -> HashMap<String, Stored> {
+        let store = self.store().await;
+        let mut out = HashMap::new();
+        for sid in sids {
+            let id = SessionId::parse(sid).expect("session id");
+            let raw = store
+                .read_from(&id, 0, 1_000_000)
+                .await
+                .unwrap_or_else(|e| panic!("read the raw log of {sid}: {e}"));
+            let events = self.all_events(sid).await;
+            let agent_state = self.info(sid).await["agent_state"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            out.insert(
+                sid.clone(),
+                Stored {
+                    events,
+                    raw,
+                    agent_state,
+                },
+            );
+        }
+        out
+    }
+
+    /// `GET /api/conversations/{sid}` through the first gateway that answers.
+    pub async fn info(&self, sid: &str) -> Value {
+        for g in 0..self.gateways.len() {
+            if let Ok((200, v)) = self.get(g, &format!("/api/conversations/{sid}")).await {
+                return v;
+            }
+        }
+        panic!("no gateway answered for {sid}{}", self.logs());
+    }
+}
+
+/// Host of NATS node `i`.
+pub fn nats_host(i: usize) -> String {
+    format!("n{}", i + 1)
+}
+
+/// Host of gateway `g`.
+pub fn gateway_host(g: usize) -> String {
+    format!("g{}", g + 1)
+}
+
+/// Host of worker `w`.
+pub fn worker_host(w: usize) -> String {
+    format!("w{}", w + 1)
+}
+
+fn http_client() -> reqwest::Client {
+    crate::ensure_tls_provider();
+    reqwest::Client::builder().build().expect("an HTTP client")
+}
+
+/// One JetStream account-info request to one server.
+async fn js_info(url: &str) -> Result<(), String> {
+    let check = async {
+        let client = crate::nats::connect_url(url).await?;
+        let resp = client
+            .request("$JS.API.INFO", bytes::Bytes::new())
+            .await
+            .map_err(|e| format!("account info: {e}"))?;
+        let info: Value =
+            serde_json::from_slice(&resp.payload).map_err(|e| format!("not JSON: {e}"))?;
+        if info.get("error").is_some() {
+            return Err(format!("jetstream not ready: {info}"));
+        }
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), check)
+        .await
+        .unwrap_or_else(|_| Err("timed out".to_owned()))
+}
