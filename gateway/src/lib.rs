@@ -109,6 +109,9 @@ async fn start(
                 }
             }
         })
+        // A silent link (a partition drops packets, no reset) is noticed after two unanswered
+        // pings; the client then moves to another server of the list.
+        .ping_interval(std::time::Duration::from_secs(2))
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connect(nats_servers)

@@ -216,7 +216,8 @@ impl NetCluster {
         let conf = format!(
             "server_name: \"{host}\"\nlisten: \"{addr}:4222\"\n\
              jetstream {{ store_dir: \"{}\", max_file_store: {} }}\n\
-             cluster {{ name: \"oh\", listen: \"{addr}:6222\", routes: [{}] }}\n{}\n",
+             cluster {{ name: \"oh\", listen: \"{addr}:6222\", routes: [{}] }}\n\
+             http: \"{addr}:8222\"\n{}\n",
             dir.join("store").display(),
             self.opts.nats_max_file_store,
             routes.join(", "),
@@ -482,6 +483,32 @@ impl NetCluster {
         (0..NATS_NODES).find(|i| nats_host(*i) == leader)
     }
 
+    /// Last sequence of stream `{ns}_{suffix}` in node `i`'s own copy (its monitoring port,
+    /// `/jsz`): a follower that is behind reports less than the leader.
+    pub async fn node_last_seq(&self, i: usize, suffix: &str) -> Option<u64> {
+        let url = format!(
+            "http://{}:8222/jsz?accounts=true&streams=true",
+            self.net.addr(&nats_host(i))
+        );
+        let v: Value = self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let name = format!("{}_{suffix}", self.namespace);
+        v["account_details"]
+            .as_array()?
+            .iter()
+            .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+            .find(|s| s["name"] == name.as_str())
+            .and_then(|s| s["state"]["last_seq"].as_u64())
+    }
+
     /// Tails of every process's log, for failure messages.
     pub fn logs(&self) -> String {
         let mut s = String::new();
@@ -570,10 +597,17 @@ impl NetCluster {
         let mut out = HashMap::new();
         for sid in sids {
             let id = SessionId::parse(sid).expect("session id");
-            let raw = store
-                .read_from(&id, 0, 1_000_000)
-                .await
-                .unwrap_or_else(|e| panic!("read the raw log of {sid}: {e}"));
+            // Right after a heal the cluster may still be electing: retry for a while.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let raw = loop {
+                match store.read_from(&id, 0, 1_000_000).await {
+                    Ok(raw) => break raw,
+                    Err(e) if Instant::now() > deadline => {
+                        panic!("read the raw log of {sid}: {e}{}", self.logs())
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            };
             let events = self.all_events(sid).await;
             let agent_state = self.info(sid).await["agent_state"]
                 .as_str()

@@ -14,6 +14,11 @@ use tests::history::{ClientHistory, Verdict, Workload, check};
 use tests::netcluster::{NetCluster, NetOpts, TOKEN, gateway_host, nats_host, worker_host};
 
 const THINK: Duration = Duration::from_millis(150);
+/// Traffic before a fault.
+const WARM: Duration = Duration::from_secs(3);
+/// C5: the longest any acknowledged message may wait for its answer through a fault (lease
+/// TTL 3 s, failure detection, claim and the client's own reconnect).
+const BOUND: Duration = Duration::from_secs(30);
 
 async fn sessions(c: &NetCluster, n: usize) -> Vec<String> {
     let mut sids = Vec::new();
@@ -95,4 +100,338 @@ async fn cluster_without_faults_is_clean() {
         "[no faults] all answer through g2 in {:.2} s",
         took.as_secs_f64()
     );
+}
+
+/// The owner of each conversation.
+async fn owners(c: &NetCluster, sids: &[String]) -> Vec<Option<usize>> {
+    let mut out = Vec::new();
+    for sid in sids {
+        out.push(owner(c, sid).await);
+    }
+    out
+}
+
+/// The worker owning the most conversations, and those conversations.
+async fn busiest(c: &NetCluster, sids: &[String]) -> (usize, Vec<String>) {
+    let own = owners(c, sids).await;
+    let w = (0..3)
+        .max_by_key(|w| own.iter().filter(|o| **o == Some(*w)).count())
+        .expect("three workers");
+    let mine = sids
+        .iter()
+        .zip(&own)
+        .filter(|(_, o)| **o == Some(w))
+        .map(|(s, _)| s.clone())
+        .collect();
+    (w, mine)
+}
+
+/// Waits until none of `sids` is owned by worker `w` any more (each owned by another); the
+/// time it took.
+async fn owned_elsewhere(c: &NetCluster, sids: &[String], w: usize, bound: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let own = owners(c, sids).await;
+        if own.iter().all(|o| o.is_some_and(|o| o != w)) {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < bound,
+            "sessions {sids:?} still on w{w} (owners {own:?}) after {bound:?}{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// Row 10: a worker cut from Redis (NATS still reachable) stops renewing, fences its sessions
+/// itself before its leases expire, and they move to the other workers.
+#[tokio::test]
+async fn worker_cut_from_redis_fences_itself_and_its_sessions_move() {
+    let name = "worker x redis";
+    let Some(c) = NetCluster::start(NetOpts::default()).await else {
+        return;
+    };
+    let sids = sessions(&c, 6).await;
+    let w = workload(&c, &sids);
+    tokio::time::sleep(WARM).await;
+    let (victim, mine) = busiest(&c, &sids).await;
+    assert!(!mine.is_empty());
+    c.net.cut_both(&worker_host(victim), "redis");
+    let moved = owned_elsewhere(&c, &mine, victim, BOUND).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.net.heal_all();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let v = finish(&c, name, &sids, w).await;
+    let log = c.worker(victim).log();
+    assert!(
+        log.contains("self-fencing"),
+        "w{victim} did not fence itself:\n{log}"
+    );
+    println!(
+        "[{name}] {} sessions of w{victim} owned elsewhere after {}; longest answer wait {}",
+        mine.len(),
+        secs(moved),
+        secs(v.max_answer)
+    );
+    assert!(v.max_answer <= BOUND, "[{name}] {v}");
+}
+
+/// Row 10, the reverse: a worker cut from every NATS node (Redis still reachable) cannot
+/// append; it notices the silent link by its pings, stops renewing, and its sessions move.
+#[tokio::test]
+async fn worker_cut_from_nats_releases_its_sessions() {
+    let name = "worker x nats";
+    let Some(c) = NetCluster::start(NetOpts::default()).await else {
+        return;
+    };
+    let sids = sessions(&c, 6).await;
+    let w = workload(&c, &sids);
+    tokio::time::sleep(WARM).await;
+    let (victim, mine) = busiest(&c, &sids).await;
+    for n in 0..3 {
+        c.net.cut_both(&worker_host(victim), &nats_host(n));
+    }
+    let moved = owned_elsewhere(&c, &mine, victim, BOUND).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.net.heal_all();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let v = finish(&c, name, &sids, w).await;
+    let log = c.worker(victim).log();
+    assert!(
+        log.contains("NATS unreachable"),
+        "w{victim} never noticed:\n{log}"
+    );
+    println!(
+        "[{name}] {} sessions of w{victim} owned elsewhere after {}; longest answer wait {}",
+        mine.len(),
+        secs(moved),
+        secs(v.max_answer)
+    );
+    assert!(v.max_answer <= BOUND, "[{name}] {v}");
+}
+
+/// Row 10: a gateway cut from NATS answers its clients' sends with errors (never a false
+/// ack), reports itself unready, and the clients carry on through the other gateway.
+#[tokio::test]
+async fn gateway_cut_from_nats_errors_to_its_clients_who_move() {
+    let name = "gateway x nats";
+    let Some(c) = NetCluster::start(NetOpts::default()).await else {
+        return;
+    };
+    let sids = sessions(&c, 6).await;
+    let w = workload(&c, &sids);
+    tokio::time::sleep(WARM).await;
+    let before = w.answers();
+    let t0 = Instant::now();
+    for n in 0..3 {
+        c.net.cut_both(&gateway_host(0), &nats_host(n));
+    }
+    // The gateway notices (pings) and says so to its load balancer.
+    let unready = loop {
+        if let Ok((code, _)) = c.get(0, "/readyz").await {
+            if code == 503 {
+                break t0.elapsed();
+            }
+        }
+        assert!(t0.elapsed() < BOUND, "g1 stayed ready{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let during = w.answers() - before;
+    c.net.heal_all();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let histories = w.stop().await;
+    let errors: usize = histories
+        .iter()
+        .flat_map(|h| &h.sent)
+        .filter(|m| !m.errors.is_empty())
+        .count();
+    let stored = c.read_stored(&sids).await;
+    let v = check(&histories, &stored);
+    println!("[{name}] {v}");
+    assert!(v.clean(), "[{name}] {v}{}", c.logs());
+    assert!(
+        during > 0,
+        "[{name}] no answer while g1 was cut: clients did not move"
+    );
+    assert!(
+        errors > 0,
+        "[{name}] no client saw an error from the cut gateway"
+    );
+    println!(
+        "[{name}] g1 unready after {}; {during} answers through g2 during the cut; {errors} sends saw an error first; longest answer wait {}",
+        secs(unready),
+        secs(v.max_answer)
+    );
+    assert!(v.max_answer <= BOUND, "[{name}] {v}");
+}
+
+/// Row 10: a gateway isolated from everything (its clients too): clients time out, connect
+/// to the other gateway from their newest event, and miss nothing.
+#[tokio::test]
+async fn isolated_gateway_clients_resume_elsewhere() {
+    let name = "gateway isolated";
+    let Some(c) = NetCluster::start(NetOpts::default()).await else {
+        return;
+    };
+    let sids = sessions(&c, 6).await;
+    let w = workload(&c, &sids);
+    tokio::time::sleep(WARM).await;
+    c.net.isolate(&gateway_host(0));
+    let t0 = Instant::now();
+    let before = w.answers();
+    // Every client answered again (those on g2 never stopped; those on g1 moved).
+    while !(w.answers() >= before + 2 * sids.len()) {
+        assert!(
+            t0.elapsed() < BOUND,
+            "[{name}] clients did not resume{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    c.net.heal_all();
+    let v = finish(&c, name, &sids, w).await;
+    println!(
+        "[{name}] longest answer wait {} (clients of g1 give up after 8-20 s of silence)",
+        secs(v.max_answer)
+    );
+    assert!(v.max_answer <= BOUND, "[{name}] {v}");
+}
+
+/// The node leading the events stream is killed: JetStream elects another leader among the
+/// two left, appends carry on (retried with the same msg ids), the node comes back and
+/// catches up.
+#[tokio::test]
+async fn events_stream_leader_killed_and_restarted() {
+    let name = "stream leader killed";
+    let Some(mut c) = NetCluster::start(NetOpts::default()).await else {
+        return;
+    };
+    let sids = sessions(&c, 6).await;
+    let w = workload(&c, &sids);
+    tokio::time::sleep(WARM).await;
+    let leader = c
+        .stream_leader("events")
+        .await
+        .expect("events stream leader");
+    let t0 = Instant::now();
+    c.kill_nats(leader).await;
+    let new_leader = loop {
+        if let Some(l) = c.stream_leader("events").await {
+            if l != leader {
+                break l;
+            }
+        }
+        assert!(t0.elapsed() < BOUND, "[{name}] no new leader{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let elected = t0.elapsed();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    c.restart_nats(leader).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let v = finish(&c, name, &sids, w).await;
+    println!(
+        "[{name}] {} killed; {} leads after {}; longest answer wait {}",
+        nats_host(leader),
+        nats_host(new_leader),
+        secs(elected),
+        secs(v.max_answer)
+    );
+    assert!(v.max_answer <= BOUND, "[{name}] {v}");
+}
+
+/// The events stream's leader is partitioned from everyone, then healed: the majority elects
+/// a new leader; the old one, alone, can commit nothing (no quorum), so nothing it
+/// acknowledges is lost.
+#[tokio::test]
+async fn events_stream_leader_partitioned_away_then_healed() {
+    let name = "stream leader partitioned";
+    let Some(c) = NetCluster::start(NetOpts::default()).await else {
+        return;
+    };
+    let sids = sessions(&c, 6).await;
+    let w = workload(&c, &sids);
+    tokio::time::sleep(WARM).await;
+    let leader = c
+        .stream_leader("events")
+        .await
+        .expect("events stream leader");
+    let t0 = Instant::now();
+    c.net.isolate(&nats_host(leader));
+    let new_leader = loop {
+        if let Some(l) = c.stream_leader("events").await {
+            if l != leader {
+                break l;
+            }
+        }
+        assert!(t0.elapsed() < BOUND, "[{name}] no new leader{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let elected = t0.elapsed();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    c.net.heal_all();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let v = finish(&c, name, &sids, w).await;
+    println!(
+        "[{name}] {} isolated; {} leads after {}; longest answer wait {}",
+        nats_host(leader),
+        nats_host(new_leader),
+        secs(elected),
+        secs(v.max_answer)
+    );
+    assert!(v.max_answer <= BOUND, "[{name}] {v}");
+}
+
+/// A node that leads nothing of ours is isolated, then healed: the majority goes on without
+/// it, and after the heal it serves again (a client connected only to it reads the log).
+#[tokio::test]
+async fn minority_node_isolated_then_healed() {
+    let name = "minority node isolated";
+    let Some(c) = NetCluster::start(NetOpts::default()).await else {
+        return;
+    };
+    let sids = sessions(&c, 6).await;
+    let w = workload(&c, &sids);
+    tokio::time::sleep(WARM).await;
+    let leader = c
+        .stream_leader("events")
+        .await
+        .expect("events stream leader");
+    let minority = (0..3).find(|n| *n != leader).expect("a follower");
+    c.net.isolate(&nats_host(minority));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    c.net.heal_all();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let v = finish(&c, name, &sids, w).await;
+    // The healed node's own copy of the events stream catches up with the leader's.
+    let t0 = Instant::now();
+    let caught_up = loop {
+        let leader = c.stream_leader("events").await.expect("a leader");
+        let (l, m) = (
+            c.node_last_seq(leader, "events").await,
+            c.node_last_seq(minority, "events").await,
+        );
+        if l.is_some() && l == m {
+            break t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < BOUND,
+            "[{name}] {} never caught up: {m:?} vs leader {l:?}",
+            nats_host(minority)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!(
+        "[{name}] {} isolated 8 s; its copy caught up {} after the heal check began; longest answer wait {}",
+        nats_host(minority),
+        secs(caught_up),
+        secs(v.max_answer)
+    );
+    assert!(v.max_answer <= BOUND, "[{name}] {v}");
 }

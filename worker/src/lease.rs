@@ -6,6 +6,11 @@
 //! since the last renewal that was *sent* and succeeded, i.e. before the lease could have
 //! expired and been taken by another worker (self-fencing on the local monotonic clock); two
 //! late ticks are tolerated before that.
+//!
+//! A worker that cannot reach NATS cannot run its sessions (no actions in, no events out), so
+//! it must not keep them from the workers that can: while the NATS connection is down
+//! (detected by the client's pings, every [`nats_ping_interval`]) no lease is renewed, the
+//! sessions self-fence as above, and their leases expire for another worker to take.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -126,6 +131,15 @@ async fn renew_one(
     Ok(Some(ours))
 }
 
+/// How often the NATS client pings its server: a silent link (a partition drops packets
+/// without a reset) is noticed after two unanswered pings, well within a lease's time to live.
+pub(crate) fn nats_ping_interval(lease_ttl: std::time::Duration) -> std::time::Duration {
+    (lease_ttl / 4).clamp(
+        std::time::Duration::from_millis(500),
+        std::time::Duration::from_secs(10),
+    )
+}
+
 pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
     let ttl = ctx.args.lease_ttl;
     let mut tick = tokio::time::interval(ttl / 4);
@@ -136,12 +150,19 @@ pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
             _ = tick.tick() => {}
         }
         type Renewing = (SessionId, UserId, Lease, Arc<tokio::sync::Mutex<bool>>);
-        let held: Vec<Renewing> = ctx
-            .leases
-            .lock()
-            .iter()
-            .map(|(s, h)| (s.clone(), h.uid.clone(), h.lease.clone(), h.live.clone()))
-            .collect();
+        let nats_up = ctx.nats.connection_state() == async_nats::connection::State::Connected;
+        if !nats_up {
+            warn!("NATS unreachable: not renewing leases (the sessions fence themselves)");
+        }
+        let held: Vec<Renewing> = if nats_up {
+            ctx.leases
+                .lock()
+                .iter()
+                .map(|(s, h)| (s.clone(), h.uid.clone(), h.lease.clone(), h.live.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let sent_at = Instant::now();
         let results: Vec<(SessionId, redis::RedisResult<Option<bool>>)> =
             futures::stream::iter(held)

@@ -108,6 +108,7 @@ pub async fn run(
     let (nats_options, nats_servers) = shared::creds::nats_connect_options(args.broker.nats());
     let client = nats_options
         .name(format!("worker {worker_id}"))
+        .ping_interval(lease::nats_ping_interval(args.lease_ttl))
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connect(nats_servers)
