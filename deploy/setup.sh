@@ -37,6 +37,10 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO systemctl disable --now nats-server redis-server >/dev/null 2>&1 || true
 fi
 
+# A nats-server for JetStream clusters (>= 2.9.21; Debian 12 has 2.9.10): the across-machines
+# tests run their 3-node cluster on it.
+bash "$(dirname "$0")/nats-server-cluster.sh" >/dev/null
+
 if ! command -v cargo >/dev/null; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then
     :

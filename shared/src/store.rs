@@ -112,6 +112,20 @@ async fn ensure_stream(
     Ok(stream)
 }
 
+/// Whether a clustered nats-server of `version` checks `Nats-Expected-Last-Subject-Sequence`
+/// against appends still in flight (2.9.21 and later; nats-server#4320). A single server
+/// always did. An unreadable version counts as too old.
+pub fn serializes_fenced_appends(version: &str) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor), Some(patch)) => (major, minor, patch) >= (2, 9, 21),
+        _ => false,
+    }
+}
+
 /// Conversation metadata (durable, in the KV bucket). Field names follow OpenHands'
 /// `ConversationMetadata`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -306,6 +320,20 @@ impl Store {
         )
         .await
         .map_err(|e| setup(&names.events_stream())(e))?;
+        // Read after a JetStream request: the server's INFO has arrived by now.
+        let info = client.server_info();
+        if info.cluster.is_some() && !serializes_fenced_appends(&info.version) {
+            return Err(StoreError::Setup {
+                what: format!("nats-server {} (cluster {:?})", info.version, info.cluster),
+                source: format!(
+                    "nats-server {} in a cluster does not serialize appends that expect a last \
+                     subject sequence (nats-server#4320, fixed in 2.9.21): two owners of a \
+                     session could both write. Run nats-server 2.9.21 or newer on every node",
+                    info.version
+                )
+                .into(),
+            });
+        }
         let actions = ensure_stream(
             &js,
             stream::Config {
@@ -1053,4 +1081,25 @@ enum Which {
 /// Reads a numeric header.
 pub fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
     headers.get(name).and_then(|v| v.as_str().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::serializes_fenced_appends;
+
+    #[test]
+    fn clustered_fencing_needs_2_9_21() {
+        for (v, ok) in [
+            ("2.9.10", false),
+            ("2.9.20", false),
+            ("2.9.21", true),
+            ("2.10.27", true),
+            ("v2.11.0-beta.1", true),
+            ("3.0.0", true),
+            ("2.9", false),
+            ("", false),
+        ] {
+            assert_eq!(serializes_fenced_appends(v), ok, "{v}");
+        }
+    }
 }

@@ -55,6 +55,8 @@ const HOSTS: &[(&str, u8)] = &[
 pub struct NetOpts {
     /// Workers started (at most 3: hosts `w1`..`w3`).
     pub workers: usize,
+    /// Gateways started (at most 2: hosts `g1`, `g2`).
+    pub gateways: usize,
     /// `OH_LEASE_TTL_MS` of the workers.
     pub lease_ttl_ms: u64,
     /// Extra environment of every worker.
@@ -63,16 +65,24 @@ pub struct NetOpts {
     pub gateway_env: Vec<(&'static str, String)>,
     /// `jetstream.max_file_store` of every NATS node (bytes).
     pub nats_max_file_store: u64,
+    /// The nats-server binary (default: [`cluster_nats_bin`]).
+    pub nats_bin: Option<PathBuf>,
+    /// Run the workers and Redis under libfaketime, their wall clocks offset by
+    /// [`NetCluster::clock_file`]s (`+0` at start).
+    pub faketime: bool,
 }
 
 impl Default for NetOpts {
     fn default() -> Self {
         NetOpts {
             workers: 3,
+            gateways: 2,
             lease_ttl_ms: 3000,
             worker_env: Vec::new(),
             gateway_env: Vec::new(),
             nats_max_file_store: 16 << 30,
+            faketime: false,
+            nats_bin: None,
         }
     }
 }
@@ -156,7 +166,7 @@ impl NetCluster {
         ] {
             std::fs::write(c.dir.path().join(file), url).expect("write a URL file");
         }
-        for g in 0..2 {
+        for g in 0..opts.gateways.min(2) {
             c.start_gateway(g).await;
         }
         for w in 0..opts.workers.min(3) {
@@ -225,8 +235,7 @@ impl NetCluster {
         );
         let path = dir.join("nats.conf");
         std::fs::write(&path, conf).expect("write a node's config");
-        let bin = find_system_bin("nats-server", &["/usr/sbin/nats-server"])
-            .unwrap_or_else(|e| panic!("{e}"));
+        let bin = self.opts.nats_bin.clone().unwrap_or_else(cluster_nats_bin);
         let p = self.net.on(&host, || {
             Proc::spawn(&host, &bin, &["-c", &path.display().to_string()], &[])
         });
@@ -300,9 +309,14 @@ impl NetCluster {
             "--dir",
             &dir.display().to_string(),
         ];
+        let env = if self.opts.faketime {
+            self.faketime_env("redis")
+        } else {
+            Vec::new()
+        };
         let p = self
             .net
-            .on("redis", || Proc::spawn("redis", &bin, &args, &[]));
+            .on("redis", || Proc::spawn("redis", &bin, &args, &env));
         self.redis = Some(p);
         let url = self.redis_url(Role::Admin);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -385,6 +399,18 @@ impl NetCluster {
         if let Some(mut p) = self.workers[w].take() {
             p.kill9().await;
         }
+        let mut p = self.spawn_worker(w, extra);
+        let host = worker_host(w);
+        p.wait_http_ok(
+            &format!("http://{}:9100/healthz", self.net.addr(&host)),
+            Duration::from_secs(60),
+        )
+        .await;
+        self.workers[w] = Some(p);
+    }
+
+    /// Starts worker `w` on its host without waiting for it (e.g. to watch it refuse to run).
+    pub fn spawn_worker(&self, w: usize, extra: Vec<(&'static str, String)>) -> Proc {
         let host = worker_host(w);
         let root = self.dir.path().join(format!("workspaces-{host}"));
         let mut env = self.common_env();
@@ -402,25 +428,29 @@ impl NetCluster {
             ),
         ]);
         env.extend(self.opts.worker_env.iter().cloned());
+        if self.opts.faketime {
+            env.extend(self.faketime_env(&host));
+        }
         env.extend(extra);
         let bin = bin_path("worker");
-        let mut p = self.net.on(&host, || Proc::spawn(&host, &bin, &[], &env));
-        p.wait_http_ok(
-            &format!("http://{}:9100/healthz", self.net.addr(&host)),
-            Duration::from_secs(60),
-        )
-        .await;
-        self.workers[w] = Some(p);
+        self.net.on(&host, || Proc::spawn(&host, &bin, &[], &env))
     }
 
-    /// The file whose contents offset a faketime worker's wall clock.
-    pub fn clock_file(&self, w: usize) -> PathBuf {
-        self.dir.path().join(format!("clock-w{w}"))
+    /// The file whose contents offset the wall clock of a faketime process on `host` (`w1`,
+    /// `redis`): `+0`, `+30s`, `-30s`, read on every clock call.
+    pub fn clock_file(&self, host: &str) -> PathBuf {
+        self.dir.path().join(format!("clock-{host}"))
     }
 
-    /// Settings that run worker `w` under libfaketime with [`NetCluster::clock_file`] (`+0`
-    /// to start). Panics if libfaketime is missing (deploy/setup.sh installs it).
-    pub fn faketime_env(&self, w: usize) -> Vec<(&'static str, String)> {
+    /// Moves the wall clock of the process on `host` to `offset` (e.g. `+30s`) from now on.
+    pub fn set_clock(&self, host: &str, offset: &str) {
+        std::fs::write(self.clock_file(host), format!("{offset}\n")).expect("write a clock file");
+    }
+
+    /// Settings that run a process under libfaketime with [`NetCluster::clock_file`] (`+0`
+    /// to start): only the wall clock moves, the monotonic clock is left alone. Panics if
+    /// libfaketime is missing (deploy/setup.sh installs it).
+    fn faketime_env(&self, host: &str) -> Vec<(&'static str, String)> {
         let lib = [
             "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
             "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
@@ -428,11 +458,13 @@ impl NetCluster {
         .into_iter()
         .find(|p| Path::new(p).exists())
         .expect("libfaketime (Debian package faketime; deploy/setup.sh installs it)");
-        let file = self.clock_file(w);
-        std::fs::write(&file, "+0\n").expect("write the clock file");
+        self.set_clock(host, "+0");
         vec![
             ("LD_PRELOAD", lib.to_owned()),
-            ("FAKETIME_TIMESTAMP_FILE", file.display().to_string()),
+            (
+                "FAKETIME_TIMESTAMP_FILE",
+                self.clock_file(host).display().to_string(),
+            ),
             ("FAKETIME_NO_CACHE", "1".to_owned()),
             ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
         ]
@@ -634,6 +666,22 @@ impl NetCluster {
         }
         panic!("no gateway answered for {sid}{}", self.logs());
     }
+}
+
+/// A nats-server that fences correctly in a cluster (2.9.21 or later, nats-server#4320):
+/// `OH_NATS_CLUSTER_BIN`, else the one `deploy/nats-server-cluster.sh` installs (Debian 13's),
+/// else whatever `nats-server` is on the machine (then clustered tests fail at the workers'
+/// version check if it is older).
+pub fn cluster_nats_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("OH_NATS_CLUSTER_BIN").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let tools = std::env::var_os("OH_TOOLS_DIR").unwrap_or_else(|| "/opt/oh-tools".into());
+    let p = PathBuf::from(tools).join("nats-server-trixie/usr/sbin/nats-server");
+    if p.exists() {
+        return p;
+    }
+    find_system_bin("nats-server", &["/usr/sbin/nats-server"]).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Host of NATS node `i`.

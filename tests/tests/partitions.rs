@@ -435,3 +435,127 @@ async fn minority_node_isolated_then_healed() {
     );
     assert!(v.max_answer <= BOUND, "[{name}] {v}");
 }
+
+/// Row 8: Redis forgets everything under load — `FLUSHALL`, then replaced by an empty server
+/// (a failover to a replica that missed the last writes). Redis is rebuildable state: leases
+/// are retaken (the epoch comes from the log, so no split writes), status is rebuilt, clients
+/// keep streaming (Redis is not on the event path).
+#[tokio::test]
+async fn redis_flushed_and_replaced_under_load() {
+    let name = "redis emptied";
+    let Some(mut c) = NetCluster::start(NetOpts::default()).await else {
+        return;
+    };
+    let sids = sessions(&c, 6).await;
+    let w = workload(&c, &sids);
+    tokio::time::sleep(WARM).await;
+    c.flushall().await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let before = w.answers();
+    let t0 = Instant::now();
+    c.start_redis().await;
+    while !w.all_answered(1) || w.answers() < before + 2 * sids.len() {
+        assert!(t0.elapsed() < BOUND, "[{name}] no answers after the replacement{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resumed = t0.elapsed();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let v = finish(&c, name, &sids, w).await;
+    // Ownership is known again for every conversation.
+    let own = owners(&c, &sids).await;
+    assert!(own.iter().all(Option::is_some), "[{name}] owners {own:?}");
+    println!(
+        "[{name}] FLUSHALL, then an empty Redis: answers again {} after the replacement; longest answer wait {}",
+        secs(resumed),
+        secs(v.max_answer)
+    );
+    assert!(v.max_answer <= BOUND, "[{name}] {v}");
+}
+
+/// Row 9: wall-clock jumps of ±30 s on every worker, then on the Redis host. Leases are timed
+/// on the monotonic clock and by Redis, so a worker's jump changes nothing (no failover); a
+/// jump of Redis' clock expires leases early, which may move sessions, but never lets two
+/// workers write (C3) and loses nothing.
+#[tokio::test]
+async fn clock_jumps_on_workers_and_redis() {
+    let name = "clock jumps";
+    let Some(c) = NetCluster::start(NetOpts {
+        faketime: true,
+        ..NetOpts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let sids = sessions(&c, 6).await;
+    let w = workload(&c, &sids);
+    tokio::time::sleep(WARM).await;
+    let before = owners(&c, &sids).await;
+    for offset in ["+30s", "-30s", "+0"] {
+        for wk in 0..3 {
+            c.set_clock(&worker_host(wk), offset);
+        }
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+    let after = owners(&c, &sids).await;
+    assert_eq!(before, after, "[{name}] a worker's clock jump moved sessions{}", c.logs());
+    let answers = w.answers();
+    c.set_clock("redis", "+30s");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    c.set_clock("redis", "+0");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(w.answers() > answers, "[{name}] no answers after Redis' jump");
+    let v = finish(&c, name, &sids, w).await;
+    let moved = owners(&c, &sids)
+        .await
+        .iter()
+        .zip(&after)
+        .filter(|(a, b)| a != b)
+        .count();
+    println!(
+        "[{name}] workers ±30 s: 0 of {} sessions moved; Redis +30 s: {moved} moved; longest answer wait {}",
+        sids.len(),
+        secs(v.max_answer)
+    );
+    assert!(v.max_answer <= BOUND, "[{name}] {v}");
+}
+
+/// nats-server before 2.9.21 does not serialize fenced appends in a cluster (nats-server#4320);
+/// Debian 12's is 2.9.10. A worker pointed at such a cluster refuses to start, naming why,
+/// instead of running with a fence that two owners can both pass.
+#[tokio::test]
+async fn worker_refuses_a_cluster_whose_nats_cannot_fence() {
+    let old = match tests::proc::find_system_bin("nats-server", &["/usr/sbin/nats-server"]) {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    };
+    let version = std::process::Command::new(&old)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let v = version.trim_start_matches("nats-server: v");
+    if shared::store::serializes_fenced_appends(v) {
+        println!("SKIP: the machine's nats-server ({version}) fences correctly in a cluster");
+        return;
+    }
+    let Some(c) = NetCluster::start(NetOpts {
+        workers: 0,
+        gateways: 0,
+        nats_bin: Some(old),
+        ..NetOpts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let mut p = c.spawn_worker(0, Vec::new());
+    let status = p.wait_exit(Duration::from_secs(60)).await;
+    let log = p.log();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the worker ran against {version}: {status:?}\n{log}"
+    );
+    assert!(log.contains("nats-server#4320"), "{log}");
+    println!("[old nats] worker refused nats-server {v} in a cluster");
+}
