@@ -120,7 +120,11 @@ pub fn serializes_fenced_appends(version: &str) -> bool {
         .trim_start_matches('v')
         .split(|c: char| !c.is_ascii_digit())
         .map(|p| p.parse::<u32>().ok());
-    match (parts.next().flatten(), parts.next().flatten(), parts.next().flatten()) {
+    match (
+        parts.next().flatten(),
+        parts.next().flatten(),
+        parts.next().flatten(),
+    ) {
         (Some(major), Some(minor), Some(patch)) => (major, minor, patch) >= (2, 9, 21),
         _ => false,
     }

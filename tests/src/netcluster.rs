@@ -67,8 +67,9 @@ pub struct NetOpts {
     pub nats_max_file_store: u64,
     /// The nats-server binary (default: [`cluster_nats_bin`]).
     pub nats_bin: Option<PathBuf>,
-    /// Run the workers and Redis under libfaketime, their wall clocks offset by
-    /// [`NetCluster::clock_file`]s (`+0` at start).
+    /// Run the workers under libfaketime, their wall clocks offset by
+    /// [`NetCluster::clock_file`]s (`+0` at start). (Redis cannot run under libfaketime —
+    /// jemalloc's clock calls recurse into it — see [`NetCluster::redis_clock_jump`].)
     pub faketime: bool,
 }
 
@@ -309,14 +310,9 @@ impl NetCluster {
             "--dir",
             &dir.display().to_string(),
         ];
-        let env = if self.opts.faketime {
-            self.faketime_env("redis")
-        } else {
-            Vec::new()
-        };
         let p = self
             .net
-            .on("redis", || Proc::spawn("redis", &bin, &args, &env));
+            .on("redis", || Proc::spawn("redis", &bin, &args, &[]));
         self.redis = Some(p);
         let url = self.redis_url(Role::Admin);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -355,6 +351,44 @@ impl NetCluster {
             .query_async(&mut con)
             .await
             .expect("FLUSHALL");
+    }
+
+    /// What a jump of Redis' wall clock by `secs` does to the keys (Redis times expiry by its
+    /// wall clock): forward, every key whose time to live is under `secs` expires at once and
+    /// the rest lose `secs`; backward, every expiring key lives `secs` longer. Returns the keys
+    /// that expired.
+    pub async fn redis_clock_jump(&self, secs: i64) -> usize {
+        let mut con = self
+            .redis_admin(&self.redis_url(Role::Admin))
+            .await
+            .unwrap_or_else(|e| panic!("redis admin: {e}"));
+        let script = ::redis::Script::new(
+            r"
+local expired = 0
+local cursor = '0'
+repeat
+  local r = redis.call('SCAN', cursor, 'COUNT', 1000)
+  cursor = r[1]
+  for _, k in ipairs(r[2]) do
+    local ttl = redis.call('PTTL', k)
+    if ttl > 0 then
+      local left = ttl - tonumber(ARGV[1])
+      if left <= 0 then
+        redis.call('DEL', k)
+        expired = expired + 1
+      else
+        redis.call('PEXPIRE', k, left)
+      end
+    end
+  end
+until cursor == '0'
+return expired",
+        );
+        script
+            .arg(secs * 1000)
+            .invoke_async(&mut con)
+            .await
+            .expect("the clock jump script")
     }
 
     fn common_env(&self) -> Vec<(&'static str, String)> {
