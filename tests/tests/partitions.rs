@@ -7,6 +7,7 @@
 //!
 //! The tests skip (with a message) where namespaces are impossible; `scripts/test.sh` sets
 //! `OH_REQUIRE_NETNS=1`, so in CI they run or fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 
@@ -233,10 +234,8 @@ async fn gateway_cut_from_nats_errors_to_its_clients_who_move() {
     }
     // The gateway notices (pings) and says so to its load balancer.
     let unready = loop {
-        if let Ok((code, _)) = c.get(0, "/readyz").await {
-            if code == 503 {
-                break t0.elapsed();
-            }
+        if let Ok((503, _)) = c.get(0, "/readyz").await {
+            break t0.elapsed();
         }
         assert!(t0.elapsed() < BOUND, "g1 stayed ready{}", c.logs());
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -286,7 +285,7 @@ async fn isolated_gateway_clients_resume_elsewhere() {
     let t0 = Instant::now();
     let before = w.answers();
     // Every client answered again (those on g2 never stopped; those on g1 moved).
-    while !(w.answers() >= before + 2 * sids.len()) {
+    while w.answers() < before + 2 * sids.len() {
         assert!(
             t0.elapsed() < BOUND,
             "[{name}] clients did not resume{}",
@@ -323,10 +322,10 @@ async fn events_stream_leader_killed_and_restarted() {
     let t0 = Instant::now();
     c.kill_nats(leader).await;
     let new_leader = loop {
-        if let Some(l) = c.stream_leader("events").await {
-            if l != leader {
-                break l;
-            }
+        if let Some(l) = c.stream_leader("events").await
+            && l != leader
+        {
+            break l;
         }
         assert!(t0.elapsed() < BOUND, "[{name}] no new leader{}", c.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -365,10 +364,10 @@ async fn events_stream_leader_partitioned_away_then_healed() {
     let t0 = Instant::now();
     c.net.isolate(&nats_host(leader));
     let new_leader = loop {
-        if let Some(l) = c.stream_leader("events").await {
-            if l != leader {
-                break l;
-            }
+        if let Some(l) = c.stream_leader("events").await
+            && l != leader
+        {
+            break l;
         }
         assert!(t0.elapsed() < BOUND, "[{name}] no new leader{}", c.logs());
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -581,4 +580,202 @@ async fn worker_refuses_a_cluster_whose_nats_cannot_fence() {
     );
     assert!(log.contains("nats-server#4320"), "{log}");
     println!("[old nats] worker refused nats-server {v} in a cluster");
+}
+
+/// One nemesis action of the mixed soak.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    KillWorker,
+    PauseWorker,
+    KillNats,
+    IsolateNats,
+    WorkerRedisCut,
+    WorkerNatsCut,
+    GatewayNatsCut,
+    IsolateGateway,
+    KillGateway,
+    FlushRedis,
+    LossyWorker,
+    SlowGateway,
+    WorkerClock,
+    RedisClock,
+}
+
+const FAULTS: [Fault; 14] = [
+    Fault::KillWorker,
+    Fault::PauseWorker,
+    Fault::KillNats,
+    Fault::IsolateNats,
+    Fault::WorkerRedisCut,
+    Fault::WorkerNatsCut,
+    Fault::GatewayNatsCut,
+    Fault::IsolateGateway,
+    Fault::KillGateway,
+    Fault::FlushRedis,
+    Fault::LossyWorker,
+    Fault::SlowGateway,
+    Fault::WorkerClock,
+    Fault::RedisClock,
+];
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Row 20: a mixed nemesis with a fixed seed while clients talk: one fault at a time (kill,
+/// pause, partitions of every kind, node loss, lossy and slow links, Redis amnesia, clock
+/// jumps), each held 4-10 s, healed, then a pause. Then every conversation is checked. 3
+/// minutes here; `OH_NEMESIS_SECONDS=1800` for the long run, `OH_NEMESIS_SEED` to vary it,
+/// `OH_NEMESIS_REPORT=path` to write the report (Markdown).
+#[tokio::test]
+async fn mixed_nemesis_soak() {
+    use rand::{Rng, SeedableRng};
+    let name = "mixed nemesis";
+    let seconds = env_u64("OH_NEMESIS_SECONDS", 180);
+    let seed = env_u64("OH_NEMESIS_SEED", 11);
+    let Some(mut c) = NetCluster::start(NetOpts {
+        faketime: true,
+        ..NetOpts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let sids = sessions(&c, 8).await;
+    let w = workload(&c, &sids);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let t0 = Instant::now();
+    let mut log: Vec<String> = Vec::new();
+    while t0.elapsed() < Duration::from_secs(seconds) {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(2000..5000))).await;
+        let fault = FAULTS[rng.random_range(0..FAULTS.len())];
+        let hold = Duration::from_millis(rng.random_range(4000..10_000));
+        let wk = rng.random_range(0..3);
+        let node = rng.random_range(0..3);
+        let gw = rng.random_range(0..2);
+        let at = t0.elapsed().as_secs();
+        let what = match fault {
+            Fault::KillWorker => {
+                if let Some(mut p) = c.workers[wk].take() {
+                    p.kill9().await;
+                }
+                tokio::time::sleep(hold).await;
+                c.start_worker(wk, Vec::new()).await;
+                format!("kill -9 worker w{wk}, restarted after {}", secs(hold))
+            }
+            Fault::PauseWorker => {
+                let p = c.worker(wk);
+                p.signal(tests::proc::SIGSTOP).expect("SIGSTOP");
+                tokio::time::sleep(hold).await;
+                c.worker(wk).signal(tests::proc::SIGCONT).expect("SIGCONT");
+                format!("SIGSTOP worker w{wk} for {}", secs(hold))
+            }
+            Fault::KillNats => {
+                c.kill_nats(node).await;
+                tokio::time::sleep(hold).await;
+                c.restart_nats(node).await;
+                format!(
+                    "kill -9 {}, restarted after {}",
+                    nats_host(node),
+                    secs(hold)
+                )
+            }
+            Fault::IsolateNats => {
+                c.net.isolate(&nats_host(node));
+                tokio::time::sleep(hold).await;
+                format!("isolate {} for {}", nats_host(node), secs(hold))
+            }
+            Fault::WorkerRedisCut => {
+                c.net.cut_both(&worker_host(wk), "redis");
+                tokio::time::sleep(hold).await;
+                format!("cut w{wk} <-> redis for {}", secs(hold))
+            }
+            Fault::WorkerNatsCut => {
+                for n in 0..3 {
+                    c.net.cut_both(&worker_host(wk), &nats_host(n));
+                }
+                tokio::time::sleep(hold).await;
+                format!("cut w{wk} <-> NATS for {}", secs(hold))
+            }
+            Fault::GatewayNatsCut => {
+                for n in 0..3 {
+                    c.net.cut(&nats_host(n), &gateway_host(gw));
+                }
+                tokio::time::sleep(hold).await;
+                format!("cut NATS -> g{} (one way) for {}", gw + 1, secs(hold))
+            }
+            Fault::IsolateGateway => {
+                c.net.isolate(&gateway_host(gw));
+                tokio::time::sleep(hold).await;
+                format!("isolate g{} for {}", gw + 1, secs(hold))
+            }
+            Fault::KillGateway => {
+                if let Some(mut p) = c.gateways[gw].take() {
+                    p.kill9().await;
+                }
+                tokio::time::sleep(hold).await;
+                c.start_gateway(gw).await;
+                format!("kill -9 g{}, restarted after {}", gw + 1, secs(hold))
+            }
+            Fault::FlushRedis => {
+                c.flushall().await;
+                "FLUSHALL on Redis".to_owned()
+            }
+            Fault::LossyWorker => {
+                c.net.loss(&worker_host(wk), 20);
+                tokio::time::sleep(hold).await;
+                format!("20% packet loss into w{wk} for {}", secs(hold))
+            }
+            Fault::SlowGateway => {
+                c.net.slow(&gateway_host(gw), Some(256));
+                tokio::time::sleep(hold).await;
+                c.net.slow(&gateway_host(gw), None);
+                format!("g{} sends at 256 kbit/s for {}", gw + 1, secs(hold))
+            }
+            Fault::WorkerClock => {
+                let off = if rng.random_bool(0.5) { "+30s" } else { "-30s" };
+                c.set_clock(&worker_host(wk), off);
+                tokio::time::sleep(hold).await;
+                c.set_clock(&worker_host(wk), "+0");
+                format!("w{wk} wall clock {off} for {}", secs(hold))
+            }
+            Fault::RedisClock => {
+                let n = c.redis_clock_jump(30).await;
+                format!("Redis clock +30 s ({n} keys expired)")
+            }
+        };
+        c.net.heal_all();
+        eprintln!("nemesis {at:>5}s: {what}");
+        log.push(format!("{at:>5} s: {what}"));
+    }
+    c.net.heal_all();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let histories = w.stop().await;
+    let stored = c.read_stored(&sids).await;
+    let v = check(&histories, &stored);
+    let report = format!(
+        "# Mixed-nemesis soak (issue 11, fault plan row 20)\n\n\
+         Command: `OH_NEMESIS_SECONDS={seconds} OH_NEMESIS_SEED={seed} cargo test -p tests --test partitions mixed_nemesis_soak -- --nocapture`\n\n\
+         Deployment: 3 nats-server nodes (JetStream cluster, every stream R3), Redis, 2 gateways, 3 workers (echo agent, lease TTL 3 s), each on its own network namespace; {} clients, one per conversation, 150 ms between messages.\n\n\
+         - duration: {} s, seed {seed}, faults: {}\n- result: {v}\n- verdict: {}\n\n## Faults\n\n```\n{}\n```\n",
+        sids.len(),
+        t0.elapsed().as_secs(),
+        log.len(),
+        if v.clean() && v.acked > 0 {
+            "PASS"
+        } else {
+            "FAIL"
+        },
+        log.join("\n")
+    );
+    println!("{report}");
+    if let Ok(path) = std::env::var("OH_NEMESIS_REPORT") {
+        std::fs::write(&path, &report).expect("write the report");
+    }
+    assert!(v.clean(), "[{name}] {v}{}", c.logs());
+    assert!(v.acked > 0, "[{name}] nothing acknowledged");
+    assert!(v.max_answer <= Duration::from_secs(60), "[{name}] {v}");
 }
