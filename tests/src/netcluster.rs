@@ -549,6 +549,21 @@ return expired",
         (0..NATS_NODES).find(|i| nats_host(*i) == leader)
     }
 
+    /// Consumers of stream `{ns}_{suffix}` (stream info, from its leader).
+    pub async fn consumer_count(&self, suffix: &str) -> Option<u64> {
+        let client = self.admin_nats().await;
+        let subject = format!("$JS.API.STREAM.INFO.{}_{suffix}", self.namespace);
+        let resp = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.request(subject, bytes::Bytes::new()),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let info: Value = serde_json::from_slice(&resp.payload).ok()?;
+        info["state"]["consumer_count"].as_u64()
+    }
+
     /// Last sequence of stream `{ns}_{suffix}` in node `i`'s own copy (its monitoring port,
     /// `/jsz`): a follower that is behind reports less than the leader.
     pub async fn node_last_seq(&self, i: usize, suffix: &str) -> Option<u64> {

@@ -779,3 +779,228 @@ async fn mixed_nemesis_soak() {
     assert!(v.acked > 0, "[{name}] nothing acknowledged");
     assert!(v.max_answer <= Duration::from_secs(60), "[{name}] {v}");
 }
+
+/// Row 13: 1,000 clients reconnect at once, each to a random gateway with a random cursor into
+/// one of 20 conversations: each receives exactly the replay its cursor asks for (C2), and
+/// the JetStream consumers the replays used are gone afterwards.
+#[tokio::test]
+async fn thousand_clients_reconnect_at_once_with_random_cursors() {
+    use rand::{Rng, SeedableRng};
+    use shared::event::Event;
+    use tests::check::{Extent, expected_ids, verify_connection};
+    use tests::sio::{ConnectOpts, SioClient};
+    let name = "reconnect storm";
+    // Every client is user alice: lift the per-user socket cap (a limits test, not this one).
+    let Some(c) = NetCluster::start(NetOpts {
+        gateway_env: vec![("OH_MAX_SOCKETS_PER_USER", "5000".to_owned())],
+        ..NetOpts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let sids = sessions(&c, 20).await;
+    let w = workload(&c, &sids);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    finish(&c, "reconnect storm: history", &sids, w).await;
+    // The last turn's closing state change lands after its answer.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stored = c.read_stored(&sids).await;
+    let logs: Vec<Vec<Event>> = sids
+        .iter()
+        .map(|s| {
+            stored[s]
+                .events
+                .iter()
+                .map(|e| Event::from_value(e.clone()).expect("event"))
+                .collect()
+        })
+        .collect();
+    let baseline = c.consumer_count("events").await.expect("consumer count");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+    let n = 1000;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let k = rng.random_range(0..sids.len());
+        let last = logs[k].len() as i64 - 1;
+        let cursor = rng.random_range(-1..=last);
+        let url = c.url(rng.random_range(0..2));
+        let sid = sids[k].clone();
+        let want = expected_ids(&logs[k], cursor, last).len();
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let o = ConnectOpts::new(url)
+                .query("conversation_id", sid)
+                .query("latest_event_id", cursor.to_string())
+                .header("Authorization", format!("Bearer {TOKEN}"))
+                .timeout(Duration::from_secs(30));
+            let mut sock = SioClient::connect(o).await.expect("connect");
+            let mut got = Vec::new();
+            while got.len() < want && started.elapsed() < Duration::from_secs(30) {
+                if let Ok((ev, v)) = sock.next_event(Duration::from_secs(1)).await
+                    && ev == "oh_event"
+                {
+                    got.push(v["id"].as_u64().expect("id"));
+                }
+            }
+            let took = started.elapsed();
+            // Nothing more may come after the replay.
+            if let Ok((ev, v)) = sock.next_event(Duration::from_millis(200)).await
+                && ev == "oh_event"
+            {
+                got.push(v["id"].as_u64().unwrap_or(u64::MAX));
+            }
+            sock.close().await;
+            (k, cursor, got, took)
+        }));
+    }
+    let mut took = Vec::new();
+    let mut bad = Vec::new();
+    for t in tasks {
+        let (k, cursor, got, d) = t.await.expect("client task");
+        took.push(d);
+        if let Err(v) = verify_connection(&logs[k], cursor, None, &got, Extent::Complete) {
+            bad.push(format!("{} after {cursor}: {v}", sids[k]));
+        }
+    }
+    let all = t0.elapsed();
+    took.sort();
+    let pct = |p: usize| took[(took.len() * p / 100).min(took.len() - 1)];
+    assert!(
+        bad.is_empty(),
+        "[{name}] {} of {n} replays wrong: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+    // Replays leave no consumer behind.
+    let t1 = Instant::now();
+    let after = loop {
+        let now = c.consumer_count("events").await.expect("consumer count");
+        if now <= baseline || t1.elapsed() > Duration::from_secs(30) {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        after <= baseline,
+        "[{name}] consumers {baseline} before, {after} after"
+    );
+    println!(
+        "[{name}] {n} clients, 20 conversations, random cursors and gateways: all exact; resume p50 {}, p99 {}, max {}; all done in {}; event-stream consumers {baseline} before, {after} after",
+        secs(pct(50)),
+        secs(pct(99)),
+        secs(took[took.len() - 1]),
+        secs(all)
+    );
+}
+
+/// Row 18: the cluster's storage runs out (another stream fills every node's
+/// `max_file_store`) under load: sends are refused with an error, never acknowledged without a
+/// stored copy; once space is freed every conversation answers again.
+#[tokio::test]
+async fn storage_exhaustion_refuses_then_recovers() {
+    let name = "storage full";
+    let queue = vec![("OH_QUEUE_MAX_MIB", "4".to_owned())];
+    let Some(c) = NetCluster::start(NetOpts {
+        nats_max_file_store: 96 << 20,
+        worker_env: queue.clone(),
+        gateway_env: queue,
+        ..NetOpts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let sids = sessions(&c, 4).await;
+    let w = workload(&c, &sids);
+    tokio::time::sleep(WARM).await;
+    // Fill the disk with a stream of our own (R3, like the deployment's).
+    let nats = c.admin_nats().await;
+    let js = async_nats::jetstream::new(nats);
+    let filler = format!("{}_filler", c.namespace);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: filler.clone(),
+        subjects: vec![format!("filler.{}", c.namespace)],
+        num_replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .expect("create the filler stream");
+    let chunk = bytes::Bytes::from(vec![7u8; 256 * 1024]);
+    let t0 = Instant::now();
+    let mut filled = 0usize;
+    let refusal = loop {
+        let r = js
+            .publish(format!("filler.{}", c.namespace), chunk.clone())
+            .await;
+        let r = match r {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match r {
+            Ok(()) => filled += chunk.len(),
+            Err(e) => break e,
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "[{name}] never full"
+        );
+    };
+    println!(
+        "[{name}] filler refused after {} MiB: {refusal}",
+        filled >> 20
+    );
+    let before = w.answers();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let during = w.answers() - before;
+    // Free the space.
+    // A node over its limit steps its JetStream down for a while: the delete is retried.
+    let t1 = Instant::now();
+    loop {
+        match js.delete_stream(&filler).await {
+            Ok(_) => break,
+            // An earlier attempt whose answer timed out did it.
+            Err(e) if e.to_string().contains("stream not found") => break,
+            Err(e) => {
+                assert!(
+                    t1.elapsed() < Duration::from_secs(120),
+                    "[{name}] the filler could not be deleted: {e}{}",
+                    c.logs()
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    println!("[{name}] filler deleted after {}", secs(t1.elapsed()));
+    let freed = Instant::now();
+    let mark = w.answers();
+    while w.answers() < mark + 2 * sids.len() {
+        assert!(
+            freed.elapsed() < BOUND,
+            "[{name}] no recovery after space was freed{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recovered = freed.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let histories = w.stop().await;
+    let refused: usize = histories
+        .iter()
+        .flat_map(|h| &h.sent)
+        .filter(|m| !m.errors.is_empty())
+        .count();
+    let stored = c.read_stored(&sids).await;
+    let v = check(&histories, &stored);
+    println!("[{name}] {v}");
+    assert!(v.clean(), "[{name}] {v}{}", c.logs());
+    assert!(
+        refused > 0,
+        "[{name}] no send was refused while the disk was full"
+    );
+    println!(
+        "[{name}] {during} answers while full, {refused} sends refused with an error first; answers again {} after space was freed",
+        secs(recovered)
+    );
+}
