@@ -143,7 +143,10 @@ pub(crate) async fn claim_msg_id(
 ) -> Result<Option<ClientMsgIdClaim>, SendError> {
     let mut redis = state.redis.clone();
     let names = state.store.names();
-    match msg_id::claim_client_msg_id(&mut redis, names, (uid, sid), client_msg_id, action).await {
+    let window = state.store.duplicate_window();
+    let claim =
+        msg_id::claim_client_msg_id(&mut redis, names, (uid, sid), client_msg_id, action, window);
+    match claim.await {
         Ok(ClientMsgId::Ok(claim)) => Ok(Some(claim)),
         Ok(ClientMsgId::Conflict) => {
             metrics::counter!("oh_gateway_msg_id_conflicts_total").increment(1);

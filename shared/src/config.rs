@@ -51,6 +51,11 @@ pub struct BrokerArgs {
     /// nothing. Applies when a stream is created (and, by workers, to existing streams).
     #[arg(long, env = "OH_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
     pub stream_replicas: u8,
+    /// Seconds within which JetStream stores one copy of messages that share a msg id (client
+    /// retries, append retries). Retries of a user action after it are still applied once: its
+    /// owner checks the client's msg id against the log.
+    #[arg(long, env = "OH_DUPLICATE_WINDOW_S", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub duplicate_window_s: u64,
 }
 
 impl BrokerArgs {
@@ -71,6 +76,7 @@ impl BrokerArgs {
             queue_max_bytes: self.queue_max_mib << 20,
             queue_max_age: std::time::Duration::from_secs(self.queue_max_age_h * 3600),
             replicas: usize::from(self.stream_replicas),
+            duplicate_window: std::time::Duration::from_secs(self.duplicate_window_s),
         }
     }
 }

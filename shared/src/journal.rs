@@ -7,13 +7,20 @@
 //! Each append also carries `Nats-Msg-Id = {sid}:{id}:{claim}`: a retry of the same append by
 //! the same owner after an unknown outcome (timeout, reconnect) is stored once; another owner
 //! (different `claim`) never collides with it.
+//!
+//! The user event that applies an action sent with a client `msg_id` carries it
+//! ([`HDR_CLIENT_MSG_ID`]); the journal remembers the ids of the newest events (seeded from the
+//! log at a claim), so a retry that JetStream no longer dedupes — it came after the duplicate
+//! window, e.g. after a long outage — is recognised and not applied twice.
 
 use std::time::Duration;
 
 use crate::event::{Event, Source};
 use crate::id::SessionId;
 use crate::store::{Store, StoreError};
-use crate::wire::{HDR_AGENT_STATE, HDR_APPLIED_ACTION, HDR_EPOCH, HDR_EVENT_ID, HDR_INTERRUPTS};
+use crate::wire::{
+    HDR_AGENT_STATE, HDR_APPLIED_ACTION, HDR_CLIENT_MSG_ID, HDR_EPOCH, HDR_EVENT_ID, HDR_INTERRUPTS,
+};
 use async_nats::HeaderMap;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
@@ -64,7 +71,16 @@ pub struct Journal {
     /// Takeovers in the middle of the current turn without a completed step since
     /// (`Oh-Interrupts`); bounds how often an input that crashes workers is retried.
     interrupts: u32,
+    /// Client `msg_id`s of the actions applied by the newest events, oldest first (bounded).
+    client_msg_ids: std::collections::VecDeque<String>,
+    /// The same, for lookups.
+    client_msg_id_set: std::collections::HashSet<String>,
+    /// The client `msg_id` the next append carries (the user event of that action).
+    next_client_msg_id: Option<String>,
 }
+
+/// Client `msg_id`s a session remembers (the newest ones).
+pub const CLIENT_MSG_IDS_KEPT: usize = 10_000;
 
 impl Journal {
     /// Reads where the log stands.
@@ -82,6 +98,9 @@ impl Journal {
             interrupts: 0,
             epoch: 0,
             sid,
+            client_msg_ids: std::collections::VecDeque::new(),
+            client_msg_id_set: std::collections::HashSet::new(),
+            next_client_msg_id: None,
         };
         journal.load(last.as_ref());
         Ok(journal)
@@ -146,6 +165,35 @@ impl Journal {
         }
     }
 
+    /// Remembers the client `msg_id`s of `events` (read from the log at a claim, oldest first).
+    pub fn remember_client_msg_ids(&mut self, events: &[crate::store::StoredEvent]) {
+        for id in events.iter().filter_map(|e| e.client_msg_id.as_deref()) {
+            self.remember(id.to_owned());
+        }
+    }
+
+    fn remember(&mut self, id: String) {
+        if self.client_msg_id_set.insert(id.clone()) {
+            self.client_msg_ids.push_back(id);
+            if self.client_msg_ids.len() > CLIENT_MSG_IDS_KEPT
+                && let Some(old) = self.client_msg_ids.pop_front()
+            {
+                self.client_msg_id_set.remove(&old);
+            }
+        }
+    }
+
+    /// Whether an action with this client `msg_id` was already applied (within the newest
+    /// [`CLIENT_MSG_IDS_KEPT`] ids).
+    pub fn applied_client_msg_id(&self, id: &str) -> bool {
+        self.client_msg_id_set.contains(id)
+    }
+
+    /// The next append is the user event of an action sent with this client `msg_id`.
+    pub fn tag_next(&mut self, id: &str) {
+        self.next_client_msg_id = Some(id.to_owned());
+    }
+
     /// Records the controller's state for the headers of the next events, e.g. `running` as
     /// soon as a user message is accepted, so that a crash before the `agent_state_changed`
     /// event still reads as an interrupted turn to the next owner.
@@ -203,6 +251,10 @@ impl Journal {
         if self.interrupts > 0 {
             headers.insert(HDR_INTERRUPTS, self.interrupts.to_string().as_str());
         }
+        let client_msg_id = self.next_client_msg_id.take();
+        if let Some(cid) = &client_msg_id {
+            headers.insert(HDR_CLIENT_MSG_ID, cid.as_str());
+        }
         let payload = self
             .store
             .pack(&self.sid, payload, &mut headers)
@@ -238,6 +290,9 @@ impl Journal {
                     self.last_seq = ack.sequence;
                     self.next_id = id + 1;
                     self.agent_state = agent_state;
+                    if let Some(cid) = client_msg_id {
+                        self.remember(cid);
+                    }
                     metrics::counter!("oh_worker_events_appended_total").increment(1);
                     return Ok(ev);
                 }

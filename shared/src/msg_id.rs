@@ -10,35 +10,54 @@ use serde_json::Value;
 
 use crate::id::{SessionId, UserId};
 use crate::names::Names;
-use crate::store::DUPLICATE_WINDOW;
 
 /// The `Nats-Msg-Id` of a published action: what makes its retries idempotent.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ActionMsgId(String);
+pub struct ActionMsgId {
+    id: String,
+    /// The client's own `msg_id`, for an action sent with one.
+    client: Option<String>,
+}
 
 impl ActionMsgId {
     /// A new id, for an action published once (control requests, client actions without
     /// their own id).
     pub fn fresh() -> Self {
-        Self(uuid::Uuid::new_v4().simple().to_string())
+        Self {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            client: None,
+        }
     }
 
     /// The id of a conversation's initial message: created twice (a retried create), stored
     /// once.
     pub fn initial(sid: &SessionId) -> Self {
-        Self(format!("{sid}:initial"))
+        Self {
+            id: format!("{sid}:initial"),
+            client: None,
+        }
     }
 
     /// The id of an action the client sent with its own `msg_id` (already validated): the
     /// client's retries are stored once. Scoped by user and session, so two clients' ids never
     /// collide.
     pub fn client(uid: &UserId, sid: &SessionId, client_msg_id: &str) -> Self {
-        Self(format!("{uid}:{sid}:{client_msg_id}"))
+        Self {
+            id: format!("{uid}:{sid}:{client_msg_id}"),
+            client: Some(client_msg_id.to_owned()),
+        }
+    }
+
+    /// The client's own `msg_id`, if the action was sent with one (it travels in
+    /// [`crate::wire::HDR_CLIENT_MSG_ID`] so the owner can recognise a retry JetStream no
+    /// longer dedupes).
+    pub fn client_msg_id(&self) -> Option<&str> {
+        self.client.as_deref()
     }
 
     /// The header value.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.id
     }
 }
 
@@ -73,11 +92,12 @@ pub async fn claim_client_msg_id(
     (uid, sid): (&UserId, &SessionId),
     client_msg_id: &str,
     action: &Value,
+    window: std::time::Duration,
 ) -> redis::RedisResult<ClientMsgId> {
     let digest = crate::snapshot::sha256_hex(canonical(action).as_bytes());
     let key = names.msg_id_key(uid, sid, client_msg_id);
     // Outlives JetStream's window, which starts later (when the message is stored).
-    let hold = DUPLICATE_WINDOW + std::time::Duration::from_secs(30);
+    let hold = window + std::time::Duration::from_secs(30);
     let hold = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
     // SET NX ... GET: the previous digest if the id was taken, nil if this call took it.
     let previous: Option<String> = redis::cmd("SET")

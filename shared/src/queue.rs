@@ -54,6 +54,9 @@ impl Store {
         mut headers: HeaderMap,
         msg_id: &ActionMsgId,
     ) -> Result<u64, StoreError> {
+        if let Some(client) = msg_id.client_msg_id() {
+            headers.insert(crate::wire::HDR_CLIENT_MSG_ID, client);
+        }
         let payload = self.pack(sid, payload, &mut headers).await?;
         let msg = PublishMessage::build()
             .payload(payload)

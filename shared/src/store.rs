@@ -104,7 +104,8 @@ async fn ensure_stream(
             || info.max_age != config.max_age
             || info.discard != config.discard
             || info.discard_new_per_subject != config.discard_new_per_subject
-            || info.num_replicas.max(1) != config.num_replicas.max(1);
+            || info.num_replicas.max(1) != config.num_replicas.max(1)
+            || info.duplicate_window != config.duplicate_window;
         if differs {
             js.update_stream(config.clone()).await.map_err(boxed)?;
         }
@@ -181,6 +182,8 @@ pub struct StoredEvent {
     pub agent_state: Option<String>,
     /// Interruptions of the current turn (see [`crate::wire::HDR_INTERRUPTS`]).
     pub interrupts: u32,
+    /// The client `msg_id` of the action this event applied (a user event), if it had one.
+    pub client_msg_id: Option<String>,
     /// The event JSON as stored (blob already resolved).
     pub payload: Bytes,
 }
@@ -198,6 +201,7 @@ pub struct Store {
     pub(crate) workspaces: stream::Stream,
     blobs: object_store::ObjectStore,
     inline_limit: usize,
+    duplicate_window: Duration,
 }
 
 /// Storage limits of the streams (`OH_MAX_EVENTS_PER_CONVERSATION`, `OH_QUEUE_MAX_MIB`,
@@ -215,6 +219,9 @@ pub struct StoreLimits {
     pub queue_max_age: Duration,
     /// Replicas of every stream (`OH_STREAM_REPLICAS`; 1 on a single server).
     pub replicas: usize,
+    /// JetStream's duplicate window (`OH_DUPLICATE_WINDOW_S`): retries with one msg id within
+    /// it are stored once; later ones are caught by the owner against the log.
+    pub duplicate_window: Duration,
 }
 
 impl Default for StoreLimits {
@@ -224,6 +231,7 @@ impl Default for StoreLimits {
             queue_max_bytes: 1 << 30,
             queue_max_age: Duration::from_secs(7 * 24 * 3600),
             replicas: 1,
+            duplicate_window: DUPLICATE_WINDOW,
         }
     }
 }
@@ -252,6 +260,7 @@ struct Bounds {
 
 /// JetStream's duplicate window on every stream: a publish with a `Nats-Msg-Id` seen within it
 /// is acknowledged without being stored again.
+/// The default duplicate window (JetStream's own default).
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 impl Store {
@@ -304,7 +313,7 @@ impl Store {
             let what = what.to_owned();
             move |e: async_nats::Error| StoreError::Setup { what, source: e }
         };
-        let dup = DUPLICATE_WINDOW;
+        let dup = limits.duplicate_window;
         let events = ensure_stream(
             &js,
             stream::Config {
@@ -458,6 +467,7 @@ impl Store {
             workspaces,
             blobs,
             inline_limit,
+            duplicate_window: limits.duplicate_window,
         })
     }
 
@@ -562,6 +572,11 @@ impl Store {
         Ok(out)
     }
 
+    /// JetStream's duplicate window of the streams (as configured here).
+    pub fn duplicate_window(&self) -> Duration {
+        self.duplicate_window
+    }
+
     // ---- event log ----
 
     fn to_stored(&self, sid: &SessionId, m: &StoredParts) -> Result<Meta, StoreError> {
@@ -582,6 +597,10 @@ impl Store {
             interrupts: header_u64(&m.headers, HDR_INTERRUPTS)
                 .and_then(|n| u32::try_from(n).ok())
                 .unwrap_or(0),
+            client_msg_id: m
+                .headers
+                .get(crate::wire::HDR_CLIENT_MSG_ID)
+                .map(|v| v.as_str().to_owned()),
         })
     }
 
@@ -1060,6 +1079,7 @@ struct Meta {
     epoch: u64,
     agent_state: Option<String>,
     interrupts: u32,
+    client_msg_id: Option<String>,
 }
 
 impl Meta {
@@ -1071,6 +1091,7 @@ impl Meta {
             epoch: self.epoch,
             agent_state: self.agent_state,
             interrupts: self.interrupts,
+            client_msg_id: self.client_msg_id,
             payload,
         }
     }

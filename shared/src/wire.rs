@@ -34,6 +34,9 @@ pub const HDR_USER: &str = "Oh-User";
 pub const HDR_CONTROL: &str = "Oh-Control";
 /// Header: the payload is stored in the blob object store under this name.
 pub const HDR_BLOB: &str = "Oh-Blob";
+/// Header: the client's own `msg_id` of an action, and of the user event that applied it, so
+/// a retry that arrives after JetStream's duplicate window is recognised in the log.
+pub const HDR_CLIENT_MSG_ID: &str = "Oh-Client-Msg-Id";
 
 /// Why a session should be started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

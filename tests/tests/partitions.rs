@@ -1004,3 +1004,52 @@ async fn storage_exhaustion_refuses_then_recovers() {
         secs(recovered)
     );
 }
+
+/// Row 6: NATS unreachable for longer than the duplicate window, then a retry storm. Acks from
+/// NATS to a gateway are cut (its publishes are stored, their answers lost) for 10 s with a
+/// 2 s window: the clients' retries — same msg ids, through either gateway — are stored again
+/// by JetStream, and the owner recognises them in the log and applies each action once.
+#[tokio::test]
+async fn retries_after_the_duplicate_window_are_applied_once() {
+    let name = "beyond the duplicate window";
+    let window = vec![("OH_DUPLICATE_WINDOW_S", "2".to_owned())];
+    let Some(c) = NetCluster::start(NetOpts {
+        worker_env: window.clone(),
+        gateway_env: window,
+        ..NetOpts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let sids = sessions(&c, 6).await;
+    let w = workload(&c, &sids);
+    tokio::time::sleep(WARM).await;
+    for n in 0..3 {
+        c.net.cut(&nats_host(n), &gateway_host(0));
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    c.net.heal_all();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let v = finish(&c, name, &sids, w).await;
+    let caught: usize = c
+        .workers
+        .iter()
+        .flatten()
+        .map(|p| {
+            p.log()
+                .matches("action already applied (client msg id)")
+                .count()
+        })
+        .sum();
+    println!(
+        "[{name}] {caught} retries stored again after the 2 s window were recognised in the log; longest answer wait {}",
+        secs(v.max_answer)
+    );
+    assert!(
+        caught > 0,
+        "[{name}] no retry outlived the window: the scenario did not happen{}",
+        c.logs()
+    );
+    assert!(v.max_answer <= BOUND, "[{name}] {v}");
+}

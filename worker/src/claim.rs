@@ -362,10 +362,10 @@ struct Ready {
 impl Claim<'_> {
     /// The steps from lease to a session ready to run.
     async fn start(&mut self, meta: ConversationMeta) -> Result<Ready, ClaimError> {
-        let fenced = self.fence().await?;
+        let mut fenced = self.fence().await?;
         let actions = self.ctx.store.action_feed(fenced.consumer).await?;
         self.phases.mark("pull");
-        let history = self.history(&fenced.journal, fenced.fresh).await?;
+        let history = self.history(&mut fenced.journal, fenced.fresh).await?;
         self.phases.mark("history");
         let (snapshots, workspace_note) =
             self.workspace(fenced.fresh, fenced.epoch, &history).await?;
@@ -446,18 +446,21 @@ impl Claim<'_> {
     /// The conversation so far, for the agent (events are the state). Bounded: a claim stays
     /// cheap however long the conversation (the agent sees at most the newest
     /// `HISTORY_LIMIT` events after a move). A first start has only its takeover record.
-    async fn history(&self, journal: &Journal, fresh: bool) -> Result<Vec<Event>, ClaimError> {
+    async fn history(&self, journal: &mut Journal, fresh: bool) -> Result<Vec<Event>, ClaimError> {
         if fresh {
             return Ok(Vec::new());
         }
         let from = journal
             .last_id()
             .map_or(0, |l| l.saturating_sub(HISTORY_LIMIT));
-        Ok(self
+        let stored = self
             .ctx
             .store
             .read_from(&self.sid, from, usize::MAX)
-            .await?
+            .await?;
+        // Retries of these actions are recognised even after JetStream's duplicate window.
+        journal.remember_client_msg_ids(&stored);
+        Ok(stored
             .iter()
             .filter_map(|e| Event::from_json(&e.payload).ok())
             .collect())

@@ -32,7 +32,7 @@ use shared::ownership::{self, Lease};
 use shared::presence;
 use shared::status::{self, SessionState};
 use shared::store::ConversationMeta;
-use shared::wire::{Control, HDR_CONTROL, HDR_USER, StartReason, StartRequest};
+use shared::wire::{Control, HDR_CLIENT_MSG_ID, HDR_CONTROL, HDR_USER, StartReason, StartRequest};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -632,6 +632,24 @@ impl AgentSession {
             ack(&msg).await;
             return Ok(None);
         }
+        let client_msg_id = headers
+            .get(HDR_CLIENT_MSG_ID)
+            .map(|v| v.as_str().to_owned());
+        if let Some(cid) = &client_msg_id
+            && self.journal.applied_client_msg_id(cid)
+        {
+            // A client's retry stored again after JetStream's duplicate window (a long outage
+            // ate the first answer): the log says it was applied.
+            info!(
+                seq,
+                client_msg_id = cid.as_str(),
+                "action already applied (client msg id); acking retry"
+            );
+            metrics::counter!("oh_worker_duplicate_actions_total").increment(1);
+            self.journal.mark_applied(seq);
+            ack(&msg).await;
+            return Ok(None);
+        }
         let started = std::time::Instant::now();
         let payload = match self.ctx.store.unpack(&headers, msg.payload.clone()).await {
             Ok(p) => p,
@@ -661,7 +679,13 @@ impl AgentSession {
                 ))
                 .await?;
             }
-            Ok(action) => self.apply(action).await?,
+            Ok(action) => {
+                if let Some(cid) = &client_msg_id {
+                    // The user event (apply's first append) records it.
+                    self.journal.tag_next(cid);
+                }
+                self.apply(action).await?
+            }
         }
         ack(&msg).await;
         if let Err(e) = self.ctx.store.delete_payload_blob(&headers).await {
