@@ -36,7 +36,6 @@ use std::future::Future;
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -240,14 +239,14 @@ impl Store {
     /// [`StoreError`] if NATS failed or the head is not a [`Head`].
     pub async fn snapshot_head(&self, sid: &SessionId) -> Result<Option<(u64, Head)>, StoreError> {
         let subject = self.names.workspace_head_subject(sid);
-        match self.workspaces.direct_get_last_for_subject(subject).await {
-            Ok(m) => {
+        match crate::store::get_last(&self.workspaces, self.leader_reads, subject).await {
+            Ok(Some(m)) => {
                 let head = serde_json::from_slice(&m.payload)
                     .map_err(|e| Self::corrupt(sid, "snapshot head", e))?;
                 Ok(Some((m.sequence, head)))
             }
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(nats("snapshot head read")(boxed(e))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(nats("snapshot head read")(e)),
         }
     }
 
@@ -348,16 +347,16 @@ impl Store {
     /// [`StoreError::Corrupt`] if it is missing or its bytes do not match its name.
     pub async fn get_chunk(&self, sid: &SessionId, sha: &str) -> Result<Bytes, StoreError> {
         let subject = self.names.workspace_chunk_subject(sid, sha);
-        let msg = match self.workspaces.direct_get_last_for_subject(subject).await {
-            Ok(m) => m,
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
+        let msg = match crate::store::get_last(&self.workspaces, self.leader_reads, subject).await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
                 return Err(Self::corrupt(
                     sid,
                     "snapshot chunk",
                     format!("{sha} is missing"),
                 ));
             }
-            Err(e) => return Err(nats("snapshot chunk read")(boxed(e))),
+            Err(e) => return Err(nats("snapshot chunk read")(e)),
         };
         if sha256_hex(&msg.payload) != sha {
             return Err(Self::corrupt(

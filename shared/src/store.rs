@@ -113,6 +113,61 @@ async fn ensure_stream(
     Ok(stream)
 }
 
+/// The newest message on `subject`, `None` if there is none. On a replicated stream
+/// (`leader`) it is asked of the stream's leader (`STREAM.MSG.GET`): a direct get may be
+/// answered by any replica, including one still catching up after a restart or a partition,
+/// whose newest message can be older than what the leader has acknowledged — a stale head, a
+/// page that starts in the wrong place. A single server answers direct gets exactly.
+pub(crate) async fn get_last(
+    stream: &stream::Stream,
+    leader: bool,
+    subject: String,
+) -> Result<Option<async_nats::jetstream::message::StreamMessage>, async_nats::Error> {
+    if leader {
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(boxed(e)),
+        }
+    } else {
+        match stream.direct_get_last_for_subject(subject).await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(boxed(e)),
+        }
+    }
+}
+
+/// The first message on `subject` at or after stream sequence `seq` (see [`get_last`]).
+pub(crate) async fn get_first_from(
+    stream: &stream::Stream,
+    leader: bool,
+    subject: String,
+    seq: u64,
+) -> Result<Option<async_nats::jetstream::message::StreamMessage>, async_nats::Error> {
+    if leader {
+        match stream
+            .get_first_raw_message_by_subject(&subject, seq.max(1))
+            .await
+        {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(boxed(e)),
+        }
+    } else {
+        let res = if seq <= 1 {
+            stream.direct_get_first_for_subject(subject).await
+        } else {
+            stream.direct_get_next_for_subject(subject, Some(seq)).await
+        };
+        match res {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(boxed(e)),
+        }
+    }
+}
+
 /// Whether a clustered nats-server of `version` checks `Nats-Expected-Last-Subject-Sequence`
 /// against appends still in flight (2.9.21 and later; nats-server#4320). A single server
 /// always did. An unreadable version counts as too old.
@@ -202,6 +257,9 @@ pub struct Store {
     blobs: object_store::ObjectStore,
     inline_limit: usize,
     duplicate_window: Duration,
+    /// Reads of single messages go to each stream's leader (replicated streams; see
+    /// [`get_last`]).
+    pub(crate) leader_reads: bool,
 }
 
 /// Storage limits of the streams (`OH_MAX_EVENTS_PER_CONVERSATION`, `OH_QUEUE_MAX_MIB`,
@@ -468,6 +526,7 @@ impl Store {
             blobs,
             inline_limit,
             duplicate_window: limits.duplicate_window,
+            leader_reads: limits.replicas > 1,
         })
     }
 
@@ -491,15 +550,12 @@ impl Store {
         uid: &UserId,
         sid: &SessionId,
     ) -> Result<Option<ConversationMeta>, StoreError> {
-        let v = match self
-            .meta
-            .direct_get_last_for_subject(self.names.meta_subject(uid, sid))
-            .await
-        {
-            Ok(m) if m.payload.is_empty() => None,
-            Ok(m) => Some(m.payload),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => None,
-            Err(e) => return Err(nats("metadata get")(boxed(e))),
+        let subject = self.names.meta_subject(uid, sid);
+        let v = match get_last(&self.meta, self.leader_reads, subject).await {
+            Ok(Some(m)) if m.payload.is_empty() => None,
+            Ok(Some(m)) => Some(m.payload),
+            Ok(None) => None,
+            Err(e) => return Err(nats("metadata get")(e)),
         };
         match v {
             None => Ok(None),
@@ -610,19 +666,16 @@ impl Store {
         which: Which,
     ) -> Result<Option<StoredEvent>, StoreError> {
         let subject = self.names.events_subject(sid);
+        let leader = self.leader_reads;
         let res = match which {
-            Which::First => self.events.direct_get_first_for_subject(subject).await,
-            Which::Last => self.events.direct_get_last_for_subject(subject).await,
-            Which::NextFrom(seq) => {
-                self.events
-                    .direct_get_next_for_subject(subject, Some(seq))
-                    .await
-            }
+            Which::First => get_first_from(&self.events, leader, subject, 1).await,
+            Which::Last => get_last(&self.events, leader, subject).await,
+            Which::NextFrom(seq) => get_first_from(&self.events, leader, subject, seq).await,
         };
         let msg = match res {
-            Ok(m) => m,
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(nats("event read")(boxed(e))),
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(nats("event read")(e)),
         };
         let parts = StoredParts {
             headers: msg.headers,
@@ -794,6 +847,14 @@ impl Store {
                 .info()
                 .map(|i| i.stream_sequence)
                 .map_err(|e| nats("replay read")(e))?;
+            if seq < start_seq || out.last().is_some_and(|l| seq <= l.seq) {
+                // Not ours to return: async-nats recreates an ordered consumer that lost its
+                // server before delivering anything with `DeliverPolicy::All` (the start
+                // sequence is forgotten), so the subject comes again from its first event;
+                // and a recreated consumer may deliver again what it had. Each event of the
+                // range once, in order.
+                continue;
+            }
             let headers = msg.headers.clone().unwrap_or_default();
             let parts = StoredParts { headers };
             let meta = self.to_stored(sid, &parts)?;
@@ -865,6 +926,9 @@ impl Store {
                 ack_policy: consumer::AckPolicy::None,
                 inactive_threshold: Duration::from_secs(10),
                 memory_storage: true,
+                // One copy: a page reader lives for one request, and a consumer replicated
+                // on a cluster costs a Raft group per page.
+                num_replicas: 1,
                 ..Default::default()
             })
             .await
@@ -897,6 +961,15 @@ impl Store {
                 .info()
                 .map(|i| (i.stream_sequence, i.pending))
                 .map_err(|e| nats("page read")(e))?;
+            if out.last().is_some_and(|l| seq <= l.seq) || seq < start_seq {
+                // Delivered again: a consumer whose leader moved to another node of a cluster
+                // (its delivered position is replicated lazily without acks) starts over from
+                // an older one. Each event once, in order.
+                if pending == 0 {
+                    break;
+                }
+                continue;
+            }
             let headers = msg.headers.clone().unwrap_or_default();
             let parts = StoredParts { headers };
             let meta = self.to_stored(sid, &parts)?;

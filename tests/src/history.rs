@@ -431,9 +431,28 @@ pub fn check(histories: &[ClientHistory], stored: &HashMap<String, Stored>) -> V
             }
             if u > 1 || e > 1 {
                 v.duplicated += 1;
+                // Where: each copy's id, and in the raw log its stream sequence and epoch.
+                let at: Vec<String> = s
+                    .events
+                    .iter()
+                    .filter(|ev| {
+                        ev["action"] == "message"
+                            && ev["source"] == "user"
+                            && ev["args"]["content"] == m.text.as_str()
+                    })
+                    .filter_map(|ev| ev["id"].as_u64())
+                    .map(|id| match s.raw.iter().find(|r| r.id == id) {
+                        Some(r) => format!("id {id} (seq {}, epoch {})", r.seq, r.epoch),
+                        None => format!("id {id} (not in the raw log)"),
+                    })
+                    .collect();
                 v.problems.push(format!(
-                    "{}: {:?} stored {u}x, answered {e}x",
-                    h.sid, m.text
+                    "{}: {:?} stored {u}x, answered {e}x: {}; raw log {} events, REST {}",
+                    h.sid,
+                    m.text,
+                    at.join(", "),
+                    s.raw.len(),
+                    s.events.len()
                 ));
             }
         }

@@ -660,6 +660,17 @@ return expired",
                     continue 'gateway;
                 };
                 let evs = v["events"].as_array().cloned().unwrap_or_default();
+                if let Some(first) = evs.first()
+                    && first["id"].as_u64() != Some(start)
+                {
+                    eprintln!(
+                        "REST PAGE ANOMALY {sid} via g{}: asked start_id={start}, got first id {} last id {} ({} events)",
+                        g + 1,
+                        first["id"],
+                        evs.last().map(|l| l["id"].clone()).unwrap_or_default(),
+                        evs.len()
+                    );
+                }
                 if let Some(last) = evs.last() {
                     start = last["id"].as_u64().expect("id") + 1;
                 }
