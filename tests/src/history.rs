@@ -47,6 +47,8 @@ pub struct Sent {
     pub answered_after: Option<Duration>,
     /// Refusals and errors seen while sending it (ack bodies, timeouts).
     pub errors: Vec<String>,
+    /// The actions-stream sequence its ack named.
+    pub acked_seq: Option<u64>,
 }
 
 /// One client's history.
@@ -217,6 +219,7 @@ async fn client(ctx: Ctx, sid: String) -> ClientHistory {
                         acked_after: None,
                         answered_after: None,
                         errors: Vec::new(),
+                        acked_seq: None,
                     });
                     pending = Some(h.sent.len() - 1);
                     h.sent.len() - 1
@@ -238,6 +241,7 @@ async fn client(ctx: Ctx, sid: String) -> ClientHistory {
                 {
                     Ok(acks) if acks.first().is_some_and(|a| a["success"] == true) => {
                         h.sent[p].acked_after = Some(started.elapsed() - h.sent[p].at);
+                        h.sent[p].acked_seq = acks.first().and_then(|a| a["seq"].as_u64());
                     }
                     Ok(acks) => {
                         h.sent[p].errors.push(format!("{acks:?}"));
@@ -406,8 +410,8 @@ pub fn check(histories: &[ClientHistory], stored: &HashMap<String, Stored>) -> V
                 if u == 0 || e == 0 {
                     v.lost += 1;
                     v.problems.push(format!(
-                        "{}: acknowledged {:?} stored {u}x, answered {e}x",
-                        h.sid, m.text
+                        "{}: acknowledged {:?} (action seq {:?}) stored {u}x, answered {e}x",
+                        h.sid, m.text, m.acked_seq
                     ));
                     continue;
                 }
