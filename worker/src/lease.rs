@@ -132,7 +132,8 @@ async fn renew_one(
 }
 
 /// How often the NATS client pings its server: a silent link (a partition drops packets
-/// without a reset) is noticed after two unanswered pings, well within a lease's time to live.
+/// without a reset) is noticed after a few unanswered pings (async-nats gives up on the third),
+/// within about a lease's time to live.
 pub(crate) fn nats_ping_interval(lease_ttl: std::time::Duration) -> std::time::Duration {
     (lease_ttl / 4).clamp(
         std::time::Duration::from_millis(500),
