@@ -109,7 +109,7 @@ async fn start(
                 }
             }
         })
-        // A silent link (a partition drops packets, no reset) is noticed after two unanswered
+        // A silent link (a partition drops packets, no reset) is noticed after a few unanswered
         // pings; the client then moves to another server of the list.
         .ping_interval(std::time::Duration::from_secs(2))
         .retry_on_initial_connect()
