@@ -119,10 +119,15 @@ async fn start(
         .with_context(|| format!("connect NATS at {}", args.broker.nats()))?;
     // Workers bring existing streams to the configured limits; a gateway only creates missing
     // ones (its NATS user may not update streams).
-    let store = shared::store::Store::open_keeping_limits(
-        client.clone(),
-        args.broker.names.clone(),
-        args.broker.store_limits(),
+    let store = shared::store::open_patiently(
+        || {
+            shared::store::Store::open_keeping_limits(
+                client.clone(),
+                args.broker.names.clone(),
+                args.broker.store_limits(),
+            )
+        },
+        shared::store::SETUP_PATIENCE,
     )
     .await
     .context("JetStream setup")?;

@@ -32,6 +32,12 @@ use crate::wire::{
 /// Why a JetStream operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The NATS deployment cannot give this server's guarantees (not retried).
+    #[error("{detail}")]
+    Unsupported {
+        /// What is wrong and what to run instead.
+        detail: String,
+    },
     /// Creating or opening a stream, bucket or consumer failed.
     #[error("JetStream setup of {what} failed: {source}")]
     Setup {
@@ -69,7 +75,7 @@ impl StoreError {
             StoreError::Nats { source, .. } | StoreError::Setup { source, .. } => {
                 storage_full(source.as_ref())
             }
-            StoreError::Corrupt { .. } => false,
+            StoreError::Corrupt { .. } | StoreError::Unsupported { .. } => false,
         }
     }
 }
@@ -167,6 +173,34 @@ pub(crate) async fn get_first_from(
         }
     }
 }
+
+/// Runs `open` until it succeeds, for at most `patience`: a process started beside a NATS
+/// cluster that is still electing its leaders (JetStream answers "temporarily unavailable")
+/// waits for it instead of exiting. An [`StoreError::Unsupported`] deployment is not retried.
+///
+/// # Errors
+/// The last error once `patience` is spent, or at once an unsupported deployment.
+pub async fn open_patiently<F, Fut>(mut open: F, patience: Duration) -> Result<Store, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Store, StoreError>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        match open().await {
+            Ok(store) => return Ok(store),
+            Err(e @ StoreError::Unsupported { .. }) => return Err(e),
+            Err(e) if started.elapsed() >= patience => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "JetStream not ready; trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// How long a process waits at startup for JetStream to become ready.
+pub const SETUP_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Whether a clustered nats-server of `version` checks `Nats-Expected-Last-Subject-Sequence`
 /// against appends still in flight (2.9.21 and later; nats-server#4320). A single server
@@ -394,15 +428,13 @@ impl Store {
         // Read after a JetStream request: the server's INFO has arrived by now.
         let info = client.server_info();
         if info.cluster.is_some() && !serializes_fenced_appends(&info.version) {
-            return Err(StoreError::Setup {
-                what: format!("nats-server {} (cluster {:?})", info.version, info.cluster),
-                source: format!(
-                    "nats-server {} in a cluster does not serialize appends that expect a last \
-                     subject sequence (nats-server#4320, fixed in 2.9.21): two owners of a \
+            return Err(StoreError::Unsupported {
+                detail: format!(
+                    "nats-server {} in a cluster ({:?}) does not serialize appends that expect a \
+                     last subject sequence (nats-server#4320, fixed in 2.9.21): two owners of a \
                      session could both write. Run nats-server 2.9.21 or newer on every node",
-                    info.version
-                )
-                .into(),
+                    info.version, info.cluster
+                ),
             });
         }
         let actions = ensure_stream(

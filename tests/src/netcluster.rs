@@ -158,6 +158,22 @@ impl NetCluster {
             c.spawn_nats(i);
         }
         c.start_redis().await;
+        // A fresh cluster now and then elects no metadata leader ("JetStream cluster no
+        // metadata leader" for minutes); it is bootstrapped again, from empty stores, once.
+        let mut ready = true;
+        for i in 0..NATS_NODES {
+            ready = ready && c.nats_ready(i, Duration::from_secs(30)).await.is_ok();
+        }
+        if !ready {
+            eprintln!("netcluster: no JetStream metadata leader in 30 s; bootstrapping again");
+            for i in 0..NATS_NODES {
+                c.kill_nats(i).await;
+                let _ = std::fs::remove_dir_all(c.node_dir(i).join("store"));
+            }
+            for i in 0..NATS_NODES {
+                c.spawn_nats(i);
+            }
+        }
         for i in 0..NATS_NODES {
             c.wait_nats(i).await;
         }
@@ -246,28 +262,31 @@ impl NetCluster {
     /// Waits until node `i` answers a JetStream request (which needs a meta leader: a quorum
     /// of nodes).
     pub async fn wait_nats(&mut self, i: usize) {
+        if let Err(e) = self.nats_ready(i, Duration::from_secs(60)).await {
+            panic!("{} not ready in 60 s: {e}\n{}", nats_host(i), self.logs());
+        }
+    }
+
+    /// [`NetCluster::wait_nats`] for at most `timeout`, returning the last failure.
+    async fn nats_ready(&mut self, i: usize, timeout: Duration) -> Result<(), String> {
         let url = format!(
             "nats://{}{}:4222",
             self.creds.userinfo(Role::Admin),
             self.net.addr(&nats_host(i))
         );
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + timeout;
         let mut last = String::new();
         while Instant::now() < deadline {
             if let Some(status) = self.nats[i].as_mut().and_then(Proc::try_exit_status) {
                 panic!("{} exited ({status})\n{}", nats_host(i), self.logs());
             }
             match js_info(&url).await {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
                 Err(e) => last = e,
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        panic!(
-            "{} not ready in 60 s: {last}\n{}",
-            nats_host(i),
-            self.logs()
-        );
+        Err(last)
     }
 
     /// SIGKILLs NATS node `i`.
@@ -528,9 +547,15 @@ return expired",
             replicas: usize::from(REPLICAS),
             ..StoreLimits::default()
         };
-        Store::open_keeping_limits(self.admin_nats().await, names, limits)
-            .await
-            .expect("open the store")
+        // Right after a heal the cluster may still be electing ("temporarily unavailable").
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Store::open_keeping_limits(self.admin_nats().await, names.clone(), limits).await {
+                Ok(store) => return store,
+                Err(e) if Instant::now() > deadline => panic!("open the store: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
     }
 
     /// The node (`0..3`) that leads stream `{ns}_{suffix}` (e.g. `events`), from stream info.

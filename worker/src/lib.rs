@@ -114,10 +114,15 @@ pub async fn run(
         .connect(nats_servers)
         .await
         .with_context(|| format!("connect NATS at {}", args.broker.nats()))?;
-    let store = Store::open_with(
-        client.clone(),
-        args.broker.names.clone(),
-        args.broker.store_limits(),
+    let store = shared::store::open_patiently(
+        || {
+            Store::open_with(
+                client.clone(),
+                args.broker.names.clone(),
+                args.broker.store_limits(),
+            )
+        },
+        shared::store::SETUP_PATIENCE,
     )
     .await
     .context("JetStream setup")?;
