@@ -229,8 +229,12 @@ impl Journal {
         if ev.source.is_none() {
             ev.source = Some(Source::Environment);
         }
+        // The takeover record (`epoch == 0`, see below) changes no turn: it carries the state
+        // it found, so a claim that dies right after it still leaves a `running` turn for the
+        // next owner to continue (its own `loading` would read as a turn that ended).
         let agent_state = ev
             .agent_state()
+            .filter(|_| self.epoch != 0)
             .map(|s| s.as_str().to_owned())
             .or_else(|| self.agent_state.clone());
         let payload = bytes::Bytes::from(ev.to_json());

@@ -372,6 +372,50 @@ pub struct Stored {
     pub agent_state: String,
 }
 
+/// The raw log around the user event carrying `text` (what a lost answer's neighbours were):
+/// each event's id, stream sequence, epoch, applied action, state, interrupts and kind.
+fn around(s: &Stored, text: &str) -> String {
+    let is_it = |r: &StoredEvent| {
+        serde_json::from_slice::<Value>(&r.payload).is_ok_and(|e| {
+            e["source"] == "user" && e["action"] == "message" && e["args"]["content"] == text
+        })
+    };
+    let Some(at) = s.raw.iter().position(is_it) else {
+        return String::new();
+    };
+    let mut out = String::from("; raw log around it:");
+    for r in &s.raw[at.saturating_sub(3)..(at + 12).min(s.raw.len())] {
+        let e: Value = serde_json::from_slice(&r.payload).unwrap_or_default();
+        let kind = e["action"]
+            .as_str()
+            .map(|a| format!("action {a}"))
+            .or_else(|| {
+                e["observation"]
+                    .as_str()
+                    .map(|o| format!("observation {o}"))
+            })
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "\n    id {} seq {} epoch {} applied {} state {:?} interrupts {} {} {} {}",
+            r.id,
+            r.seq,
+            r.epoch,
+            r.applied_action,
+            r.agent_state,
+            r.interrupts,
+            e["source"].as_str().unwrap_or("-"),
+            kind,
+            e["message"]
+                .as_str()
+                .unwrap_or_default()
+                .chars()
+                .take(60)
+                .collect::<String>()
+        ));
+    }
+    out
+}
+
 /// Holds `histories` against what is stored (`stored[sid]`).
 pub fn check(histories: &[ClientHistory], stored: &HashMap<String, Stored>) -> Verdict {
     let mut v = Verdict::default();
@@ -410,8 +454,11 @@ pub fn check(histories: &[ClientHistory], stored: &HashMap<String, Stored>) -> V
                 if u == 0 || e == 0 {
                     v.lost += 1;
                     v.problems.push(format!(
-                        "{}: acknowledged {:?} (action seq {:?}) stored {u}x, answered {e}x",
-                        h.sid, m.text, m.acked_seq
+                        "{}: acknowledged {:?} (action seq {:?}) stored {u}x, answered {e}x{}",
+                        h.sid,
+                        m.text,
+                        m.acked_seq,
+                        around(s, &m.text)
                     ));
                     continue;
                 }

@@ -178,7 +178,15 @@ async fn rate_limits_are_retried_and_announced() {
     .await;
     let ws = tempfile::tempdir().unwrap();
     let c = cluster(&llm, &ws, 1).await;
-    let (_sid, mut a) = start(&c, "question").await;
+    // Status updates are live-only: the client listens before the message is sent (with the
+    // message in the create request, the retries could all happen before it joined).
+    let sid = c.create(0, None, None).await;
+    c.wait_info(0, &sid, None, T, |v| {
+        v["agent_state"] == "awaiting_user_input"
+    })
+    .await;
+    let mut a = c.connect(0, &sid, None, None).await.unwrap();
+    tests::check::say_reliably(&a, "question", "m1").await;
     let got = events_until(&mut a, T, |e| {
         e["action"] == "message" && e["source"] == "agent"
     })

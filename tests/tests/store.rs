@@ -276,3 +276,67 @@ async fn purging_a_session_deletes_its_replay_trajectory() {
     // A session without a trajectory purges too.
     store.purge_session(&SessionId::generate()).await.unwrap();
 }
+
+/// A claim that dies right after its takeover record (`loading`) leaves the turn as it found
+/// it: the next owner still reads `running` and continues the turn. (The mixed-nemesis soak
+/// lost an answer this way: two takeovers in a row read as a turn that had ended.)
+#[tokio::test]
+async fn a_takeover_record_keeps_the_turn_state_for_the_next_owner() {
+    use shared::event::{AgentState, Event, Source};
+    use shared::journal::Journal;
+    let nats = NatsServer::start().await;
+    let store = open(&nats).await;
+    let sid = SessionId::generate();
+    let takeover = || Event::agent_state_changed(AgentState::Loading, "");
+
+    let mut a = Journal::open(store.clone(), sid.clone(), "a".into())
+        .await
+        .unwrap();
+    a.take_over(takeover()).await.unwrap();
+    a.append(Event::agent_state_changed(
+        AgentState::AwaitingUserInput,
+        "",
+    ))
+    .await
+    .unwrap();
+    // A user message accepted: the turn runs (as the session notes it), then the owner dies.
+    a.note_state(AgentState::Running.as_str());
+    a.append(Event::message(Source::User, "hi", true))
+        .await
+        .unwrap();
+
+    let mut b = Journal::open(store.clone(), sid.clone(), "b".into())
+        .await
+        .unwrap();
+    assert_eq!(b.agent_state(), Some("running"));
+    b.take_over(takeover()).await.unwrap();
+    assert_eq!(b.agent_state(), Some("running"), "as the takeover found it");
+    // b dies here, before it continues the turn.
+
+    let mut c = Journal::open(store.clone(), sid.clone(), "c".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        c.agent_state(),
+        Some("running"),
+        "still an interrupted turn"
+    );
+    c.take_over(takeover()).await.unwrap();
+    c.append(Event::agent_state_changed(
+        AgentState::AwaitingUserInput,
+        "",
+    ))
+    .await
+    .unwrap();
+    let d = Journal::open(store.clone(), sid.clone(), "d".into())
+        .await
+        .unwrap();
+    assert_eq!(d.agent_state(), Some("awaiting_user_input"));
+    // The records themselves still say `loading` (what a client sees).
+    let evs = store.read_from(&sid, 0, 100).await.unwrap();
+    let loading = evs
+        .iter()
+        .filter(|e| String::from_utf8_lossy(&e.payload).contains("\"loading\""))
+        .count();
+    assert_eq!(loading, 3);
+}

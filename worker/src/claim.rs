@@ -415,7 +415,6 @@ impl Claim<'_> {
         let mut journal = Journal::open(store.clone(), self.sid.clone(), claim_id).await?;
         self.phases.mark("log_head");
         let empty = journal.is_empty();
-        let interrupted = journal.agent_state() == Some(AgentState::Running.as_str());
         let takeover = Event::agent_state_changed(AgentState::Loading, "");
         let (epoch, early) = if empty {
             let (epoch, consumer) = tokio::join!(
@@ -428,6 +427,9 @@ impl Claim<'_> {
         };
         // Still a first start only if nobody appended before our takeover record.
         let fresh = empty && journal.last_id() == Some(0);
+        // The state the takeover record carried forward: the turn as the last owner left it
+        // (read after the append, which re-reads the head if another claim got in first).
+        let interrupted = journal.agent_state() == Some(AgentState::Running.as_str());
         self.phases.mark("takeover");
         let consumer = match early {
             Some(Ok(consumer)) if fresh => consumer,
