@@ -8,7 +8,10 @@
 //! goes, the subscription ends. The broadcast is bounded: a socket that lags notices
 //! (`Lagged`) and fills the gap from the log, so nothing is lost. Core NATS delivery is at
 //! most once: after a reconnect to NATS every topic broadcasts [`Feed::Resync`], and sockets
-//! re-read the log's head for anything published while the connection was down.
+//! re-read the log's head for anything published while the connection was down. A cut
+//! between NATS nodes shorter than the ping timeout drops routed messages with no reconnect
+//! to tell: so a topic also resyncs when an action of its session passed by and no event
+//! followed within [`EXPECT_EVENT`], and every [`TURN_SILENCE`] of silence while a turn runs.
 //!
 //! Presence: while a topic lives, this gateway is listed (with an expiry it refreshes) in
 //! `{ns}:presence:{sid}`, which the owning worker reads to passivate sessions nobody watches.
@@ -22,10 +25,18 @@ use shared::event::Event;
 use shared::id::SessionId;
 use shared::presence::{self, Presence};
 use shared::store::Store;
+use shared::wire::HDR_AGENT_STATE;
 use tokio::sync::{Mutex, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
+
+/// An action of the session was published (seen on the topic's own subscription): its user
+/// event should follow within this, or the topic re-reads the log's head.
+pub(crate) const EXPECT_EVENT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// While the last event said the agent is `running`, silence this long re-reads the head.
+pub(crate) const TURN_SILENCE: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// One live event, decoded once per gateway.
 #[derive(Debug)]
@@ -63,6 +74,14 @@ impl Drop for Topic {
         // Best effort: an entry left behind expires by itself.
         self.tasks
             .spawn(async move { leave(&presence, &sid).await });
+    }
+}
+
+/// Sleeps until `t`; forever if `None`.
+async fn until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -216,7 +235,30 @@ async fn pump(
 ) {
     let status_subject = store.names().status_subject(&sid);
     let events_subject = store.names().events_subject(&sid);
-    while let Some(msg) = sub.next().await {
+    let actions_subject = store.names().actions_subject(&sid);
+    // When to re-read the log's head if nothing arrives (see the module doc).
+    let mut check_at: Option<tokio::time::Instant> = None;
+    let mut running = false;
+    loop {
+        let msg = tokio::select! {
+            m = sub.next() => match m {
+                Some(m) => m,
+                None => return,
+            },
+            () = until(check_at) => {
+                debug!("no event where one was expected; sockets re-read the log's head");
+                metrics::counter!("oh_gateway_silence_resyncs_total").increment(1);
+                // No receiver: every socket left.
+                let _ = tx.send(Feed::Resync);
+                check_at = running.then(|| tokio::time::Instant::now() + TURN_SILENCE);
+                continue;
+            }
+        };
+        if msg.subject.as_str() == actions_subject {
+            let due = tokio::time::Instant::now() + EXPECT_EVENT;
+            check_at = Some(check_at.map_or(due, |t| t.min(due)));
+            continue;
+        }
         if msg.subject.as_str() == status_subject {
             let raw = std::str::from_utf8(&msg.payload)
                 .ok()
@@ -231,8 +273,14 @@ async fn pump(
             continue;
         }
         if msg.subject.as_str() != events_subject {
-            continue; // the session's actions and start requests
+            continue; // the session's start requests
         }
+        running = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(HDR_AGENT_STATE))
+            .is_some_and(|s| s.as_str() == shared::event::AgentState::Running.as_str());
+        check_at = running.then(|| tokio::time::Instant::now() + TURN_SILENCE);
         // Boxed: decoding may read the object store, a large future this long-lived task
         // would otherwise carry in every idle session (heaptrack: ~20 KiB per session).
         let (id, payload) = match Box::pin(store.decode_live(&sid, &msg)).await {

@@ -287,6 +287,18 @@ impl Journal {
                 Err(e) => Err(e),
             };
             match res {
+                Ok(ack) if crate::store::unconfirmed(&ack) && attempt < 20 => {
+                    // A retry of this append while the first try is in flight: its outcome is
+                    // unknown (see `store::unconfirmed`); ask again with the same msg id.
+                    warn!(session_id = %self.sid, id, attempt, "append not confirmed (sequence 0); re-sending");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Ok(ack) if crate::store::unconfirmed(&ack) => {
+                    return Err(AppendError::Store {
+                        session: self.sid.clone(),
+                        source: crate::store::unconfirmed_error("append"),
+                    });
+                }
                 Ok(ack) => {
                     if ack.duplicate {
                         debug!(session_id = %self.sid, id, "append was already stored (retry)");

@@ -58,17 +58,29 @@ impl Store {
             headers.insert(crate::wire::HDR_CLIENT_MSG_ID, client);
         }
         let payload = self.pack(sid, payload, &mut headers).await?;
-        let msg = PublishMessage::build()
-            .payload(payload)
-            .headers(headers)
-            .message_id(msg_id.as_str());
-        let ack = self
-            .js
-            .send_publish(self.names.actions_subject(sid), msg)
-            .await
-            .map_err(|e| nats("publish action")(boxed(e)))?;
-        let ack = ack.await.map_err(|e| nats("publish action")(boxed(e)))?;
-        Ok(ack.sequence)
+        let started = std::time::Instant::now();
+        loop {
+            let msg = PublishMessage::build()
+                .payload(payload.clone())
+                .headers(headers.clone())
+                .message_id(msg_id.as_str());
+            let ack = self
+                .js
+                .send_publish(self.names.actions_subject(sid), msg)
+                .await
+                .map_err(|e| nats("publish action")(boxed(e)))?;
+            let ack = ack.await.map_err(|e| nats("publish action")(boxed(e)))?;
+            if !crate::store::unconfirmed(&ack) {
+                return Ok(ack.sequence);
+            }
+            // An earlier try of this msg id is in flight and may never be stored: ask again
+            // until JetStream names its sequence (or stores this one).
+            tracing::warn!(session_id = %sid, "action publish not confirmed (sequence 0); re-sending");
+            if started.elapsed() >= crate::store::UNCONFIRMED_PATIENCE {
+                return Err(crate::store::unconfirmed_error("publish action"));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     fn action_consumer_config(&self, sid: &SessionId) -> consumer::pull::Config {

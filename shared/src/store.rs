@@ -84,6 +84,26 @@ pub(crate) fn nats(op: &'static str) -> impl FnOnce(async_nats::Error) -> StoreE
     move |source| StoreError::Nats { op, source }
 }
 
+/// How long a publish answered "duplicate, sequence 0" is re-sent (same msg id) before the
+/// caller gets an error.
+pub(crate) const UNCONFIRMED_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Whether a publish ack confirms nothing: a clustered stream answers a msg id it holds only
+/// in flight (proposed, not yet stored; never stored if its leader lost its quorum meanwhile)
+/// with `duplicate` and sequence 0 (nats-server#5827, #6415; seen on 2.10.27 when the events
+/// stream's leader was partitioned away, and the action was lost). Sequence 0 means "not
+/// stored": the publish is re-sent with the same msg id until it gets a real sequence.
+pub(crate) fn unconfirmed(ack: &jetstream::publish::PublishAck) -> bool {
+    ack.sequence == 0
+}
+
+/// The error of a publish that stayed unconfirmed (see [`unconfirmed`]).
+pub(crate) fn unconfirmed_error(op: &'static str) -> StoreError {
+    nats(op)(boxed(std::io::Error::other(
+        "JetStream did not confirm the publish (duplicate of a message still in flight)",
+    )))
+}
+
 pub(crate) fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> async_nats::Error {
     Box::new(e)
 }

@@ -62,6 +62,8 @@ pub struct ClientHistory {
     pub sent: Vec<Sent>,
     /// Connection attempts that failed.
     pub failed_connects: usize,
+    /// Each connection: its gateway, when it was made and why it ended (for diagnosis).
+    pub links: Vec<String>,
 }
 
 /// Clients at work; [`Workload::stop`] returns their histories.
@@ -193,9 +195,19 @@ async fn client(ctx: Ctx, sid: String) -> ClientHistory {
             }
         };
         h.connections.push((latest, Vec::new()));
+        h.links.push(format!(
+            "g{} at {:.1} s from {latest}",
+            gw + 1,
+            started.elapsed().as_secs_f64()
+        ));
         let conn = h.connections.len() - 1;
         macro_rules! reconnect {
-            () => {{
+            ($why:expr) => {{
+                let why = $why;
+                h.links[conn].push_str(&format!(
+                    ", left at {:.1} s: {why}",
+                    started.elapsed().as_secs_f64()
+                ));
                 latest = ids(&h.connections[conn].1)
                     .into_iter()
                     .max()
@@ -249,7 +261,7 @@ async fn client(ctx: Ctx, sid: String) -> ClientHistory {
                     }
                     Err(e) => {
                         h.sent[p].errors.push(e.to_string());
-                        reconnect!();
+                        reconnect!(format!("send failed: {e}"));
                     }
                 }
             }
@@ -279,7 +291,9 @@ async fn client(ctx: Ctx, sid: String) -> ClientHistory {
                             }
                         }
                         Ok(_) => {}
-                        Err(SioError::Disconnected) | Err(SioError::Timeout(_)) => reconnect!(),
+                        Err(e @ (SioError::Disconnected | SioError::Timeout(_))) => {
+                            reconnect!(format!("waiting for the answer: {e}"))
+                        }
                         Err(_) => {}
                     }
                 }
@@ -326,6 +340,8 @@ pub struct Verdict {
     pub max_ack: Duration,
     /// What went wrong, one line each.
     pub problems: Vec<String>,
+    /// The message behind `max_answer`: where its time went.
+    pub slowest: String,
 }
 
 impl Verdict {
@@ -355,6 +371,9 @@ impl std::fmt::Display for Verdict {
             self.max_ack.as_secs_f64(),
             self.max_answer.as_secs_f64()
         )?;
+        if !self.slowest.is_empty() {
+            write!(f, "\n  slowest answer: {}", self.slowest)?;
+        }
         for p in self.problems.iter().take(20) {
             write!(f, "\n  - {p}")?;
         }
@@ -416,6 +435,35 @@ fn around(s: &Stored, text: &str) -> String {
     out
 }
 
+/// Where the slowest answer's time went: when it was sent, acked and answered (client side),
+/// how far apart the worker stored the message and its answer (the events' timestamps), and
+/// how many connections its client made.
+fn slowest(h: &ClientHistory, s: &Stored, m: &Sent) -> String {
+    let stamp = |source: &str, content: &str| {
+        s.events
+            .iter()
+            .find(|e| {
+                e["action"] == "message" && e["source"] == source && e["args"]["content"] == content
+            })
+            .and_then(|e| e["timestamp"].as_str().map(str::to_owned))
+    };
+    let stored = stamp("user", &m.text);
+    let answered = stamp("agent", &format!("echo: {}", m.text));
+    let secs =
+        |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()));
+    format!(
+        "{} {:?} sent at {:.2} s, acked after {}, answered after {}; stored {} answered {} (worker clocks); connections: {}",
+        h.sid,
+        m.text,
+        m.at.as_secs_f64(),
+        secs(m.acked_after),
+        secs(m.answered_after),
+        stored.unwrap_or_default(),
+        answered.unwrap_or_default(),
+        h.links.join("; ")
+    )
+}
+
 /// Holds `histories` against what is stored (`stored[sid]`).
 pub fn check(histories: &[ClientHistory], stored: &HashMap<String, Stored>) -> Verdict {
     let mut v = Verdict::default();
@@ -448,8 +496,11 @@ pub fn check(histories: &[ClientHistory], stored: &HashMap<String, Stored>) -> V
             if let Some(a) = m.acked_after {
                 v.acked += 1;
                 v.max_ack = v.max_ack.max(a);
-                if let Some(ans) = m.answered_after {
-                    v.max_answer = v.max_answer.max(ans);
+                if let Some(ans) = m.answered_after
+                    && ans > v.max_answer
+                {
+                    v.max_answer = ans;
+                    v.slowest = slowest(h, s, m);
                 }
                 if u == 0 || e == 0 {
                     v.lost += 1;

@@ -159,13 +159,19 @@ impl NetCluster {
         }
         c.start_redis().await;
         // A fresh cluster now and then elects no metadata leader ("JetStream cluster no
-        // metadata leader" for minutes); it is bootstrapped again, from empty stores, once.
+        // metadata leader" for minutes), or has one that places no stream on 3 peers ("no
+        // suitable peers for placement" for over a minute); it is bootstrapped again, from
+        // empty stores, once.
         let mut ready = true;
         for i in 0..NATS_NODES {
             ready = ready && c.nats_ready(i, Duration::from_secs(30)).await.is_ok();
         }
+        if ready && let Err(e) = c.placement_ready(Duration::from_secs(30)).await {
+            eprintln!("netcluster: {e}");
+            ready = false;
+        }
         if !ready {
-            eprintln!("netcluster: no JetStream metadata leader in 30 s; bootstrapping again");
+            eprintln!("netcluster: JetStream not ready in 30 s; bootstrapping again");
             for i in 0..NATS_NODES {
                 c.kill_nats(i).await;
                 let _ = std::fs::remove_dir_all(c.node_dir(i).join("store"));
@@ -176,6 +182,9 @@ impl NetCluster {
         }
         for i in 0..NATS_NODES {
             c.wait_nats(i).await;
+        }
+        if let Err(e) = c.placement_ready(Duration::from_secs(60)).await {
+            panic!("{e}\n{}", c.logs());
         }
         for (file, url) in [
             ("worker.nats-url", c.nats_url(Role::Worker)),
@@ -287,6 +296,45 @@ impl NetCluster {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         Err(last)
+    }
+
+    /// Waits until the cluster places a 3-replica stream (created, then deleted): every node
+    /// has joined the metadata group with its storage.
+    async fn placement_ready(&self, timeout: Duration) -> Result<(), String> {
+        let url = format!(
+            "nats://{}{}:4222",
+            self.creds.userinfo(Role::Admin),
+            self.net.addr(&nats_host(0))
+        );
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let probe = async {
+                let client = crate::nats::connect_url(&url).await?;
+                let js = async_nats::jetstream::new(client);
+                let name = format!("{}_placement_probe", self.namespace);
+                js.create_stream(async_nats::jetstream::stream::Config {
+                    name: name.clone(),
+                    subjects: vec![format!("{}.placement-probe", self.namespace)],
+                    num_replicas: NATS_NODES,
+                    max_bytes: 1024 * 1024,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("an R{NATS_NODES} stream cannot be placed: {e}"))?;
+                js.delete_stream(&name)
+                    .await
+                    .map_err(|e| format!("probe stream not deleted: {e}"))?;
+                Ok::<(), String>(())
+            };
+            match tokio::time::timeout(Duration::from_secs(10), probe).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => last = e,
+                Err(_) => last = "placement probe timed out".to_owned(),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(format!("JetStream not ready in {timeout:?}: {last}"))
     }
 
     /// SIGKILLs NATS node `i`.
@@ -674,15 +722,37 @@ return expired",
     }
 
     /// Every stored event of a conversation (REST, paged), through the first gateway that
-    /// answers.
+    /// answers. Retried for a minute: right after a heal the streams may still be electing
+    /// their leaders, and a read then fails with an error (never a wrong answer).
     pub async fn all_events(&self, sid: &str) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut failures = Vec::new();
+        while Instant::now() < deadline {
+            if let Some(evs) = self.all_events_once(sid, &mut failures).await {
+                return evs;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let last: Vec<&String> = failures.iter().rev().take(4).collect();
+        panic!(
+            "no gateway returned the events of {sid} within 60 s (last failures: {last:?}){}",
+            self.logs()
+        );
+    }
+
+    /// One try of [`NetCluster::all_events`] through each gateway in turn.
+    async fn all_events_once(&self, sid: &str, failures: &mut Vec<String>) -> Option<Vec<Value>> {
         'gateway: for g in 0..self.gateways.len() {
             let mut out = Vec::new();
             let mut start = 0;
             loop {
                 let path = format!("/api/conversations/{sid}/events?start_id={start}&limit=100");
-                let Ok((200, v)) = self.get(g, &path).await else {
-                    continue 'gateway;
+                let v = match self.get(g, &path).await {
+                    Ok((200, v)) => v,
+                    other => {
+                        failures.push(format!("g{}: {other:?}", g + 1));
+                        continue 'gateway;
+                    }
                 };
                 let evs = v["events"].as_array().cloned().unwrap_or_default();
                 if let Some(first) = evs.first()
@@ -701,11 +771,11 @@ return expired",
                 }
                 out.extend(evs);
                 if !v["has_more"].as_bool().unwrap_or(false) {
-                    return out;
+                    return Some(out);
                 }
             }
         }
-        panic!("no gateway returned the events of {sid}{}", self.logs());
+        None
     }
 
     /// What is stored of each conversation, for [`crate::history::check`].

@@ -145,6 +145,8 @@ pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
     let ttl = ctx.args.lease_ttl;
     let mut tick = tokio::time::interval(ttl / 4);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Said once per NATS outage, not every tick.
+    let mut said_down = false;
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
@@ -152,7 +154,10 @@ pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
         }
         type Renewing = (SessionId, UserId, Lease, Arc<tokio::sync::Mutex<bool>>);
         let nats_up = ctx.nats.connection_state() == async_nats::connection::State::Connected;
-        if !nats_up {
+        if nats_up {
+            said_down = false;
+        } else if !said_down && !ctx.leases.lock().is_empty() {
+            said_down = true;
             warn!("NATS unreachable: not renewing leases (the sessions fence themselves)");
         }
         let held: Vec<Renewing> = if nats_up {
