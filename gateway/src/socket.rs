@@ -1,5 +1,6 @@
 //! Socket.IO with OpenHands' connect semantics: query `conversation_id`
-//! (required) and `latest_event_id` (default -1); the user from `Authorization: Bearer` or the
+//! (required) and `latest_event_id` (default -1; `undefined` and `null` too, as OpenHands' UI
+//! sends them); the user from `Authorization: Bearer` or the
 //! connect payload `auth: {token}`. Refusals are CONNECT_ERROR packets `{message}` sent by the
 //! connect middleware. Accepted sockets get the replay and then live events (`replay`).
 //!
@@ -165,7 +166,9 @@ async fn authorize(
         .ok_or(Refusal::NoConversation)?;
     let sid = SessionId::parse(raw_sid).map_err(Refusal::BadConversation)?;
     let latest = match get("latest_event_id") {
-        None | Some("") => -1,
+        // OpenHands' UI reconnecting before any event arrived sends its unset cursor as
+        // `undefined`; OpenHands reads that (and `null`) as -1: replay everything.
+        None | Some("" | "undefined" | "null") => -1,
         Some(v) => v
             .parse::<i64>()
             .ok()

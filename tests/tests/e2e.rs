@@ -330,6 +330,27 @@ async fn inv6_inv7_bad_input_and_foreign_conversations() {
             .contains("Invalid conversation_id")
     );
     assert!(refused(c.connect(0, &sid, Some(-7), Some(ALICE)).await).contains("latest_event_id"));
+    // OpenHands' UI sends an unset cursor as `undefined`: the same replay as -1.
+    let last = c
+        .all_events(0, &sid, Some(ALICE))
+        .await
+        .last()
+        .and_then(|l| l["id"].as_u64());
+    let mut replays = Vec::new();
+    for cursor in ["undefined", "-1"] {
+        let mut sock = tests::sio::SioClient::connect(
+            tests::sio::ConnectOpts::new(c.url(0))
+                .query("conversation_id", &sid)
+                .query("latest_event_id", cursor)
+                .header("Authorization", format!("Bearer {ALICE}")),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("latest_event_id={cursor} refused: {e}"));
+        let got = events_until(&mut sock, T, |e| e["id"].as_u64() == last).await;
+        replays.push(tests::cluster::ids(&got));
+    }
+    assert!(!replays[0].is_empty());
+    assert_eq!(replays[0], replays[1]);
     let auth_in_payload = tests::sio::SioClient::connect(
         tests::sio::ConnectOpts::new(c.url(0))
             .query("conversation_id", &sid)
