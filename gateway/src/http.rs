@@ -364,7 +364,10 @@ async fn store_new(
                 limit: state.max_replay_bytes,
             });
         }
+        // A trajectory that could never start (no user message first) is refused here, not
+        // left to fail every claim.
         let events = load_trajectory(replay.as_bytes())
+            .and_then(shared::event::replay_items)
             .map_err(|e| ApiError::BadRequest(format!("invalid replay_json: {e}")))?;
         let name = state.store.put_replay(&sid, replay.as_bytes()).await?;
         info!(session_id = %sid, events = events.len(), "replay trajectory stored");

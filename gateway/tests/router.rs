@@ -189,6 +189,28 @@ async fn create_validates_body_and_content_type() {
         "{v}"
     );
 
+    // Trajectories that could never start (issue 12's poison start): empty, or the agent's
+    // action first. Refused at creation with the reason, nothing queued.
+    let agent_first = serde_json::to_string(&serde_json::json!([
+        {"id": 1, "source": "agent", "action": "run",
+         "args": {"command": "ls", "is_input": false, "thought": ""}, "message": "ls"}
+    ]))
+    .unwrap();
+    for replay in ["[]".to_owned(), agent_first] {
+        let body = serde_json::json!({ "replay_json": replay }).to_string();
+        let (code, v) = gw
+            .post("/api/conversations", Some(ALICE), Some(JSON), body)
+            .await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .contains("must start with a user message"),
+            "{v}"
+        );
+    }
+
     // Over the 32 MiB body limit.
     let huge = format!(
         r#"{{"initial_user_msg": "{}"}}"#,

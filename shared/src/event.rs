@@ -191,6 +191,9 @@ pub enum EventError {
     /// A trajectory is not a JSON array.
     #[error("trajectory is not a JSON array of events")]
     NotAnArray,
+    /// A trajectory to replay whose first replayable item is not a message (or that has none).
+    #[error("a replay trajectory must start with a user message")]
+    ReplayStart,
     /// One item of a trajectory failed.
     #[error("trajectory item {index}: {source}")]
     Item {
@@ -669,6 +672,27 @@ pub fn load_trajectory(bytes: &[u8]) -> Result<Vec<Event>, EventError> {
                 })
         })
         .collect()
+}
+
+/// The items of a trajectory a replay acts on, in order: none of the environment's, no null
+/// events, no leading `system` action. The first is the conversation's first user message.
+///
+/// # Errors
+/// [`EventError::ReplayStart`] if the first of them is not a message, or there is none (a
+/// conversation created with it could never start: refused at creation).
+pub fn replay_items(trajectory: Vec<Event>) -> Result<Vec<Event>, EventError> {
+    let mut items: Vec<Event> = trajectory
+        .into_iter()
+        .filter(|e| e.source != Some(Source::Environment))
+        .filter(|e| !e.is_null())
+        .collect();
+    if items.first().and_then(Event::action_type) == Some("system") {
+        items.remove(0);
+    }
+    if items.first().and_then(Event::action_type) != Some("message") {
+        return Err(EventError::ReplayStart);
+    }
+    Ok(items)
 }
 
 /// The events connect-replay sends for a range of stored events, in order (OpenHands'

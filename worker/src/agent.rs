@@ -132,17 +132,7 @@ impl Replay {
         history: &[Event],
         inner: Option<AgentImpl>,
     ) -> Result<Replay, String> {
-        let mut items: Vec<Event> = trajectory
-            .into_iter()
-            .filter(|e| e.source != Some(Source::Environment))
-            .filter(|e| !e.is_null())
-            .collect();
-        if items.first().and_then(Event::action_type) == Some("system") {
-            items.remove(0);
-        }
-        if items.first().and_then(Event::action_type) != Some("message") {
-            return Err("a replay trajectory must start with a user message".into());
-        }
+        let mut items = shared::event::replay_items(trajectory).map_err(|e| e.to_string())?;
         let mut initial = items.remove(0);
         initial.source = Some(Source::User);
         let mut queue: std::collections::VecDeque<Event> = items
