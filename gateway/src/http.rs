@@ -33,8 +33,15 @@ use crate::limits;
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/conversations", post(create).get(list))
-        .route("/api/conversations/{id}", get(get_one).delete(delete_one))
+        .route(
+            "/api/conversations/{id}",
+            get(get_one).delete(delete_one).patch(rename),
+        )
         .route("/api/conversations/{id}/events", get(events))
+        .route("/api/conversations/{id}/trajectory", get(trajectory))
+        .route("/api/conversations/{id}/config", get(runtime_config))
+        .route("/api/conversations/{id}/vscode-url", get(vscode_url))
+        .route("/api/conversations/{id}/web-hosts", get(web_hosts))
         .route("/api/conversations/{id}/start", post(start))
         .route("/api/conversations/{id}/stop", post(stop))
         .route("/healthz", get(|| async { "ok" }))
@@ -55,7 +62,9 @@ pub(crate) enum ApiError {
     NotFound,
     BadRequest(String),
     InvalidLimit,
-    Unprocessable(String),
+    /// A request that does not match its schema: 422 with FastAPI's `HTTPValidationError`
+    /// body, `{"detail": [{"loc", "msg", "type"}]}`.
+    Unprocessable(Invalid),
     UnsupportedMediaType,
     TooLarge,
     /// A `replay_json` over `OH_MAX_REPLAY_MIB`.
@@ -72,6 +81,45 @@ pub(crate) enum ApiError {
         retry_after: Option<std::time::Duration>,
     },
     Internal(String),
+}
+
+/// One validation error, as FastAPI (pydantic) reports it.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct Invalid {
+    /// Where: `["body", "field"]`, `["query", "name"]`, `["path", "id"]`.
+    pub(crate) loc: Vec<String>,
+    /// What is wrong, for a person.
+    pub(crate) msg: String,
+    /// What is wrong, for a program (pydantic's error types: `int_parsing`, `bool_parsing`,
+    /// `enum`, `json_invalid`, `extra_forbidden`, `missing`, `value_error`, ...).
+    #[serde(rename = "type")]
+    pub(crate) kind: &'static str,
+}
+
+impl ApiError {
+    /// A 422 for one value.
+    pub(crate) fn invalid(loc: &[&str], msg: impl Into<String>, kind: &'static str) -> ApiError {
+        ApiError::Unprocessable(Invalid {
+            loc: loc.iter().map(|s| (*s).to_owned()).collect(),
+            msg: msg.into(),
+            kind,
+        })
+    }
+
+    /// A 422 for a JSON body that does not parse or does not match its model.
+    pub(crate) fn body(e: &serde_json::Error) -> ApiError {
+        let msg = e.to_string();
+        let kind = if e.is_syntax() || e.is_eof() {
+            "json_invalid"
+        } else if msg.starts_with("unknown field") {
+            "extra_forbidden"
+        } else if msg.starts_with("missing field") {
+            "missing"
+        } else {
+            "value_error"
+        };
+        ApiError::invalid(&["body"], msg, kind)
+    }
 }
 
 impl From<StoreError> for ApiError {
@@ -100,7 +148,7 @@ impl From<actions::SendError> for ApiError {
 
 impl From<QueryRejection> for ApiError {
     fn from(e: QueryRejection) -> Self {
-        ApiError::Unprocessable(e.body_text())
+        ApiError::invalid(&["query"], e.body_text(), "value_error")
     }
 }
 
@@ -148,7 +196,9 @@ impl IntoResponse for ApiError {
                 json!({"status": "error", "message": m}),
             ),
             ApiError::InvalidLimit => (StatusCode::BAD_REQUEST, json!({"detail": "Invalid limit"})),
-            ApiError::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, json!({"detail": m})),
+            ApiError::Unprocessable(e) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, json!({"detail": [e]}))
+            }
             ApiError::UnsupportedMediaType => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 json!({"detail": "Content-Type must be application/json"}),
@@ -281,6 +331,58 @@ struct CreateBody {
     conversation_id: Option<String>,
 }
 
+/// OpenHands' `ProviderType` values.
+pub(crate) const GIT_PROVIDERS: &[&str] = &[
+    "github",
+    "gitlab",
+    "bitbucket",
+    "azure_devops",
+    "enterprise_sso",
+];
+
+/// OpenHands' `ConversationTrigger` values.
+pub(crate) const TRIGGERS: &[&str] = &[
+    "resolver",
+    "gui",
+    "suggested_task",
+    "openhands_api",
+    "slack",
+    "microagent_management",
+    "jira",
+    "jira_dc",
+    "linear",
+    "bitbucket",
+];
+
+/// `'a', 'b' or 'c'`, as pydantic words an enum error.
+fn one_of(values: &[&str]) -> String {
+    let quoted: Vec<String> = values.iter().map(|v| format!("'{v}'")).collect();
+    match quoted.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
+/// The title of a new conversation: its first message's first line, shortened (as
+/// OpenHands titles a conversation without an LLM), or `Conversation <id prefix>`.
+fn default_title(sid: &SessionId, first_message: Option<&str>) -> String {
+    const MAX: usize = 30;
+    let line = first_message
+        .and_then(|m| m.lines().map(str::trim).find(|l| !l.is_empty()))
+        .unwrap_or_default();
+    if line.is_empty() {
+        return format!(
+            "Conversation {}",
+            &sid.as_str()[..5.min(sid.as_str().len())]
+        );
+    }
+    match line.char_indices().nth(MAX) {
+        None => line.to_owned(),
+        Some((cut, _)) => format!("{}...", line[..cut].trim_end()),
+    }
+}
+
 async fn create(
     State(state): State<AppState>,
     Caller(uid): Caller,
@@ -291,11 +393,23 @@ async fn create(
     if !body.is_empty() {
         require_json(&headers)?;
     }
-    let body: CreateBody = if body.is_empty() {
+    let mut body: CreateBody = if body.is_empty() {
         serde_json::from_str("{}").map_err(|e| ApiError::Internal(e.to_string()))?
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::Unprocessable(e.to_string()))?
+        serde_json::from_slice(&body).map_err(|e| ApiError::body(&e))?
     };
+    // As OpenHands reads them: an empty replay is no replay, no images are no images.
+    body.replay_json = body.replay_json.filter(|r| !r.is_empty());
+    body.image_urls = body.image_urls.filter(|v| !v.is_empty());
+    if let Some(p) = &body.git_provider
+        && !GIT_PROVIDERS.contains(&p.as_str())
+    {
+        return Err(ApiError::invalid(
+            &["body", "git_provider"],
+            format!("Input should be {}", one_of(GIT_PROVIDERS)),
+            "enum",
+        ));
+    }
     if body.conversation_id.is_some() {
         return Err(ApiError::BadRequest(
             "conversation_id cannot be chosen by the client".into(),
@@ -386,10 +500,7 @@ async fn store_new(
     let meta = ConversationMeta {
         conversation_id: sid.to_string(),
         user_id: uid.to_string(),
-        title: format!(
-            "Conversation {}",
-            &sid.as_str()[..5.min(sid.as_str().len())]
-        ),
+        title: default_title(&sid, body.initial_user_msg.as_deref()),
         created_at: now.clone(),
         last_updated_at: now,
         trigger: trigger.to_owned(),
@@ -491,6 +602,8 @@ async fn get_one(
 struct ListQuery {
     limit: Option<i64>,
     page_id: Option<String>,
+    selected_repository: Option<String>,
+    conversation_trigger: Option<String>,
 }
 
 async fn list(
@@ -513,7 +626,24 @@ async fn list(
             .and_then(|s| s.parse::<usize>().ok())
             .ok_or_else(|| ApiError::BadRequest("invalid page_id".into()))?,
     };
+    if let Some(t) = &q.conversation_trigger
+        && !TRIGGERS.contains(&t.as_str())
+    {
+        return Err(ApiError::invalid(
+            &["query", "conversation_trigger"],
+            format!("Input should be {}", one_of(TRIGGERS)),
+            "enum",
+        ));
+    }
     let mut all = state.store.list_meta(&uid).await?;
+    all.retain(|m| {
+        q.selected_repository
+            .as_ref()
+            .is_none_or(|r| m.selected_repository.as_ref() == Some(r))
+            && q.conversation_trigger
+                .as_ref()
+                .is_none_or(|t| &m.trigger == t)
+    });
     all.sort_by(|a, b| {
         b.created_at
             .cmp(&a.created_at)
@@ -538,10 +668,28 @@ struct EventsQuery {
 fn parse_opt<T: std::str::FromStr>(v: Option<&str>, name: &str) -> Result<Option<T>, ApiError> {
     match v {
         None | Some("") => Ok(None),
-        Some(s) => s
-            .parse()
-            .map(Some)
-            .map_err(|_| ApiError::Unprocessable(format!("{name} must be a non-negative integer"))),
+        Some(s) => s.parse().map(Some).map_err(|_| {
+            ApiError::invalid(
+                &["query", name],
+                format!("{name} must be a non-negative integer"),
+                "int_parsing",
+            )
+        }),
+    }
+}
+
+/// A boolean query parameter, read as pydantic reads one (case-insensitive `true/1/yes/on/t/y`
+/// and `false/0/no/off/f/n`); anything else is a 422, not a silent `false`.
+fn parse_bool(v: Option<&str>, name: &str) -> Result<Option<bool>, ApiError> {
+    let Some(s) = v else { return Ok(None) };
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" | "t" | "y" => Ok(Some(true)),
+        "false" | "0" | "no" | "off" | "f" | "n" => Ok(Some(false)),
+        _ => Err(ApiError::invalid(
+            &["query", name],
+            "Input should be a valid boolean, unable to interpret input",
+            "bool_parsing",
+        )),
     }
 }
 
@@ -563,7 +711,7 @@ async fn events(
     let limit = usize::try_from(limit).unwrap_or(20);
     let start: u64 = parse_opt(q.start_id.as_deref(), "start_id")?.unwrap_or(0);
     let end: Option<u64> = parse_opt(q.end_id.as_deref(), "end_id")?;
-    let reverse = matches!(q.reverse.as_deref(), Some("true" | "1" | "True"));
+    let reverse = parse_bool(q.reverse.as_deref(), "reverse")?.unwrap_or(false);
     let Some(head) = state.store.last_event(&sid).await? else {
         return Ok(events_body(&[], false));
     };
@@ -604,6 +752,111 @@ fn events_body(events: &[Box<RawValue>], has_more: bool) -> Response {
     Json(Body { events, has_more }).into_response()
 }
 
+/// Most events a trajectory export holds (the newest are kept if a log is longer).
+const TRAJECTORY_LIMIT: usize = 100_000;
+
+/// The whole event log, as OpenHands exports it: `{"trajectory": [event, ...]}`.
+async fn trajectory(
+    State(state): State<AppState>,
+    Caller(uid): Caller,
+    ConvId(sid): ConvId,
+) -> Result<Response, ApiError> {
+    meta_of(&state, &uid, &sid).await?;
+    let from = match state.store.last_event(&sid).await? {
+        Some(head) => head.id.saturating_sub(TRAJECTORY_LIMIT as u64 - 1),
+        None => 0,
+    };
+    let events = state.store.read_from(&sid, from, TRAJECTORY_LIMIT).await?;
+    let raws: Vec<Box<RawValue>> = events
+        .iter()
+        .filter_map(|e| std::str::from_utf8(&e.payload).ok())
+        .filter_map(|s| RawValue::from_string(s.to_owned()).ok())
+        .collect();
+    #[derive(serde::Serialize)]
+    struct Body {
+        trajectory: Vec<Box<RawValue>>,
+    }
+    Ok(Json(Body { trajectory: raws }).into_response())
+}
+
+/// The runtime of a conversation. The runtime is the owning worker's sandbox, which has no
+/// id a client could use elsewhere (OpenHands' UI asks `/api/v1/sandboxes` for a non-null one).
+async fn runtime_config(
+    State(state): State<AppState>,
+    Caller(uid): Caller,
+    ConvId(sid): ConvId,
+) -> Result<Json<Value>, ApiError> {
+    meta_of(&state, &uid, &sid).await?;
+    Ok(Json(
+        json!({"runtime_id": null, "session_id": sid.to_string()}),
+    ))
+}
+
+/// No VS Code server runs beside a session.
+async fn vscode_url(
+    State(state): State<AppState>,
+    Caller(uid): Caller,
+    ConvId(sid): ConvId,
+) -> Result<Json<Value>, ApiError> {
+    meta_of(&state, &uid, &sid).await?;
+    Ok(Json(json!({"vscode_url": null})))
+}
+
+/// Sandboxes publish no ports: no web hosts.
+async fn web_hosts(
+    State(state): State<AppState>,
+    Caller(uid): Caller,
+    ConvId(sid): ConvId,
+) -> Result<Json<Value>, ApiError> {
+    meta_of(&state, &uid, &sid).await?;
+    Ok(Json(json!({"hosts": {}})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenameBody {
+    title: String,
+}
+
+/// Longest title, in characters.
+const MAX_TITLE_CHARS: usize = 200;
+
+/// Renames a conversation (`PATCH`, `{"title": ...}`): `true`, or 404.
+async fn rename(
+    State(state): State<AppState>,
+    Caller(uid): Caller,
+    ConvId(sid): ConvId,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body?;
+    require_json(&headers)?;
+    let body: RenameBody = serde_json::from_slice(&body).map_err(|e| ApiError::body(&e))?;
+    let title = body.title.trim().to_owned();
+    if title.is_empty() || title.chars().count() > MAX_TITLE_CHARS {
+        return Err(ApiError::invalid(
+            &["body", "title"],
+            format!("the title must have 1 to {MAX_TITLE_CHARS} characters (not only spaces)"),
+            "string_length",
+        ));
+    }
+    let now = now_utc();
+    let updated = state
+        .store
+        .update_meta(&uid, &sid, |m| {
+            m.title.clone_from(&title);
+            m.last_updated_at.clone_from(&now);
+        })
+        .await?;
+    match updated {
+        Some(_) => {
+            info!(session_id = %sid, user_id = %uid, "conversation renamed");
+            Ok(Json(json!(true)))
+        }
+        None => Err(ApiError::NotFound),
+    }
+}
+
 // ---- lifecycle ----
 
 async fn start(
@@ -615,6 +868,8 @@ async fn start(
     let mut redis = state.redis.clone();
     let owner = shared::ownership::owner(&mut redis, state.store.names(), &sid).await?;
     let status = if owner.is_some() {
+        // Ordered after a stop that may be in progress: its owner then queues a start again.
+        actions::send_control(&state, &sid, &uid, Control::Start).await?;
         "RUNNING"
     } else {
         actions::enqueue(&state, &sid, &uid, StartReason::Start).await?;
@@ -728,4 +983,54 @@ async fn readyz(State(state): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(json!({"nats": nats_ok, "redis": redis_ok}))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn booleans_read_as_pydantic_reads_them() {
+        for yes in ["true", "True", "TRUE", "1", "yes", "on", "t", "Y"] {
+            assert_eq!(
+                parse_bool(Some(yes), "r").ok().flatten(),
+                Some(true),
+                "{yes}"
+            );
+        }
+        for no in ["false", "0", "no", "OFF", "f", "n"] {
+            assert_eq!(
+                parse_bool(Some(no), "r").ok().flatten(),
+                Some(false),
+                "{no}"
+            );
+        }
+        assert!(matches!(parse_bool(None, "r"), Ok(None)));
+        for junk in ["", "maybe", "2", "truee"] {
+            assert!(
+                matches!(parse_bool(Some(junk), "r"), Err(ApiError::Unprocessable(_))),
+                "{junk}"
+            );
+        }
+    }
+
+    #[test]
+    fn titles_come_from_the_first_message() {
+        let sid = SessionId::parse("abcdef0123456789abcdef0123456789")
+            .unwrap_or_else(|_| SessionId::generate());
+        assert_eq!(default_title(&sid, Some("\n  Fix it \nmore")), "Fix it");
+        assert_eq!(
+            default_title(
+                &sid,
+                Some("a message that is longer than thirty characters")
+            ),
+            "a message that is longer than..."
+        );
+        assert_eq!(
+            default_title(&sid, Some("é".repeat(40).as_str())),
+            format!("{}...", "é".repeat(30))
+        );
+        assert!(default_title(&sid, None).starts_with("Conversation "));
+        assert!(default_title(&sid, Some("  \n ")).starts_with("Conversation "));
+    }
 }

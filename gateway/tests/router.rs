@@ -127,9 +127,29 @@ fn request(
     b.body(body).expect("request")
 }
 
-/// `{"detail": ...}` contains `needle`.
+/// `{"detail": "..."}` or FastAPI's `{"detail": [{"loc", "msg", "type"}]}` contains `needle`.
 fn detail_mentions(v: &Value, needle: &str) -> bool {
-    v["detail"].as_str().is_some_and(|d| d.contains(needle))
+    match &v["detail"] {
+        Value::String(d) => d.contains(needle),
+        Value::Array(errors) => errors
+            .iter()
+            .any(|e| e["msg"].as_str().is_some_and(|m| m.contains(needle))),
+        _ => false,
+    }
+}
+
+/// A FastAPI `HTTPValidationError`: one error at `loc` of pydantic type `kind`.
+fn assert_validation_error(v: &Value, loc: &[&str], kind: &str) {
+    let errors = v["detail"]
+        .as_array()
+        .unwrap_or_else(|| panic!("detail is no list: {v}"));
+    assert_eq!(errors.len(), 1, "{v}");
+    assert_eq!(errors[0]["loc"], json!(loc), "{v}");
+    assert_eq!(errors[0]["type"], kind, "{v}");
+    assert!(
+        errors[0]["msg"].as_str().is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,14 +431,8 @@ async fn paging_parameters_are_checked() {
     }
     for (q, name) in [("start_id=-1", "start_id"), ("end_id=x", "end_id")] {
         let r = gw.get(&format!("{events}?{q}"), Some(ALICE)).await;
-        assert_eq!(
-            r,
-            (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                json!({"detail": format!("{name} must be a non-negative integer")})
-            ),
-            "{q}"
-        );
+        assert_eq!(r.0, StatusCode::UNPROCESSABLE_ENTITY, "{q}");
+        assert_validation_error(&r.1, &["query", name], "int_parsing");
     }
     // No worker runs here, so the log is empty.
     let r = gw
@@ -450,4 +464,131 @@ async fn request_timeout_answers_503() {
     );
     // Requests that need neither NATS nor Redis are unaffected.
     assert_eq!(gw.get("/healthz", None).await.0, StatusCode::OK);
+}
+
+/// Issue 12's contract defects, each as OpenHands answers (a client written for it works):
+/// 422 bodies are `HTTPValidationError`s, booleans read as pydantic reads them, an empty
+/// replay or image list counts as absent, `git_provider` and `conversation_trigger` are
+/// enums, list filters filter, and the last page of a huge `page_id` is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openhands_contract_defects() {
+    let gw = Gw::start().await;
+    let post = |body: Value| {
+        gw.post(
+            "/api/conversations",
+            Some(ALICE),
+            Some(JSON),
+            body.to_string(),
+        )
+    };
+    // Bodies: JSON that does not parse, an unknown field, a wrong type.
+    let (code, v) = gw
+        .post("/api/conversations", Some(ALICE), Some(JSON), "{not json")
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_validation_error(&v, &["body"], "json_invalid");
+    let (_, v) = post(json!({"colour": 1})).await;
+    assert_validation_error(&v, &["body"], "extra_forbidden");
+    // git_provider: a known provider, echoed; another is refused.
+    let (code, v) = post(json!({"git_provider": "sourceforge"})).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_validation_error(&v, &["body", "git_provider"], "enum");
+    let (code, v) = post(json!({"git_provider": "gitlab", "repository": "a/b"})).await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    let with_repo = v["conversation_id"].as_str().unwrap().to_owned();
+    let (_, info) = gw
+        .get(&format!("/api/conversations/{with_repo}"), Some(ALICE))
+        .await;
+    assert_eq!(info["git_provider"], "gitlab", "{info}");
+    // An empty replay is no replay; no images are no images (so no conflict with a replay).
+    let (code, v) = post(json!({"replay_json": ""})).await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    let (code, v) = post(json!({"replay_json": "", "initial_user_msg": "hi"})).await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    let (code, v) = post(json!({"image_urls": [], "replay_json": ""})).await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    let replay = json!([{"id": 0, "source": "user", "action": "message",
+        "args": {"content": "hi", "image_urls": [], "wait_for_response": false}, "message": "hi"}])
+    .to_string();
+    let (code, v) = post(json!({"image_urls": [], "replay_json": replay})).await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+
+    // List filters (5 conversations of ALICE now, one with repository a/b).
+    let (_, all) = gw.get("/api/conversations?limit=100", Some(ALICE)).await;
+    assert_eq!(all["results"].as_array().unwrap().len(), 5, "{all}");
+    let (_, only) = gw
+        .get("/api/conversations?selected_repository=a/b", Some(ALICE))
+        .await;
+    let ids: Vec<&str> = only["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["conversation_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![with_repo.as_str()], "{only}");
+    let (_, none) = gw
+        .get("/api/conversations?conversation_trigger=slack", Some(ALICE))
+        .await;
+    assert_eq!(none["results"], json!([]), "{none}");
+    let (_, api) = gw
+        .get(
+            "/api/conversations?conversation_trigger=openhands_api",
+            Some(ALICE),
+        )
+        .await;
+    assert_eq!(api["results"].as_array().unwrap().len(), 5, "{api}");
+    let (code, v) = gw
+        .get(
+            "/api/conversations?conversation_trigger=carrier_pigeon",
+            Some(ALICE),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_validation_error(&v, &["query", "conversation_trigger"], "enum");
+
+    // Query strings that do not parse: JSON 422s, never text/plain.
+    for q in ["limit=ten", "limit=1&limit=2", "limit=%ZZ"] {
+        let resp = gw
+            .router
+            .clone()
+            .oneshot(request(
+                "GET",
+                &format!("/api/conversations?{q}"),
+                Some(ALICE),
+                None,
+                Body::empty(),
+            ))
+            .await
+            .unwrap();
+        let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
+        assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY, "{q}");
+        assert_eq!(ct.as_ref().map(|v| v.to_str().unwrap()), Some(JSON), "{q}");
+    }
+
+    // The page after the last representable offset is empty, not a page further back.
+    let last = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        u64::MAX.to_string(),
+    );
+    let (code, v) = gw
+        .get(&format!("/api/conversations?page_id={last}"), Some(ALICE))
+        .await;
+    assert_eq!(
+        (code, v),
+        (StatusCode::OK, json!({"results": [], "next_page_id": null}))
+    );
+
+    // `reverse` as pydantic reads a bool; junk is a 422 (no worker runs: the log is empty).
+    let events = format!("/api/conversations/{with_repo}/events");
+    for yes in ["yes", "on", "TRUE", "1", "f", "off"] {
+        let (code, v) = gw
+            .get(&format!("{events}?reverse={yes}"), Some(ALICE))
+            .await;
+        assert_eq!(code, StatusCode::OK, "{yes}: {v}");
+    }
+    let (code, v) = gw
+        .get(&format!("{events}?reverse=maybe"), Some(ALICE))
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_validation_error(&v, &["query", "reverse"], "bool_parsing");
 }

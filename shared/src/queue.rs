@@ -136,6 +136,26 @@ impl Store {
         }
     }
 
+    /// Actions of the session not yet acknowledged by its owner (queued or in flight); 0 if it
+    /// has no consumer.
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed.
+    pub async fn actions_waiting(&self, sid: &SessionId) -> Result<u64, StoreError> {
+        let info = match self
+            .actions
+            .consumer_info(self.names.actions_consumer(sid))
+            .await
+        {
+            Ok(info) => info,
+            Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
+                return Ok(0);
+            }
+            Err(e) => return Err(nats("action consumer info")(boxed(e))),
+        };
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    }
+
     /// Starts reading a session's actions through its consumer.
     ///
     /// # Errors

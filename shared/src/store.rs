@@ -643,6 +643,61 @@ impl Store {
         Ok(())
     }
 
+    /// Changes a conversation's metadata with `change`, only if nobody wrote (or deleted) it
+    /// in between (compare-and-set on the subject's last sequence, retried on a race).
+    /// Returns the new metadata, or `None` if the conversation does not exist for this user.
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed, the stored value is corrupt, or the races did not end.
+    pub async fn update_meta(
+        &self,
+        uid: &UserId,
+        sid: &SessionId,
+        change: impl Fn(&mut ConversationMeta),
+    ) -> Result<Option<ConversationMeta>, StoreError> {
+        let subject = self.names.meta_subject(uid, sid);
+        for _ in 0..5 {
+            // The leader's copy: the sequence must be the newest.
+            let Some(last) = get_last(&self.meta, true, subject.clone())
+                .await
+                .map_err(nats("metadata get"))?
+            else {
+                return Ok(None);
+            };
+            if last.payload.is_empty() {
+                return Ok(None);
+            }
+            let mut meta: ConversationMeta =
+                serde_json::from_slice(&last.payload).map_err(|e| StoreError::Corrupt {
+                    what: "metadata",
+                    session: sid.to_string(),
+                    detail: e.to_string(),
+                })?;
+            change(&mut meta);
+            let bytes = serde_json::to_vec(&meta).map_err(|e| nats("metadata encode")(boxed(e)))?;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                last.sequence.to_string().as_str(),
+            );
+            let sent = self
+                .js
+                .publish_with_headers(subject.clone(), headers, bytes.into())
+                .await
+                .map_err(|e| nats("metadata put")(boxed(e)))?;
+            match sent.await {
+                Ok(_) => return Ok(Some(meta)),
+                Err(e)
+                    if e.kind()
+                        == async_nats::jetstream::context::PublishErrorKind::WrongLastSequence => {}
+                Err(e) => return Err(nats("metadata put")(boxed(e))),
+            }
+        }
+        Err(nats("metadata put")(boxed(std::io::Error::other(
+            "metadata changed concurrently five times in a row",
+        ))))
+    }
+
     /// Deletes a conversation's metadata.
     ///
     /// # Errors

@@ -134,6 +134,9 @@ impl StartRequest {
 pub enum Control {
     /// Stop the session: agent `stopped`, runtime closed, lease released.
     Stop,
+    /// Run the session: nothing for a running one; after a `Stop`, it makes the stopping
+    /// owner queue a start again (`/start` while the stop is in progress).
+    Start,
 }
 
 impl Control {
@@ -141,12 +144,14 @@ impl Control {
     pub fn as_str(self) -> &'static str {
         match self {
             Control::Stop => "stop",
+            Control::Start => "start",
         }
     }
     /// Parses a header value.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "stop" => Some(Control::Stop),
+            "start" => Some(Control::Start),
             _ => None,
         }
     }

@@ -134,9 +134,17 @@ async fn claim(
             .record(since_published(&info));
     }
     let span = info_span!("claim", session_id = %sid, user_id = %uid, worker_id = %ctx.worker_id);
-    match try_claim(ctx, sessions, cancel, &req, sid, uid, permit)
-        .instrument(span.clone())
-        .await
+    match try_claim(
+        ctx,
+        sessions,
+        cancel,
+        &req,
+        sid.clone(),
+        uid.clone(),
+        permit,
+    )
+    .instrument(span.clone())
+    .await
     {
         Ok(Claimed::Started) => {
             metrics::counter!("oh_worker_claims_total", "result" => "started").increment(1);
@@ -157,13 +165,38 @@ async fn claim(
                 .await; // redelivered after ack_wait otherwise
         }
         Err(e) => {
-            warn!(parent: &span, error = %e, "claim failed; request goes back to the queue");
             metrics::counter!("oh_worker_claims_total", "result" => "failed").increment(1);
-            let _ = msg
-                .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
-                .await; // see above
+            let tries = msg.info().map_or(1, |i| i.delivered.max(1));
+            if e.is_the_conversations() && tries >= MAX_START_FAILURES {
+                // It would fail the same way forever: end it with the reason, visibly.
+                let reason = format!("AGENT_ERROR$START_FAILED: {e}");
+                warn!(parent: &span, error = %e, tries, "start failed every try; conversation ends in error");
+                match mark_error(ctx, &sid, &uid, "AGENT_ERROR$START_FAILED", &reason).await {
+                    Ok(()) => {
+                        let _ = msg.ack_with(AckKind::Term).await; // a redelivery fails the same way
+                    }
+                    Err(re) => {
+                        warn!(parent: &span, error = %re, "error status not written; request goes back to the queue");
+                        let _ = msg.ack_with(AckKind::Nak(Some(retry_delay(tries)))).await;
+                    }
+                }
+                return;
+            }
+            warn!(parent: &span, error = %e, tries, "claim failed; request goes back to the queue");
+            let _ = msg.ack_with(AckKind::Nak(Some(retry_delay(tries)))).await; // see above
         }
     }
+}
+
+/// Tries of a start that fails for a reason of the conversation itself (its replay, its LLM
+/// settings, a corrupt record) before the conversation ends in `error`.
+const MAX_START_FAILURES: i64 = 3;
+
+/// Delay before a failed start is tried again: 0.5 s, doubling to at most 10 s, so a
+/// dependency outage does not spin (each try appends a takeover record).
+fn retry_delay(tries: i64) -> Duration {
+    let doublings = u32::try_from(tries.saturating_sub(1).clamp(0, 5)).unwrap_or(5);
+    Duration::from_millis(500 * (1u64 << doublings)).min(Duration::from_secs(10))
 }
 
 enum Claimed {
@@ -189,6 +222,18 @@ enum ClaimError {
     Replay(String),
     #[error("workspace restore: {0}")]
     Workspace(#[from] crate::workspace::SnapError),
+}
+
+impl ClaimError {
+    /// A fault of the conversation itself (it fails the same way on every worker), not of a
+    /// dependency that may come back.
+    fn is_the_conversations(&self) -> bool {
+        match self {
+            ClaimError::Trajectory(_) | ClaimError::Replay(_) | ClaimError::Llm(_) => true,
+            ClaimError::Store(e) => matches!(e, StoreError::Corrupt { .. }),
+            _ => false,
+        }
+    }
 }
 
 async fn try_claim(
@@ -250,20 +295,32 @@ pub(crate) const FULL: &str = "AGENT_ERROR$CONVERSATION_FULL: this conversation 
 /// should run (nothing requeues it; a new message is refused the same way), and connected
 /// clients get a live error (the log itself takes nothing more).
 pub(crate) async fn mark_full(ctx: &Ctx, sid: &SessionId, uid: &UserId) -> redis::RedisResult<()> {
-    warn!(session_id = %sid, "event log full; conversation stopped");
     metrics::counter!("oh_worker_logs_full_total").increment(1);
+    mark_error(ctx, sid, uid, "AGENT_ERROR$CONVERSATION_FULL", FULL).await
+}
+
+/// Ends a conversation in `error` with `reason`: it no longer should run (nothing requeues
+/// it; `/start` tries again), and connected clients get a live error status.
+async fn mark_error(
+    ctx: &Ctx,
+    sid: &SessionId,
+    uid: &UserId,
+    id: &str,
+    reason: &str,
+) -> redis::RedisResult<()> {
+    warn!(session_id = %sid, reason, "conversation stopped in error");
     let names = ctx.store.names();
     let update = StatusUpdate {
         level: shared::event::StatusLevel::Error,
-        id: "AGENT_ERROR$CONVERSATION_FULL".to_owned(),
-        message: FULL.to_owned(),
+        id: id.to_owned(),
+        message: reason.to_owned(),
     };
     if let Err(e) = ctx
         .nats
         .publish(names.status_subject(sid), update.to_json().into())
         .await
     {
-        warn!(error = %e, "full-log notice not sent");
+        warn!(error = %e, "error notice not sent");
     }
     let mut redis = ctx.redis.clone();
     ownership::unmark_should_run(&mut redis, names, uid, sid).await?;
@@ -274,7 +331,7 @@ pub(crate) async fn mark_full(ctx: &Ctx, sid: &SessionId, uid: &UserId) -> redis
         status::Update {
             state: Some(SessionState::Error),
             worker_id: Some(""),
-            reason: Some(FULL),
+            reason: Some(reason),
             ..Default::default()
         },
     )

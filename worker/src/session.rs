@@ -423,6 +423,17 @@ impl AgentSession {
         Ok(())
     }
 
+    /// A session that started with actions waiting stays `loading` until one starts a turn;
+    /// one that started none (a control, a redelivery) leaves it for `awaiting_user_input`.
+    async fn leave_loading(&mut self) -> Result<(), AppendError> {
+        if self.agent_state == AgentState::Loading && self.turn.is_none() {
+            self.append(Event::change_agent_state(AgentState::AwaitingUserInput))
+                .await?;
+            self.set_state(AgentState::AwaitingUserInput, "").await?;
+        }
+        Ok(())
+    }
+
     /// The newest runnable action in the conversation that has no observation yet.
     fn unanswered_action(&self) -> Option<Event> {
         let history = &self.ctrl.as_ref()?.history;
@@ -616,8 +627,18 @@ impl AgentSession {
                     if self.agent_state != AgentState::Stopped {
                         self.set_state(AgentState::Stopped, "").await?;
                     }
-                    ack(&msg).await;
+                    // Confirmed: `finish` counts what came after the stop.
+                    if let Err(e) = msg.double_ack().await {
+                        warn!(error = %e, "stop ack not confirmed");
+                    }
                     return Ok(Some(End::Stopped));
+                }
+                Some(Control::Start) => {
+                    // Running already (a start that found it only loading lets it wait).
+                    self.journal.mark_applied(seq);
+                    self.leave_loading().await?;
+                    ack(&msg).await;
+                    return Ok(None);
                 }
                 None => {
                     warn!(control = ctl.as_str(), "unknown control request; ignored");
@@ -629,6 +650,7 @@ impl AgentSession {
         if seq <= self.journal.applied_action() {
             // Applied by an earlier owner that died before acking: don't apply twice.
             info!(seq, "action already applied; acking redelivery");
+            self.leave_loading().await?;
             ack(&msg).await;
             return Ok(None);
         }
@@ -647,6 +669,7 @@ impl AgentSession {
             );
             metrics::counter!("oh_worker_duplicate_actions_total").increment(1);
             self.journal.mark_applied(seq);
+            self.leave_loading().await?;
             ack(&msg).await;
             return Ok(None);
         }
@@ -945,6 +968,33 @@ impl AgentSession {
         }
     }
 
+    /// After a stop: a message or `/start` that reached the action stream while the lease was
+    /// still held (so its gateway queued no start) starts the session again. Checked after the
+    /// lease is released; anything later finds no owner and queues a start itself.
+    async fn restart_if_asked(&mut self, redis: &mut redis::aio::ConnectionManager) {
+        match self.ctx.store.actions_waiting(&self.sid).await {
+            Ok(0) => {}
+            Ok(waiting) => {
+                info!(waiting, "actions arrived during the stop; starting again");
+                let req = StartRequest::new(&self.sid, &self.uid, StartReason::Start);
+                match self.ctx.store.enqueue_start(&req).await {
+                    Ok(_) => {
+                        let names = self.ctx.store.names();
+                        let queued = status::Update {
+                            state: Some(SessionState::Queued),
+                            ..Default::default()
+                        };
+                        if let Err(e) = status::write(redis, names, &self.sid, queued).await {
+                            warn!(error = %e, "status update failed");
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "start request after the stop not confirmed"),
+                }
+            }
+            Err(e) => warn!(error = %e, "actions after the stop not counted"),
+        }
+    }
+
     async fn finish(mut self, end: End) {
         // The last write in flight lands before the final one below; a session that is no
         // longer ours writes nothing more (the new owner's status stands).
@@ -1009,6 +1059,9 @@ impl AgentSession {
             if let Err(e) = self.ctx.store.enqueue_start(&req).await {
                 warn!(error = %e, "resume request not confirmed");
             }
+        }
+        if matches!(end, End::Stopped) {
+            self.restart_if_asked(&mut redis).await;
         }
         info!(
             end = match end {

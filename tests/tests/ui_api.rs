@@ -1,0 +1,209 @@
+//! What OpenHands' web UI needs beyond the conversation core, end to end (real gateway and
+//! worker binaries, the test's own NATS and Redis): reopening a conversation while its stop is
+//! still in progress, a start that can never succeed, and the endpoints answered from a
+//! conversation's log and metadata.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tests::cluster::{Cluster, ClusterOpts, events_until, is_echo, is_state};
+
+const T: Duration = Duration::from_secs(30);
+
+async fn one_worker() -> Cluster {
+    Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        ..ClusterOpts::default()
+    })
+    .await
+}
+
+fn ready(v: &Value) -> bool {
+    v["status"] == "RUNNING" && v["agent_state"] == "awaiting_user_input"
+}
+
+/// The UI stops a conversation and reopens it at once: `/start` comes while the stopping
+/// worker still holds the lease (so it answers RUNNING and queues nothing). The stopping
+/// owner sees the start request behind its stop and queues a start again: the conversation
+/// ends up running and answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_then_start_during_the_stop_ends_running() {
+    let c = one_worker().await;
+    let sid = c.create(0, Some("hello"), None).await;
+    c.wait_info(0, &sid, None, T, ready).await;
+    let path = |op: &str| format!("/api/conversations/{sid}/{op}");
+    // /start usually reaches the gateway before the owner has let go; retry the pair until
+    // it did (the case under test), a few times at most.
+    let mut raced = false;
+    for _ in 0..5 {
+        let (code, stopped) = c.post(0, &path("stop"), &json!({}), None).await;
+        assert_eq!(code, 200, "{stopped}");
+        let (code, started) = c
+            .post(0, &path("start"), &json!({"providers_set": []}), None)
+            .await;
+        assert_eq!(code, 200, "{started}");
+        raced = started["conversation_status"] == "RUNNING";
+        // Either way it must end up running again.
+        c.wait_info(0, &sid, None, T, ready).await;
+        if raced {
+            break;
+        }
+    }
+    assert!(raced, "/start never came while the owner held the lease");
+    // The log shows the stop and a later start (a new takeover record after `stopped`).
+    let evs = c.all_events(0, &sid, None).await;
+    let stopped_at = evs
+        .iter()
+        .rposition(|e| is_state(e, "stopped"))
+        .expect("a stopped state in the log");
+    assert!(
+        evs[stopped_at..].iter().any(|e| is_state(e, "loading")),
+        "no start after the last stop: {evs:#?}"
+    );
+    // And it answers.
+    let mut sock = c.connect(0, &sid, Some(-1), None).await.expect("connect");
+    sock.emit(
+        "oh_user_action",
+        &json!({"action": "message", "args": {"content": "again"}}),
+    )
+    .await
+    .expect("emit");
+    events_until(&mut sock, T, |e| is_echo(e, "again")).await;
+}
+
+/// A stored conversation whose replay can never start (here a trajectory made empty behind
+/// the gateway's back: create refuses such a one) is tried a bounded number of times and
+/// then ends in `error` with the reason, instead of being requeued forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_always_fails_ends_in_error_with_the_reason() {
+    let c = one_worker().await;
+    let sid = c.create(0, None, None).await;
+    c.wait_info(0, &sid, None, T, ready).await;
+    let (code, _) = c
+        .post(
+            0,
+            &format!("/api/conversations/{sid}/stop"),
+            &json!({}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 200);
+    c.wait_info(0, &sid, None, T, |v| v["status"] == "STOPPED")
+        .await;
+    let takeovers = |evs: &[Value]| evs.iter().filter(|e| is_state(e, "loading")).count();
+    let before = takeovers(&c.all_events(0, &sid, None).await);
+
+    // Poison it: a replay trajectory with nothing to replay.
+    let store = c.store().await;
+    let parsed = shared::id::SessionId::parse(&sid).unwrap();
+    let uid = shared::id::UserId::local(); // single-user mode
+    let blob = store.put_replay(&parsed, b"[]").await.unwrap();
+    let updated = store
+        .update_meta(&uid, &parsed, |m| m.replay_blob = Some(blob.clone()))
+        .await
+        .unwrap();
+    assert!(updated.is_some(), "metadata not found for {uid}");
+
+    let (code, v) = c
+        .post(
+            0,
+            &format!("/api/conversations/{sid}/start"),
+            &json!({}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let info = c
+        .wait_info(0, &sid, None, T, |v| v["status"] == "ERROR")
+        .await;
+    let reason = info["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("AGENT_ERROR$START_FAILED")
+            && reason.contains("must start with a user message"),
+        "{info}"
+    );
+    let tries = takeovers(&c.all_events(0, &sid, None).await) - before;
+    assert!((1..=3).contains(&tries), "{tries} tries");
+    // Nothing tries again by itself.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        takeovers(&c.all_events(0, &sid, None).await) - before,
+        tries,
+        "tried again after ending in error"
+    );
+    assert_eq!(c.info(0, &sid, None).await["status"], "ERROR");
+}
+
+/// Rename, trajectory, runtime config, VS Code URL and web hosts, with a running worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversation_side_endpoints() {
+    let c = one_worker().await;
+    let sid = c
+        .create(0, Some("Fix the flaky test in CI\nsecond line"), None)
+        .await;
+    let info = c.wait_info(0, &sid, None, T, ready).await;
+    // Titled from its first message's first line, shortened.
+    assert_eq!(info["title"], "Fix the flaky test in CI", "{info}");
+
+    let base = format!("/api/conversations/{sid}");
+    let (code, traj) = c.get(0, &format!("{base}/trajectory"), None).await;
+    assert_eq!(code, 200, "{traj}");
+    let traj = traj["trajectory"]
+        .as_array()
+        .expect("trajectory list")
+        .clone();
+    let events = c.all_events(0, &sid, None).await;
+    assert_eq!(traj, events, "the trajectory is the log");
+    assert!(
+        traj.iter()
+            .any(|e| is_echo(e, "Fix the flaky test in CI\nsecond line"))
+    );
+
+    let (code, cfg) = c.get(0, &format!("{base}/config"), None).await;
+    assert_eq!(
+        (code, cfg),
+        (200, json!({"runtime_id": null, "session_id": sid}))
+    );
+    let (code, vs) = c.get(0, &format!("{base}/vscode-url"), None).await;
+    assert_eq!((code, vs), (200, json!({"vscode_url": null})));
+    let (code, hosts) = c.get(0, &format!("{base}/web-hosts"), None).await;
+    assert_eq!((code, hosts), (200, json!({"hosts": {}})));
+
+    // Rename: stored, listed, refused when empty or for an unknown conversation.
+    let patch = |path: String, body: Value| {
+        let url = format!("{}{path}", c.url(0));
+        async move {
+            let r = tests::http_client()
+                .patch(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (code, v) = patch(base.clone(), json!({"title": "  Renamed  "})).await;
+    assert_eq!((code, v), (200, json!(true)));
+    assert_eq!(c.info(0, &sid, None).await["title"], "Renamed");
+    let (_, list) = c.get(0, "/api/conversations", None).await;
+    assert_eq!(list["results"][0]["title"], "Renamed");
+    let (code, v) = patch(base.clone(), json!({"title": "   "})).await;
+    assert_eq!(code, 422, "{v}");
+    assert_eq!(v["detail"][0]["loc"], json!(["body", "title"]), "{v}");
+    let other = shared::id::SessionId::generate();
+    let (code, _) = patch(format!("/api/conversations/{other}"), json!({"title": "x"})).await;
+    assert_eq!(code, 404);
+    // A deleted conversation cannot be renamed back into existence.
+    let (code, _) = c.delete(0, &base, None).await;
+    assert_eq!(code, 200);
+    let (code, _) = patch(base.clone(), json!({"title": "ghost"})).await;
+    assert_eq!(code, 404);
+    let (code, _) = c.get(0, &base, None).await;
+    assert_eq!(code, 404);
+}
