@@ -2,7 +2,8 @@
 # Installs what building, running and testing need on a Debian machine, skipping whatever is
 # already there: nats-server and redis-server (Debian packages), bubblewrap and util-linux's
 # setpriv/prlimit (the sandbox agent code runs in), a C toolchain, Node.js/npm (for the
-# JavaScript socket.io-client compatibility test), the tools of the across-machines tests
+# JavaScript socket.io-client compatibility test) and Chromium (the web UI test drives it
+# headless), the tools of the across-machines tests
 # (iproute2 for network namespaces and tc, nftables for partitions, libfaketime for clock
 # skew), and Rust via rustup.
 # Needs root (or sudo) only when something is missing.
@@ -24,6 +25,7 @@ command -v faketime >/dev/null || need+=(faketime)
 if [ "${OH_SKIP_NODE:-0}" != 1 ]; then
   command -v node >/dev/null || need+=(nodejs)
   command -v npm >/dev/null || need+=(npm)
+  command -v chromium >/dev/null || [ -x /usr/bin/chromium ] || need+=(chromium)
 fi
 
 if [ ${#need[@]} -gt 0 ]; then

@@ -1,5 +1,5 @@
 //! Shared state and the assembled router: REST under `/api`, Socket.IO at `/socket.io`,
-//! `/healthz`, `/readyz`, `/metrics`.
+//! `/healthz`, `/readyz`, `/metrics`, and the web UI (`web`) at `/`.
 //!
 //! Every task the gateway spawns goes through [`Inner::tasks`], so shutdown can wait for all
 //! of them (axum's graceful-shutdown model: stop accepting, close sockets, join the tasks).
@@ -41,6 +41,8 @@ pub(crate) struct Inner {
     pub(crate) drains: crate::sendbuf::Drains,
     /// Largest `replay_json` accepted (bytes).
     pub(crate) max_replay_bytes: usize,
+    /// `OH_LLM_MODELS`: the models offered to the UI.
+    pub(crate) llm_models: Vec<String>,
     /// Per-user rates and caps (see `limits`).
     pub(crate) limits: crate::limits::Limits,
     /// This gateway's id (presence entries, socket entries).
@@ -89,6 +91,7 @@ impl AppState {
             socket_buffer_bytes: args.socket_buffer_mib as usize * 1024 * 1024,
             drains: crate::sendbuf::Drains::default(),
             max_replay_bytes: args.max_replay_mib as usize * 1024 * 1024,
+            llm_models: args.llm_models.clone(),
             limits: args.limits(),
             gateway_id: gateway_id.to_owned(),
             held_sockets: crate::limits::HeldSockets::default(),
@@ -104,6 +107,7 @@ pub(crate) fn router(
     socket_buffer: usize,
     request_timeout: Duration,
     allowed_origins: AllowedOrigins,
+    web: crate::web::Web,
     cancel: CancellationToken,
 ) -> Router {
     let (sio_layer, io) = SocketIo::builder()
@@ -129,6 +133,8 @@ pub(crate) fn router(
         io.close().await;
     });
     crate::http::routes()
+        .merge(crate::settings::routes())
+        .merge(crate::web::routes(web))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,

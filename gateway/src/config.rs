@@ -51,6 +51,19 @@ pub struct Args {
     /// start is refused, since anyone who reaches the address would be the one user.
     #[arg(long, env = "OH_ALLOW_SINGLE_USER_ON_NETWORK", default_value_t = false)]
     pub allow_single_user_on_network: bool,
+    /// A built single-page app to serve at `/` (a folder with `index.html`; any other path that
+    /// is not the gateway's own gets its `index.html`). Unset: the built-in page.
+    #[arg(long, env = "OH_WEB_ROOT", value_parser = crate::web::parse_web_root)]
+    pub web_root: Option<std::path::PathBuf>,
+    /// Model names offered to the UI (`GET /api/options/models`, comma-separated); the first
+    /// is a new user's default. Any model the configured OpenAI-compatible API serves works.
+    #[arg(
+        long,
+        env = "OH_LLM_MODELS",
+        default_value = "gpt-4o",
+        value_delimiter = ','
+    )]
+    pub llm_models: Vec<String>,
     /// Largest `replay_json` trajectory a create accepts (MiB); a larger one gets 413. It is
     /// stored and replayed as events, so it bounds what one request can make the system hold.
     #[arg(long, env = "OH_MAX_REPLAY_MIB", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=30))]

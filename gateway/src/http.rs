@@ -276,7 +276,7 @@ impl FromRequestParts<AppState> for ConvId {
 
 /// A body is JSON whatever its declared type only if it declares none (FastAPI's rule);
 /// another declared type is refused.
-fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(declared) = headers.get(header::CONTENT_TYPE) else {
         return Ok(());
     };
@@ -510,6 +510,7 @@ async fn store_new(
         pr_number: Vec::new(),
         conversation_instructions: body.conversation_instructions,
         replay_blob,
+        llm: crate::settings::llm_choice(&state, &uid).await?,
     };
     let _ = (
         &body.mcp_config,

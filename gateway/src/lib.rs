@@ -13,6 +13,8 @@
 //! - `serve`: the HTTP server loop (axum's, with a header-read timeout).
 //! - `origin`: the browser boundary (allowed origins, served host names).
 //! - `limits`: per-user rates and caps (creates, actions, stored conversations, sockets).
+//! - `settings`: the user's side of OpenHands' UI: client config, settings, options, secrets.
+//! - `web`: the web UI at `/` (the built-in page, or a built app from `OH_WEB_ROOT`).
 
 mod actions;
 mod app;
@@ -24,7 +26,9 @@ pub mod origin;
 mod replay;
 mod sendbuf;
 mod serve;
+mod settings;
 mod socket;
+mod web;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -90,6 +94,7 @@ async fn start(
     metrics: PrometheusHandle,
     cancel: &CancellationToken,
 ) -> anyhow::Result<(axum::Router, TaskTracker)> {
+    let web = web::Web::new(args.web_root.clone());
     let gateway_id = format!("gw-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let (reconnected_tx, reconnected) = tokio::sync::mpsc::channel::<()>(1);
     let (nats_options, nats_servers) = shared::creds::nats_connect_options(args.broker.nats());
@@ -146,6 +151,7 @@ async fn start(
         args.socket_buffer as usize,
         args.request_timeout,
         args.allowed_origins.clone(),
+        web,
         cancel.clone(),
     );
     Ok((router, tasks))

@@ -592,3 +592,224 @@ async fn openhands_contract_defects() {
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     assert_validation_error(&v, &["query", "reverse"], "bool_parsing");
 }
+
+/// What OpenHands' UI reads at load and in its settings screens: client config, settings
+/// (defaults before any save, stored per user, keys write-only, OpenHands' merge rules,
+/// checked where they take effect), the option lists, secrets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_options_and_secrets() {
+    let gw = Gw::start().await;
+    let (code, cfg) = gw.get("/api/options/config", Some(ALICE)).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(cfg["APP_MODE"], "oss");
+    assert_eq!(cfg["GITHUB_CLIENT_ID"], "");
+    assert_eq!(cfg["POSTHOG_CLIENT_KEY"], "");
+    for flag in [
+        "ENABLE_BILLING",
+        "HIDE_LLM_SETTINGS",
+        "ENABLE_JIRA",
+        "ENABLE_JIRA_DC",
+        "ENABLE_LINEAR",
+    ] {
+        assert_eq!(cfg["FEATURE_FLAGS"][flag], false, "{flag}");
+    }
+    assert_eq!(
+        gw.get("/api/options/models", Some(ALICE)).await,
+        (StatusCode::OK, json!(["gpt-4o"]))
+    );
+    assert_eq!(
+        gw.get("/api/options/agents", Some(ALICE)).await,
+        (StatusCode::OK, json!(["CodeActAgent"]))
+    );
+    assert_eq!(
+        gw.get("/api/options/security-analyzers", Some(ALICE)).await,
+        (StatusCode::OK, json!([]))
+    );
+
+    // Before any save: the server's defaults, as the UI needs them.
+    let (code, s) = gw.get("/api/settings", Some(ALICE)).await;
+    assert_eq!(code, StatusCode::OK, "{s}");
+    assert_eq!(s["provider_tokens_set"], json!({}));
+    assert_eq!(s["user_consents_to_analytics"], false);
+    assert_eq!(s["confirmation_mode"], false);
+    assert_eq!(s["llm_model"], "gpt-4o");
+    assert_eq!(s["language"], "en");
+    assert_eq!(s["llm_api_key_set"], false);
+
+    let save = |token: &'static str, body: Value| {
+        gw.post("/api/settings", Some(token), Some(JSON), body.to_string())
+    };
+    let (code, v) = save(
+        ALICE,
+        json!({"llm_model": "m1", "llm_api_key": "sk-alice",
+        "llm_base_url": "https://llm.example/v1", "language": "fr", "provider_tokens_set": {}}),
+    )
+    .await;
+    assert_eq!(
+        (code, v),
+        (StatusCode::OK, json!({"message": "Settings stored"}))
+    );
+    let (_, s) = gw.get("/api/settings", Some(ALICE)).await;
+    assert_eq!(
+        (s["llm_model"].as_str(), s["language"].as_str()),
+        (Some("m1"), Some("fr"))
+    );
+    assert_eq!(s["llm_api_key"], Value::Null);
+    assert_eq!(s["llm_api_key_set"], true);
+    assert!(!s.to_string().contains("sk-alice"), "{s}");
+    // Per user.
+    let (_, b) = gw.get("/api/settings", Some(BOB)).await;
+    assert_eq!(
+        (b["llm_model"].as_str(), b["llm_api_key_set"].as_bool()),
+        (Some("gpt-4o"), Some(false))
+    );
+    // A save without the key (or model, base URL) keeps them; other fields are replaced.
+    save(ALICE, json!({"language": "de"})).await;
+    let (_, s) = gw.get("/api/settings", Some(ALICE)).await;
+    assert_eq!(
+        (
+            s["llm_model"].as_str(),
+            s["llm_base_url"].as_str(),
+            s["llm_api_key_set"].as_bool(),
+            s["language"].as_str()
+        ),
+        (
+            Some("m1"),
+            Some("https://llm.example/v1"),
+            Some(true),
+            Some("de")
+        )
+    );
+    // An empty key clears it.
+    save(ALICE, json!({"llm_api_key": ""})).await;
+    let (_, s) = gw.get("/api/settings", Some(ALICE)).await;
+    assert_eq!(s["llm_api_key_set"], false);
+
+    // Checked where they take effect.
+    for (body, loc, kind) in [
+        (
+            json!({"llm_base_url": "ftp://x"}),
+            "llm_base_url",
+            "value_error",
+        ),
+        (
+            json!({"llm_base_url": "not a url"}),
+            "llm_base_url",
+            "value_error",
+        ),
+        (json!({"agent": "BrowsingAgent"}), "agent", "enum"),
+        (
+            json!({"security_analyzer": "llm"}),
+            "security_analyzer",
+            "enum",
+        ),
+        (
+            json!({"condenser_max_size": 5}),
+            "condenser_max_size",
+            "value_error",
+        ),
+        (
+            json!({"confirmation_mode": "maybe"}),
+            "confirmation_mode",
+            "type_error",
+        ),
+        (
+            json!({"max_iterations": "x"}),
+            "max_iterations",
+            "type_error",
+        ),
+    ] {
+        let (code, v) = save(ALICE, body.clone()).await;
+        assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {v}");
+        assert_validation_error(&v, &["body", loc], kind);
+    }
+    let (code, v) = gw
+        .post("/api/settings", Some(ALICE), Some(JSON), "[1]")
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let (code, _) = gw.get("/api/settings", None).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+
+    // Secrets: names are environment variable names; values never come back.
+    let secret = |body: Value| gw.post("/api/secrets", Some(ALICE), Some(JSON), body.to_string());
+    let (code, v) = secret(json!({"name": "GH_TOKEN", "value": "ghp_secret"})).await;
+    assert_eq!(
+        (code, v),
+        (
+            StatusCode::CREATED,
+            json!({"message": "Secret created successfully"})
+        )
+    );
+    let (code, v) = secret(json!({"name": "GH_TOKEN", "value": "other"})).await;
+    assert_eq!(
+        (code, v),
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"message": "Secret GH_TOKEN already exists"})
+        )
+    );
+    for bad in ["", "1ABC", "with space", "x-y"] {
+        let (code, v) = secret(json!({"name": bad, "value": "v"})).await;
+        assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {v}");
+        assert_validation_error(&v, &["body", "name"], "value_error");
+    }
+    let (code, v) = secret(json!({"name": "NO_VALUE"})).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    secret(json!({"name": "B", "value": "v", "description": "bee"})).await;
+    let (code, v) = gw.get("/api/secrets", Some(ALICE)).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(
+        v,
+        json!({"custom_secrets": [{"name": "B", "description": "bee"}, {"name": "GH_TOKEN", "description": ""}]})
+    );
+    assert!(!v.to_string().contains("ghp_secret"));
+    assert_eq!(
+        gw.get("/api/secrets", Some(BOB)).await.1,
+        json!({"custom_secrets": []})
+    );
+    let put = |path: &str, body: Value| {
+        gw.call(request(
+            "PUT",
+            path,
+            Some(ALICE),
+            Some(JSON),
+            Body::from(body.to_string()),
+        ))
+    };
+    let (code, v) = put("/api/secrets/GH_TOKEN", json!({"name": "B"})).await;
+    assert_eq!(
+        (code, v),
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"message": "Secret B already exists"})
+        )
+    );
+    let (code, _) = put(
+        "/api/secrets/GH_TOKEN",
+        json!({"name": "GITHUB_TOKEN", "description": "gh"}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, v) = put("/api/secrets/MISSING", json!({"name": "X"})).await;
+    assert_eq!(
+        (code, v),
+        (
+            StatusCode::NOT_FOUND,
+            json!({"error": "Secret with ID MISSING not found"})
+        )
+    );
+    let (_, v) = gw.get("/api/secrets", Some(ALICE)).await;
+    assert_eq!(
+        v["custom_secrets"][1],
+        json!({"name": "GITHUB_TOKEN", "description": "gh"})
+    );
+    let del = |path: &str| gw.call(request("DELETE", path, Some(ALICE), None, Body::empty()));
+    assert_eq!(del("/api/secrets/B").await.0, StatusCode::OK);
+    assert_eq!(del("/api/secrets/B").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        gw.get("/api/secrets", Some(ALICE)).await.1["custom_secrets"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+}

@@ -193,6 +193,14 @@ impl Names {
     pub fn rate_key(&self, kind: &str, uid: &UserId) -> String {
         format!("{}:rate:{kind}:{uid}", self.ns)
     }
+    /// Redis string: a user's settings (JSON, OpenHands' `Settings` model).
+    pub fn settings_key(&self, uid: &UserId) -> String {
+        format!("{}:settings:{uid}", self.ns)
+    }
+    /// Redis hash: a user's custom secrets, name → JSON `{value, description}`.
+    pub fn secrets_key(&self, uid: &UserId) -> String {
+        format!("{}:secrets:{uid}", self.ns)
+    }
     /// Redis sorted set of a user's stored conversations (for the per-user cap).
     pub fn user_conversations_key(&self, uid: &UserId) -> String {
         format!("{}:convs:{uid}", self.ns)

@@ -274,6 +274,46 @@ pub struct ConversationMeta {
     /// Name of the blob holding the `replay_json` trajectory, if one was given.
     #[serde(default)]
     pub replay_blob: Option<String>,
+    /// The LLM its user chose in their settings when it was created (unset: the worker's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LlmChoice>,
+}
+
+/// A user's choice of LLM, fixed into a conversation at its creation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LlmChoice {
+    /// Model name sent to the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Base URL of an OpenAI-compatible API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// The user's API key for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<KeptSecret>,
+}
+
+/// A secret kept in storage (a user's API key): stored as its text, printed as `<redacted>`.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct KeptSecret(String);
+
+impl KeptSecret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> KeptSecret {
+        KeptSecret(value.into())
+    }
+
+    /// The secret itself: only to hand it to the client that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for KeptSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// One event read back from the log.

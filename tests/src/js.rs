@@ -47,9 +47,19 @@ fn tool_version(tool: &str) -> Result<String, String> {
 }
 
 fn install() -> Result<PathBuf, String> {
-    let dir = js_dir();
+    npm_install(&js_dir(), "socket.io-client", &[])
+}
+
+/// Runs `npm install --no-audit --no-fund` in `dir` (with `env` added) unless
+/// `node_modules/<package>` is already there; under a file lock shared by every test process,
+/// so parallel test binaries never install at the same time. Returns `dir`.
+pub(crate) fn npm_install(
+    dir: &Path,
+    package: &str,
+    env: &[(&str, &str)],
+) -> Result<PathBuf, String> {
     tool_version("node")?;
-    let marker = dir.join("node_modules/socket.io-client/package.json");
+    let marker = dir.join("node_modules").join(package).join("package.json");
     // Cross-process lock: cargo test binaries or nextest processes may run at the same time.
     let lock_path = std::env::temp_dir().join("oh-tests-js-install.lock");
     let lock = std::fs::File::options()
@@ -61,12 +71,13 @@ fn install() -> Result<PathBuf, String> {
     lock.lock()
         .map_err(|e| format!("cannot lock {}: {e}", lock_path.display()))?;
     if marker.is_file() {
-        return Ok(dir);
+        return Ok(dir.to_owned());
     }
     tool_version("npm")?;
     let out = Command::new("npm")
         .args(["install", "--no-audit", "--no-fund"])
-        .current_dir(&dir)
+        .envs(env.iter().copied())
+        .current_dir(dir)
         .output()
         .map_err(|e| format!("cannot run npm install in {}: {e}", dir.display()))?;
     if !out.status.success() || !marker.is_file() {
@@ -79,7 +90,7 @@ fn install() -> Result<PathBuf, String> {
         ));
     }
     drop(lock);
-    Ok(dir)
+    Ok(dir.to_owned())
 }
 
 /// Runs `converse.mjs`: connect to `base_url` for `conversation_id` (optionally with

@@ -508,3 +508,52 @@ async fn iteration_limit_ends_the_turn_in_error() {
     assert_eq!(obs(&got, "run").len(), 2);
     assert_eq!(llm.requests().len(), 2);
 }
+
+/// A response with several tool calls runs them all, in order, as OpenHands does: two
+/// commands (the second sees the first's file) and `finish`, from one model answer; the model
+/// is asked once, and each action names its place in that response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tool_call_of_a_response_runs_in_order() {
+    let llm = ScriptedLlm::start(vec![Reply::ToolCalls(vec![
+        (
+            "execute_bash".into(),
+            json!({"command": "echo one > a"}).to_string(),
+        ),
+        (
+            "execute_bash".into(),
+            json!({"command": "cat a; echo two"}).to_string(),
+        ),
+        ("finish".into(), json!({"message": "both ran"}).to_string()),
+    ])])
+    .await;
+    let ws = tempfile::tempdir().unwrap();
+    let c = cluster(&llm, &ws, 1).await;
+    let (sid, mut a) = start(&c, "run two commands").await;
+    let got = events_until(&mut a, T, |e| is_state(e, "finished")).await;
+    let runs: Vec<&Value> = got.iter().filter(|e| e["action"] == "run").collect();
+    assert_eq!(runs.len(), 2, "{got:#?}");
+    assert_eq!(runs[0]["args"]["command"], "echo one > a");
+    assert_eq!(runs[1]["args"]["command"], "cat a; echo two");
+    let outputs: Vec<String> = obs(&got, "run")
+        .iter()
+        .map(|o| o["content"].as_str().unwrap().trim().to_owned())
+        .collect();
+    assert_eq!(outputs, ["", "one\ntwo"], "{got:#?}");
+    let finish = got
+        .iter()
+        .find(|e| e["action"] == "finish")
+        .expect("finish");
+    let ids: Vec<&Value> = runs
+        .iter()
+        .chain(std::iter::once(&finish))
+        .map(|e| &e["tool_call_metadata"]["tool_call_id"])
+        .collect();
+    assert!(ids[0] != ids[1] && ids[1] != ids[2], "{ids:?}");
+    for e in runs.iter().chain(std::iter::once(&finish)) {
+        assert_eq!(e["tool_call_metadata"]["total_calls_in_response"], 3);
+    }
+    assert_eq!(llm.requests().len(), 1, "the model was asked again");
+    // The log holds them in the same order.
+    let stored = check_log(&c, &sid).await;
+    assert!(!stored.is_empty());
+}

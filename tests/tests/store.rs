@@ -37,6 +37,7 @@ fn meta(sid: &SessionId, uid: &UserId, created: &str) -> ConversationMeta {
         git_provider: None,
         pr_number: vec![],
         conversation_instructions: None,
+        llm: None,
         replay_blob: None,
     }
 }

@@ -207,3 +207,140 @@ async fn conversation_side_endpoints() {
     let (code, _) = c.get(0, &base, None).await;
     assert_eq!(code, 404);
 }
+
+/// Settings the UI saves take effect: the user's model, base URL and key apply to their next
+/// conversation (the worker has no LLM of its own here: it runs the echo agent otherwise),
+/// not to one created before; the key is never read back. A base URL at the control plane
+/// is refused: that conversation ends in error. Secrets round-trip through the gateway's
+/// Redis user (its ACL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_llm_settings_apply_to_their_new_conversations() {
+    let llm = tests::llm::ScriptedLlm::start(vec![tests::llm::Reply::tool(
+        "finish",
+        &json!({"message": "hello from your model"}),
+    )])
+    .await;
+    let ws = tempfile::tempdir().unwrap();
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        worker_env: vec![("OH_WORKSPACE_ROOT", ws.path().display().to_string())],
+        ..ClusterOpts::default()
+    })
+    .await;
+    let before = c.create(0, Some("before"), None).await;
+    c.wait_info(0, &before, None, T, ready).await;
+
+    let (code, v) = c
+        .post(
+            0,
+            "/api/settings",
+            &json!({"llm_model": "user-model", "llm_base_url": llm.base_url(),
+                    "llm_api_key": "sk-user-key", "language": "en", "search_api_key": ""}),
+            None,
+        )
+        .await;
+    assert_eq!((code, v), (200, json!({"message": "Settings stored"})));
+    let (code, s) = c.get(0, "/api/settings", None).await;
+    assert_eq!(code, 200, "{s}");
+    assert_eq!(s["llm_model"], "user-model");
+    assert_eq!(s["llm_api_key"], Value::Null, "the key is write-only: {s}");
+    assert_eq!(s["llm_api_key_set"], true);
+    assert!(!s.to_string().contains("sk-user-key"));
+
+    let sid = c.create(0, Some("hi"), None).await;
+    let mut sock = c.connect(0, &sid, Some(-1), None).await.expect("connect");
+    let got = events_until(&mut sock, T, |e| is_state(e, "finished")).await;
+    assert!(
+        got.iter()
+            .any(|e| e["action"] == "finish" && e.to_string().contains("hello from your model")),
+        "{got:#?}"
+    );
+    let req = &llm.requests()[0];
+    assert_eq!(req["model"], "user-model", "{req}");
+    assert_eq!(
+        llm.authorizations()[0].as_deref(),
+        Some("Bearer sk-user-key")
+    );
+    // The conversation created before the save still runs the worker's own (echo) agent.
+    let mut old = c
+        .connect(0, &before, Some(-1), None)
+        .await
+        .expect("connect");
+    old.emit(
+        "oh_user_action",
+        &json!({"action": "message", "args": {"content": "still echo"}}),
+    )
+    .await
+    .expect("emit");
+    events_until(&mut old, T, |e| is_echo(e, "still echo")).await;
+    assert_eq!(
+        llm.requests().len(),
+        1,
+        "the old conversation called the LLM"
+    );
+
+    // A base URL at the control plane: refused by the worker, the conversation ends in error.
+    let (code, _) = c
+        .post(
+            0,
+            "/api/settings",
+            &json!({"llm_base_url": format!("http://127.0.0.1:{}/v1", c.nats.port())}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 200);
+    let bad = c.create(0, Some("hi"), None).await;
+    let info = c
+        .wait_info(0, &bad, None, T, |v| v["status"] == "ERROR")
+        .await;
+    assert!(
+        info["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("control plane"),
+        "{info}"
+    );
+
+    // Secrets: create, list (no values), rename, delete.
+    let (code, v) = c
+        .post(
+            0,
+            "/api/secrets",
+            &json!({"name": "API_TOKEN", "value": "s3cret", "description": "d"}),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (code, v),
+        (201, json!({"message": "Secret created successfully"}))
+    );
+    let (code, v) = c
+        .post(
+            0,
+            "/api/secrets",
+            &json!({"name": "API_TOKEN", "value": "x"}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 400, "{v}");
+    let put = tests::http_client()
+        .put(format!("{}/api/secrets/API_TOKEN", c.url(0)))
+        .json(&json!({"name": "RENAMED", "description": "e"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status().as_u16(), 200);
+    let (code, v) = c.get(0, "/api/secrets", None).await;
+    assert_eq!(
+        (code, v),
+        (
+            200,
+            json!({"custom_secrets": [{"name": "RENAMED", "description": "e"}]})
+        )
+    );
+    let (code, _) = c.delete(0, "/api/secrets/RENAMED", None).await;
+    assert_eq!(code, 200);
+    let (code, _) = c.delete(0, "/api/secrets/RENAMED", None).await;
+    assert_eq!(code, 404);
+}

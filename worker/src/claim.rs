@@ -581,8 +581,9 @@ impl Claim<'_> {
         let ctx = self.ctx;
         let runtime_cfg =
             RuntimeConfig::new(ctx.args.workspace_root.clone()).with_sandbox(ctx.sandbox.clone());
-        let agent = match (&ctx.llm, ctx.args.llm_config()) {
-            (Some(registry), Some(cfg)) => {
+        let echo_chosen = ctx.args.agent.as_deref() == Some("echo");
+        let agent = match (&ctx.llm, ctx.args.llm_config_for(meta.llm.as_ref())?) {
+            (Some(registry), Some(cfg)) if !echo_chosen => {
                 let llm = registry.get(&cfg)?;
                 if let Some(m) = last_metrics(&history) {
                     // The conversation's spend so far, from the newest agent action.

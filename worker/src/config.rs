@@ -250,6 +250,94 @@ impl Args {
         Ok(())
     }
 
+    /// The LLM of a conversation: the user's choice (from their settings, fixed at creation)
+    /// over the worker's own. The worker's API key never goes to a base URL the user chose;
+    /// a base URL at the control plane (NATS, Redis) is refused.
+    ///
+    /// # Errors
+    /// [`crate::llm::LlmSetupError::BaseUrl`] for a base URL at the control plane.
+    pub(crate) fn llm_config_for(
+        &self,
+        choice: Option<&shared::store::LlmChoice>,
+    ) -> Result<Option<crate::llm::LlmConfig>, crate::llm::LlmSetupError> {
+        let Some(choice) = choice else {
+            return Ok(self.llm_config());
+        };
+        let own = self.llm_base_url.as_deref();
+        let (base_url, api_key) = match choice.base_url.as_deref() {
+            Some(url) if Some(url) != own => {
+                if self.is_control_plane(url) {
+                    return Err(crate::llm::LlmSetupError::BaseUrl {
+                        reason: "it points at the server's control plane (NATS or Redis)".into(),
+                    });
+                }
+                let key = choice
+                    .api_key
+                    .as_ref()
+                    .map(|k| crate::llm::Secret::new(k.expose()));
+                (url.to_owned(), key)
+            }
+            _ => match own {
+                Some(url) => (
+                    url.to_owned(),
+                    match &choice.api_key {
+                        Some(k) => Some(crate::llm::Secret::new(k.expose())),
+                        None => self.llm_api_key.clone(),
+                    },
+                ),
+                None => return Ok(None),
+            },
+        };
+        Ok(self
+            .llm_config()
+            .map_or_else(
+                || {
+                    Some(crate::llm::LlmConfig {
+                        base_url: base_url.clone(),
+                        model: self.llm_model.clone(),
+                        api_key: api_key.clone(),
+                        timeout: self.llm_timeout,
+                        max_retries: self.llm_num_retries,
+                        retry_min: self.llm_retry_min,
+                        retry_max: self.llm_retry_max,
+                        prices: self.llm_prices.clone(),
+                    })
+                },
+                |own| {
+                    Some(crate::llm::LlmConfig {
+                        base_url: base_url.clone(),
+                        api_key: api_key.clone(),
+                        ..own
+                    })
+                },
+            )
+            .map(|mut cfg| {
+                if let Some(m) = &choice.model {
+                    cfg.model.clone_from(m);
+                }
+                cfg
+            }))
+    }
+
+    /// Whether `url` names a NATS or Redis address of this worker (loopback names equal).
+    fn is_control_plane(&self, url: &str) -> bool {
+        let Ok(u) = reqwest::Url::parse(url) else {
+            return false; // refused later as an invalid URL
+        };
+        let Some(port) = u.port_or_known_default() else {
+            return false;
+        };
+        let host = u.host_str().unwrap_or_default().trim_matches(['[', ']']);
+        let loopback = |h: &str| {
+            h == "localhost"
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        };
+        self.control_plane_hosts()
+            .iter()
+            .any(|(h, p)| *p == port && (h == host || (loopback(h) && loopback(host))))
+    }
+
     /// The LLM settings, if an LLM is configured.
     pub fn llm_config(&self) -> Option<crate::llm::LlmConfig> {
         Some(crate::llm::LlmConfig {

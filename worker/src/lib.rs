@@ -126,6 +126,7 @@ pub async fn run(
     )
     .await
     .context("JetStream setup")?;
+    // Also without an LLM of its own: a user's settings may name one for their conversations.
     let llm = match args.agent_kind() {
         "codeact" => {
             if args.llm_base_url.is_none() {
@@ -133,7 +134,13 @@ pub async fn run(
             }
             Some(llm::LlmRegistry::new().context("LLM client setup")?)
         }
-        _ => None,
+        _ => match llm::LlmRegistry::new() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(error = %e, "no LLM client: conversations run the echo agent");
+                None
+            }
+        },
     };
     info!(agent = args.agent_kind(), "agent selected");
     let redis = shared::ownership::connect(args.broker.redis())

@@ -9,9 +9,11 @@
 //!   with the same `tool_call_metadata`, fed back to the model as the tool's answer, so the
 //!   conversation goes on.
 //!
-//! Only the first tool call of a response is executed (OpenHands executes them in turn; one
-//! per step keeps every step cancellable and restartable); the others are dropped and never
-//! shown to the model.
+//! A response with several tool calls runs them all, in order, one per step (as OpenHands
+//! does): each later step takes the next call of that response that the log does not hold yet
+//! ([`next_call_of_last_response`]), without asking the model again. Derived from the log, so a
+//! new owner after a failover continues with the calls that are left; a user message in
+//! between drops them (the model sees the new message instead).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -88,6 +90,11 @@ impl CodeAct {
         history: &[Event],
         cancel: &CancellationToken,
     ) -> Result<Vec<Event>, StepError> {
+        if let Some(next) = next_call_of_last_response(history) {
+            let mut ev = next;
+            ev.llm_metrics = Some(self.llm.metrics().snapshot_json());
+            return Ok(vec![ev]);
+        }
         let system = history
             .iter()
             .find_map(|e| match e.action() {
@@ -135,25 +142,80 @@ impl CodeAct {
             model_response: resp.raw,
             total_calls_in_response: resp.message.tool_calls.len(),
         };
-        let mut ev = match to_action(call, &thought) {
-            Ok(ev) => ev,
-            Err(problem) => {
-                let mut obs = Event::error_observation(
-                    format!(
-                        "Invalid tool call `{}`: {problem}. Fix the arguments and try again.",
-                        call.name
-                    ),
-                    "",
-                );
-                obs.source = Some(Source::Agent);
-                obs.set_tool_call(&meta);
-                return Ok(vec![obs]);
-            }
-        };
-        ev.set_tool_call(&meta);
-        ev.llm_metrics = Some(metrics);
+        let mut ev = call_event(call, &thought, &meta);
+        if ev.action().is_some() {
+            ev.llm_metrics = Some(metrics);
+        }
         Ok(vec![ev])
     }
+}
+
+/// The event of one tool call: its action, or the `error` observation of a malformed call.
+fn call_event(call: &ToolCall, thought: &str, meta: &ToolCallMetadata) -> Event {
+    let mut ev = match to_action(call, thought) {
+        Ok(ev) => ev,
+        Err(problem) => {
+            let mut obs = Event::error_observation(
+                format!(
+                    "Invalid tool call `{}`: {problem}. Fix the arguments and try again.",
+                    call.name
+                ),
+                "",
+            );
+            obs.source = Some(Source::Agent);
+            obs
+        }
+    };
+    ev.set_tool_call(meta);
+    ev
+}
+
+/// The next tool call of the model's newest response that has no event in the log yet, as
+/// its event; `None` when all ran, the response had one call, or a user spoke since.
+pub(crate) fn next_call_of_last_response(history: &[Event]) -> Option<Event> {
+    let last = history.iter().rev().find(|e| {
+        (e.source == Some(Source::Agent) && e.tool_call().is_some())
+            || (e.source == Some(Source::User) && e.message_content().is_some())
+    })?;
+    if last.source == Some(Source::User) {
+        return None;
+    }
+    let response = last
+        .tool_call_metadata
+        .as_ref()?
+        .get("model_response")?
+        .clone();
+    let calls: Vec<ToolCall> = response
+        .pointer("/choices/0/message/tool_calls")?
+        .as_array()?
+        .iter()
+        .filter_map(|c| {
+            Some(ToolCall {
+                id: c.get("id")?.as_str()?.to_owned(),
+                name: c.pointer("/function/name")?.as_str()?.to_owned(),
+                arguments: c
+                    .pointer("/function/arguments")
+                    .and_then(Value::as_str)
+                    .unwrap_or("{}")
+                    .to_owned(),
+            })
+        })
+        .collect();
+    if calls.len() < 2 {
+        return None;
+    }
+    let seen: std::collections::HashSet<&str> = history
+        .iter()
+        .filter_map(|e| e.tool_call().map(|c| c.tool_call_id))
+        .collect();
+    let call = calls.iter().find(|c| !seen.contains(c.id.as_str()))?;
+    let meta = ToolCallMetadata {
+        function_name: call.name.clone(),
+        tool_call_id: call.id.clone(),
+        total_calls_in_response: calls.len(),
+        model_response: response,
+    };
+    Some(call_event(call, "", &meta))
 }
 
 /// A tool call as an OpenHands action (source agent). The error says what is wrong with the
