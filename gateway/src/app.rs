@@ -134,6 +134,7 @@ pub(crate) fn router(
     });
     crate::http::routes()
         .merge(crate::settings::routes())
+        .merge(crate::files::routes())
         .merge(crate::web::routes(web))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(TimeoutLayer::with_status_code(

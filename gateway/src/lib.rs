@@ -20,6 +20,7 @@ mod actions;
 mod app;
 pub mod config;
 mod fanout;
+mod files;
 mod http;
 mod limits;
 pub mod origin;
