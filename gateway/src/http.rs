@@ -259,7 +259,7 @@ impl FromRequestParts<AppState> for Caller {
 }
 
 /// The conversation id of the path, parsed.
-struct ConvId(SessionId);
+pub(crate) struct ConvId(pub(crate) SessionId);
 
 impl FromRequestParts<AppState> for ConvId {
     type Rejection = ApiError;
@@ -295,7 +295,7 @@ pub(crate) fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-async fn meta_of(
+pub(crate) async fn meta_of(
     state: &AppState,
     uid: &UserId,
     sid: &SessionId,

@@ -24,6 +24,7 @@
 pub mod config;
 pub mod creds;
 pub mod event;
+pub mod files;
 pub mod id;
 pub mod journal;
 pub mod msg_id;

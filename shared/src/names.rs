@@ -116,6 +116,14 @@ impl Names {
     pub fn workspace_chunk_subjects(&self, sid: &SessionId) -> String {
         format!("{}.ws.{sid}.c.*", self.ns)
     }
+    /// Workspace queries to worker `worker_id` about `sid` ([`crate::files`]).
+    pub fn files_subject(&self, worker_id: &str, sid: &SessionId) -> String {
+        format!("{}.wsq.{worker_id}.{sid}", self.ns)
+    }
+    /// Every workspace query to worker `worker_id`.
+    pub fn files_subjects(&self, worker_id: &str) -> String {
+        format!("{}.wsq.{worker_id}.*", self.ns)
+    }
     /// Every [`Self::deleted_subject`].
     pub fn deleted_subjects(&self) -> String {
         format!("{}.gone.*", self.ns)

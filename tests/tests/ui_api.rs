@@ -344,3 +344,185 @@ async fn a_users_llm_settings_apply_to_their_new_conversations() {
     let (code, _) = c.delete(0, "/api/secrets/RENAMED", None).await;
     assert_eq!(code, 404);
 }
+
+/// A multipart/form-data body with one `files` part per `(name, bytes)`.
+fn multipart(files: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "oh-test-boundary-7d1f";
+    let mut body = Vec::new();
+    for (name, bytes) in files {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+fn sh(dir: &std::path::Path, script: &str) {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The workspace views of OpenHands' UI, answered by the owning worker while the session runs
+/// (uploads, file list and contents, git changes computed in the sandbox, microagents) and
+/// from the latest snapshot once it is stopped (list and contents; the rest say it must run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspace_files_from_the_owner_and_from_the_snapshot() {
+    let ws = tempfile::tempdir().unwrap();
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        worker_env: vec![("OH_WORKSPACE_ROOT", ws.path().display().to_string())],
+        ..ClusterOpts::default()
+    })
+    .await;
+    let sid = c.create(0, Some("hello"), None).await;
+    c.wait_info(0, &sid, None, T, ready).await;
+    let base = format!("{}/api/conversations/{sid}", c.url(0));
+    let http = tests::http_client();
+    let get = |path: String| {
+        let http = http.clone();
+        let url = format!("{base}/{path}");
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+
+    // Upload: two files written, bad names skipped with a reason.
+    let (ct, body) = multipart(&[
+        ("notes.txt", b"first line\nsecond line\n"),
+        ("blob.bin", &[0u8, 159, 146, 150]),
+        ("..", b"x"),
+    ]);
+    let r = http
+        .post(format!("{base}/upload-files"))
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let up: Value = r.json().await.unwrap();
+    assert_eq!(
+        up["uploaded_files"],
+        json!(["/workspace/notes.txt", "/workspace/blob.bin"]),
+        "{up}"
+    );
+    assert_eq!(up["skipped_files"][0]["name"], "..", "{up}");
+    // The agent's side of the sandbox may change them: they belong to its user.
+    let root = ws.path().join(&sid);
+    assert_eq!(
+        std::fs::read(root.join("notes.txt")).unwrap(),
+        b"first line\nsecond line\n"
+    );
+    {
+        use std::os::unix::fs::MetadataExt;
+        let owner = |p: &std::path::Path| std::fs::metadata(p).unwrap().uid();
+        assert_eq!(
+            owner(&root.join("notes.txt")),
+            owner(&root),
+            "owned as the workspace"
+        );
+    }
+
+    // A git repository with one commit, then changes; AGENTS.md for the microagents.
+    sh(
+        &root,
+        "export GIT_CONFIG_COUNT=3 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0='*' \
+           GIT_CONFIG_KEY_1=user.email GIT_CONFIG_VALUE_1=t@t GIT_CONFIG_KEY_2=user.name GIT_CONFIG_VALUE_2=t \
+         && git init -q . && git add notes.txt && git commit -qm init \
+         && echo more >> notes.txt && mkdir -p src && echo 'fn main(){}' > src/main.rs \
+         && echo 'Run make test.' > AGENTS.md && chown -R 65534:65534 .",
+    );
+    let (code, list) = get("list-files".into()).await;
+    assert_eq!(code, 200, "{list}");
+    assert_eq!(
+        list,
+        json!(["src/", "AGENTS.md", "blob.bin", "notes.txt"]),
+        "no .git"
+    );
+    let (code, list) = get("list-files?path=src".into()).await;
+    assert_eq!((code, list), (200, json!(["src/main.rs"])));
+    let (code, file) = get("select-file?file=/workspace/notes.txt".into()).await;
+    assert_eq!(
+        (code, file),
+        (200, json!({"code": "first line\nsecond line\nmore\n"}))
+    );
+    let (code, v) = get("select-file?file=blob.bin".into()).await;
+    assert_eq!(code, 415, "{v}");
+    let (code, v) = get("select-file?file=../../etc/passwd".into()).await;
+    assert_eq!(code, 400, "{v}");
+    let (code, v) = get("select-file".into()).await;
+    assert_eq!(code, 422, "{v}");
+    let (code, changes) = get("git/changes".into()).await;
+    assert_eq!(code, 200, "{changes}");
+    assert_eq!(
+        changes,
+        json!([
+            {"status": "A", "path": "AGENTS.md"},
+            {"status": "A", "path": "blob.bin"},
+            {"status": "M", "path": "notes.txt"},
+            {"status": "A", "path": "src/main.rs"},
+        ])
+    );
+    let (code, m) = get("microagents".into()).await;
+    assert_eq!(code, 200, "{m}");
+    assert_eq!(m["microagents"][0]["type"], "repo", "{m}");
+    assert_eq!(m["microagents"][0]["content"], "Run make test.\n");
+
+    // Stopped: read from the snapshot taken at the stop.
+    let (code, _) = c
+        .post(
+            0,
+            &format!("/api/conversations/{sid}/stop"),
+            &json!({}),
+            None,
+        )
+        .await;
+    assert_eq!(code, 200);
+    c.wait_info(0, &sid, None, T, |v| v["status"] == "STOPPED")
+        .await;
+    let (code, list) = get("list-files".into()).await;
+    assert_eq!(
+        (code, list),
+        (200, json!(["src/", "AGENTS.md", "blob.bin", "notes.txt"]))
+    );
+    let (code, file) = get("select-file?file=notes.txt".into()).await;
+    assert_eq!(
+        (code, file),
+        (200, json!({"code": "first line\nsecond line\nmore\n"}))
+    );
+    let (code, v) = get("select-file?file=missing.txt".into()).await;
+    assert_eq!(code, 404, "{v}");
+    for path in ["git/changes", "microagents"] {
+        let (code, v) = get(path.into()).await;
+        assert_eq!(code, 409, "{path}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("not running"), "{v}");
+    }
+    // Someone else's conversation is not found.
+    let other = shared::id::SessionId::generate();
+    let r = http
+        .get(format!("{}/api/conversations/{other}/list-files", c.url(0)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+}

@@ -67,6 +67,11 @@ impl Registry {
         }
     }
 
+    /// Whether this worker holds `sid`'s lease.
+    pub(crate) fn holds(&self, sid: &SessionId) -> bool {
+        self.lock().contains_key(sid)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Held>> {
         // A poisoned lock only means another thread panicked while holding it; the map is
         // still consistent (every operation on it is a single insert/remove).

@@ -14,6 +14,8 @@
 //! - `memory`: recall of workspace instructions and knowledge on user messages.
 //! - `llm`: the OpenAI-compatible LLM client; `runtime`: the session's shell and file tools,
 //!   in a bubblewrap sandbox (`runtime::sandbox`) with control-group limits (`runtime::cgroup`).
+//! - `files`: answers the gateway's workspace queries (file list and contents, uploads, git
+//!   changes, microagents) for the sessions this worker owns.
 //! - `bench`: the sandbox benchmark of the `sandbox-bench` binary; `snapshot_bench`: the
 //!   workspace snapshot benchmark of `snapshot-bench`.
 
@@ -24,6 +26,7 @@ mod claim;
 mod cleanup;
 pub mod config;
 mod controller;
+mod files;
 mod lease;
 pub mod llm;
 mod memory;
@@ -188,6 +191,7 @@ pub async fn run(
     core.spawn(lease::renew_loop(ctx.clone(), cancel.child_token()));
     core.spawn(sweep::sweep_loop(ctx.clone(), cancel.child_token()));
     core.spawn(cleanup::workspace_gc(ctx.clone(), cancel.child_token()));
+    core.spawn(files::serve(ctx.clone(), cancel.child_token()));
     core.spawn(claim::pull_loop(
         ctx.clone(),
         sessions.clone(),

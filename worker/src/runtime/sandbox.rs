@@ -376,6 +376,40 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Runs `program` once in a sandbox over `workspace` (a host folder) and returns its
+    /// output; killed after `timeout`.
+    ///
+    /// # Errors
+    /// The sandbox could not start, or `timeout` passed.
+    pub(crate) async fn run_once(
+        &self,
+        name: &str,
+        workspace: &Path,
+        program: &[&str],
+        timeout: std::time::Duration,
+    ) -> std::io::Result<std::process::Output> {
+        let scratch = tempfile::Builder::new()
+            .prefix("oh-sandbox-once-")
+            .tempdir()?;
+        let ctl = scratch.path().join("ctl");
+        std::fs::create_dir(&ctl)?;
+        self.hand_over(&ctl)?;
+        std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o711))?;
+        let env = [
+            ("PATH", OsString::from(PATH)),
+            ("HOME", OsString::from("/tmp")),
+        ];
+        let mut launch = self.launch(name, workspace, &ctl, &env, program)?;
+        launch.command.kill_on_drop(true);
+        let out = tokio::time::timeout(timeout, launch.command.output()).await;
+        if let Some(g) = &launch.cgroup {
+            g.remove();
+        }
+        out.map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "sandboxed command timed out")
+        })?
+    }
+
     /// Gives `path` to the sandbox user (when the worker drops privileges), keeping its mode.
     ///
     /// # Errors
