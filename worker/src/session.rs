@@ -627,9 +627,13 @@ impl AgentSession {
                     if self.agent_state != AgentState::Stopped {
                         self.set_state(AgentState::Stopped, "").await?;
                     }
-                    // Confirmed: `finish` counts what came after the stop.
-                    if let Err(e) = msg.double_ack().await {
-                        warn!(error = %e, "stop ack not confirmed");
+                    // Confirmed (bounded: NATS may be away): `finish` counts what came after it.
+                    match tokio::time::timeout(std::time::Duration::from_secs(2), msg.double_ack())
+                        .await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => warn!(error = %e, "stop ack not confirmed"),
+                        Err(_) => warn!("stop ack not confirmed within 2 s"),
                     }
                     return Ok(Some(End::Stopped));
                 }
