@@ -295,6 +295,7 @@ pub(crate) const FULL: &str = "AGENT_ERROR$CONVERSATION_FULL: this conversation 
 /// should run (nothing requeues it; a new message is refused the same way), and connected
 /// clients get a live error (the log itself takes nothing more).
 pub(crate) async fn mark_full(ctx: &Ctx, sid: &SessionId, uid: &UserId) -> redis::RedisResult<()> {
+    warn!(session_id = %sid, "event log full; conversation stopped");
     metrics::counter!("oh_worker_logs_full_total").increment(1);
     mark_error(ctx, sid, uid, "AGENT_ERROR$CONVERSATION_FULL", FULL).await
 }
@@ -308,7 +309,6 @@ async fn mark_error(
     id: &str,
     reason: &str,
 ) -> redis::RedisResult<()> {
-    warn!(session_id = %sid, reason, "conversation stopped in error");
     let names = ctx.store.names();
     let update = StatusUpdate {
         level: shared::event::StatusLevel::Error,
@@ -599,6 +599,8 @@ impl Claim<'_> {
                 faults: ctx.args.echo_faults,
             }),
         };
+        // Memory recalls serve LLM agents only.
+        let recalls = matches!(agent, AgentImpl::CodeAct(_));
         let agent = match &meta.replay_blob {
             None => agent,
             Some(name) => {
@@ -623,7 +625,7 @@ impl Claim<'_> {
             runtime_cfg,
             sid: self.sid.clone(),
             knowledge: Arc::clone(&ctx.knowledge),
-            recalls: ctx.llm.is_some(),
+            recalls,
         })
     }
 
