@@ -64,3 +64,61 @@ fn an_empty_history_is_the_system_prompt_alone() {
     let got: Vec<Value> = to_messages("SYS", &[]).iter().map(compact).collect();
     assert_eq!(got, vec![json!({"role": "system", "content": "SYS"})]);
 }
+
+/// An agent event of call `id` of a response that called `a` then `b` (as CodeAct records it).
+fn call_event(id: u64, call: &str, observation: bool) -> Event {
+    let response = json!({"choices": [{"message": {"role": "assistant", "content": null,
+    "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "think", "arguments": "{\"thought\":\"x\"}"}},
+        {"id": "b", "type": "function", "function": {"name": "finish", "arguments": "{\"message\":\"done\"}"}}
+    ]}}]});
+    let meta = json!({"function_name": if call == "a" { "think" } else { "finish" },
+        "tool_call_id": call, "model_response": response, "total_calls_in_response": 2});
+    let v = if observation {
+        json!({"id": id, "source": "agent", "observation": "think", "content": "", "cause": id - 1,
+            "extras": {}, "message": "", "tool_call_metadata": meta, "timestamp": "2026-01-01T00:00:00"})
+    } else {
+        json!({"id": id, "source": "agent", "action": "think", "args": {"thought": "x"},
+            "message": "x", "tool_call_metadata": meta, "timestamp": "2026-01-01T00:00:00"})
+    };
+    Event::from_value(v).expect("event")
+}
+
+fn user(id: u64, text: &str) -> Event {
+    Event::from_value(json!({"id": id, "source": "user", "action": "message",
+        "args": {"content": text, "image_urls": [], "wait_for_response": false},
+        "message": text, "timestamp": "2026-01-01T00:00:00"}))
+    .expect("event")
+}
+
+#[test]
+fn the_calls_left_of_a_response_come_next_until_a_user_speaks() {
+    let mut history = vec![
+        user(1, "go"),
+        call_event(2, "a", false),
+        call_event(3, "a", true),
+    ];
+    let next = super::next_call_of_last_response(&history).expect("call b is left");
+    assert_eq!(next.action_type(), Some("finish"));
+    let call = next.tool_call().expect("metadata");
+    assert_eq!((call.tool_call_id, call.function_name), ("b", "finish"));
+    assert_eq!(
+        next.tool_call_metadata
+            .as_ref()
+            .map(|m| m["total_calls_in_response"].clone()),
+        Some(json!(2))
+    );
+    // Once b is in the log, nothing is left.
+    history.push(next);
+    assert!(super::next_call_of_last_response(&history).is_none());
+    // A user message after a: b is dropped (the model sees the message instead).
+    let history = vec![
+        user(1, "go"),
+        call_event(2, "a", false),
+        call_event(3, "a", true),
+        user(4, "wait"),
+    ];
+    assert!(super::next_call_of_last_response(&history).is_none());
+    // A response with one call has nothing left.
+    assert!(super::next_call_of_last_response(&[user(1, "go")]).is_none());
+}
