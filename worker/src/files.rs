@@ -297,13 +297,9 @@ fn porcelain_changes(out: &[u8]) -> Vec<Value> {
 
 fn microagents(ctx: &Ctx, root: &Path) -> FilesReply {
     let mut out = Vec::new();
-    for f in ["AGENTS.md", ".openhands/microagents/repo.md"] {
-        let Ok(p) = resolve(root, f) else { continue };
-        if let Ok(content) = std::fs::read_to_string(&p) {
-            out.push(json!({"name": "repo", "type": "repo", "content": content,
-                "triggers": [], "inputs": [], "tools": []}));
-            break;
-        }
+    if let Some(content) = crate::memory::workspace_instructions(root) {
+        out.push(json!({"name": "repo", "type": "repo", "content": content,
+            "triggers": [], "inputs": [], "tools": []}));
     }
     for k in ctx.knowledge.iter() {
         out.push(

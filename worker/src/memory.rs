@@ -72,6 +72,45 @@ fn parse_front_matter(text: &str) -> Option<(Vec<String>, String)> {
     (!triggers.is_empty()).then(|| (triggers, body.trim_start_matches('\n').to_owned()))
 }
 
+/// Most bytes of the workspace's instructions read.
+const MAX_INSTRUCTIONS_BYTES: u64 = 1024 * 1024;
+
+/// The workspace's instructions: `AGENTS.md`, else `.openhands/microagents/repo.md`.
+pub(crate) fn workspace_instructions(workspace: &Path) -> Option<String> {
+    ["AGENTS.md", ".openhands/microagents/repo.md"]
+        .iter()
+        .find_map(|f| read_no_follow(workspace, f))
+}
+
+/// A text file of the workspace, read from the host side: `None` if any component of `rel`
+/// is a symlink (the agent could point one at a host file), it is not a regular file, is over
+/// [`MAX_INSTRUCTIONS_BYTES`] or is not UTF-8.
+fn read_no_follow(workspace: &Path, rel: &str) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut p = workspace.to_path_buf();
+    for part in rel.split('/') {
+        p.push(part);
+        if std::fs::symlink_metadata(&p).ok()?.file_type().is_symlink() {
+            return None;
+        }
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&p)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() > MAX_INSTRUCTIONS_BYTES {
+        return None;
+    }
+    let mut text = String::new();
+    file.take(MAX_INSTRUCTIONS_BYTES)
+        .read_to_string(&mut text)
+        .ok()?;
+    Some(text)
+}
+
 /// What memory recalls for `query`, or `None` if nothing was recalled.
 pub(crate) fn recall(
     workspace: &Path,
@@ -96,10 +135,7 @@ pub(crate) fn recall(
         })
         .collect();
     let instructions = if first {
-        ["AGENTS.md", ".openhands/microagents/repo.md"]
-            .iter()
-            .find_map(|f| std::fs::read_to_string(workspace.join(f)).ok())
-            .unwrap_or_default()
+        workspace_instructions(workspace).unwrap_or_default()
     } else {
         String::new()
     };
@@ -162,5 +198,28 @@ mod tests {
         assert_eq!(later.recall_type, RecallType::Knowledge);
         assert_eq!(later.knowledge[0].content, "Use kubectl.");
         assert_eq!(later.repo_instructions, "");
+    }
+
+    #[test]
+    fn instructions_are_never_read_through_a_symlink() {
+        let ws = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "host secret").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), ws.path().join("AGENTS.md"))
+            .unwrap();
+        assert_eq!(workspace_instructions(ws.path()), None);
+        // Nor through a linked folder.
+        std::fs::write(outside.path().join("repo.md"), "host file").unwrap();
+        std::fs::create_dir(ws.path().join(".openhands")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), ws.path().join(".openhands/microagents"))
+            .unwrap();
+        assert_eq!(workspace_instructions(ws.path()), None);
+        // A real file is read.
+        std::fs::remove_file(ws.path().join("AGENTS.md")).unwrap();
+        std::fs::write(ws.path().join("AGENTS.md"), "Run make test.").unwrap();
+        assert_eq!(
+            workspace_instructions(ws.path()).as_deref(),
+            Some("Run make test.")
+        );
     }
 }

@@ -65,39 +65,44 @@ fn an_empty_history_is_the_system_prompt_alone() {
     assert_eq!(got, vec![json!({"role": "system", "content": "SYS"})]);
 }
 
-/// An agent event of call `id` of a response that called `a` then `b` (as CodeAct records it).
-fn call_event(id: u64, call: &str, observation: bool) -> Event {
-    let response = json!({"choices": [{"message": {"role": "assistant", "content": null,
-    "tool_calls": [
-        {"id": "a", "type": "function", "function": {"name": "think", "arguments": "{\"thought\":\"x\"}"}},
-        {"id": "b", "type": "function", "function": {"name": "finish", "arguments": "{\"message\":\"done\"}"}}
-    ]}}]});
-    let meta = json!({"function_name": if call == "a" { "think" } else { "finish" },
-        "tool_call_id": call, "model_response": response, "total_calls_in_response": 2});
-    let v = if observation {
-        json!({"id": id, "source": "agent", "observation": "think", "content": "", "cause": id - 1,
-            "extras": {}, "message": "", "tool_call_metadata": meta, "timestamp": "2026-01-01T00:00:00"})
+/// The model's response that called `think` (id `a`) then `finish` (id `b`).
+fn two_call_response() -> Value {
+    let call = |id: &str, name: &str, args: &str| json!({"id": id, "type": "function", "function": {"name": name, "arguments": args}});
+    json!({"choices": [{"message": {"role": "assistant", "content": null, "tool_calls": [
+        call("a", "think", r#"{"thought":"x"}"#),
+        call("b", "finish", r#"{"message":"done"}"#),
+    ]}}]})
+}
+
+/// Call `a`'s action (or, with `observation`, its observation) as CodeAct records it.
+fn call_a(id: u64, observation: bool) -> Event {
+    let mut ev = if observation {
+        let mut o = Event::think_observation();
+        o.set_cause(Some(id - 1));
+        o
     } else {
-        json!({"id": id, "source": "agent", "action": "think", "args": {"thought": "x"},
-            "message": "x", "tool_call_metadata": meta, "timestamp": "2026-01-01T00:00:00"})
+        Event::think("x")
     };
-    Event::from_value(v).expect("event")
+    ev.source = Some(shared::event::Source::Agent);
+    ev.id = Some(id);
+    ev.set_tool_call(&shared::event::ToolCallMetadata {
+        function_name: "think".into(),
+        tool_call_id: "a".into(),
+        model_response: two_call_response(),
+        total_calls_in_response: 2,
+    });
+    ev
 }
 
 fn user(id: u64, text: &str) -> Event {
-    Event::from_value(json!({"id": id, "source": "user", "action": "message",
-        "args": {"content": text, "image_urls": [], "wait_for_response": false},
-        "message": text, "timestamp": "2026-01-01T00:00:00"}))
-    .expect("event")
+    let mut ev = Event::message(shared::event::Source::User, text, false);
+    ev.id = Some(id);
+    ev
 }
 
 #[test]
 fn the_calls_left_of_a_response_come_next_until_a_user_speaks() {
-    let mut history = vec![
-        user(1, "go"),
-        call_event(2, "a", false),
-        call_event(3, "a", true),
-    ];
+    let mut history = vec![user(1, "go"), call_a(2, false), call_a(3, true)];
     let next = super::next_call_of_last_response(&history).expect("call b is left");
     assert_eq!(next.action_type(), Some("finish"));
     let call = next.tool_call().expect("metadata");
@@ -114,8 +119,8 @@ fn the_calls_left_of_a_response_come_next_until_a_user_speaks() {
     // A user message after a: b is dropped (the model sees the message instead).
     let history = vec![
         user(1, "go"),
-        call_event(2, "a", false),
-        call_event(3, "a", true),
+        call_a(2, false),
+        call_a(3, true),
         user(4, "wait"),
     ];
     assert!(super::next_call_of_last_response(&history).is_none());
