@@ -22,6 +22,9 @@ command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v ip >/dev/null || [ -x /usr/sbin/ip ] || need+=(iproute2)
 command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
 command -v faketime >/dev/null || need+=(faketime)
+# schemathesis (the API contract test) runs in a Python venv.
+command -v python3 >/dev/null || need+=(python3)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 if [ "${OH_SKIP_NODE:-0}" != 1 ]; then
   command -v node >/dev/null || need+=(nodejs)
   command -v npm >/dev/null || need+=(npm)

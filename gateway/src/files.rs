@@ -95,11 +95,16 @@ async fn ask_owner(
 }
 
 #[derive(Debug, Deserialize)]
-struct ListQuery {
+pub(crate) struct ListQuery {
     path: Option<String>,
 }
 
-async fn list_files(
+#[utoipa::path(
+    get, path = "/api/conversations/{id}/list-files", tag = "workspace",
+    params(("id" = String, Path, description = "Conversation id (1-64 of A-Z, a-z, 0-9, _ and -)"), ("path" = Option<String>, Query)),
+    responses((status = 200, body = Vec<String>), crate::openapi::Errors)
+)]
+pub(crate) async fn list_files(
     State(state): State<AppState>,
     Caller(uid): Caller,
     ConvId(sid): ConvId,
@@ -119,11 +124,16 @@ async fn list_files(
 }
 
 #[derive(Debug, Deserialize)]
-struct FileQuery {
+pub(crate) struct FileQuery {
     file: Option<String>,
 }
 
-async fn select_file(
+#[utoipa::path(
+    get, path = "/api/conversations/{id}/select-file", tag = "workspace",
+    params(("id" = String, Path, description = "Conversation id (1-64 of A-Z, a-z, 0-9, _ and -)"), ("file" = String, Query)),
+    responses((status = 200, body = crate::openapi::FileContent), crate::openapi::Errors)
+)]
+pub(crate) async fn select_file(
     State(state): State<AppState>,
     Caller(uid): Caller,
     ConvId(sid): ConvId,
@@ -150,7 +160,12 @@ async fn select_file(
 /// Most files of one upload.
 const MAX_UPLOAD_FILES: usize = 100;
 
-async fn upload_files(
+#[utoipa::path(
+    post, path = "/api/conversations/{id}/upload-files", tag = "workspace", params(("id" = String, Path, description = "Conversation id (1-64 of A-Z, a-z, 0-9, _ and -)")),
+    request_body(content = crate::openapi::UploadForm, content_type = "multipart/form-data"),
+    responses((status = 200, body = crate::openapi::Uploaded), crate::openapi::Errors)
+)]
+pub(crate) async fn upload_files(
     State(state): State<AppState>,
     Caller(uid): Caller,
     ConvId(sid): ConvId,
@@ -210,7 +225,11 @@ async fn upload_files(
     }
 }
 
-async fn git_changes(
+#[utoipa::path(
+    get, path = "/api/conversations/{id}/git/changes", tag = "workspace", params(("id" = String, Path, description = "Conversation id (1-64 of A-Z, a-z, 0-9, _ and -)")),
+    responses((status = 200, body = Vec<crate::openapi::GitChange>), crate::openapi::Errors)
+)]
+pub(crate) async fn git_changes(
     State(state): State<AppState>,
     Caller(uid): Caller,
     ConvId(sid): ConvId,
@@ -222,7 +241,11 @@ async fn git_changes(
     }
 }
 
-async fn microagents(
+#[utoipa::path(
+    get, path = "/api/conversations/{id}/microagents", tag = "workspace", params(("id" = String, Path, description = "Conversation id (1-64 of A-Z, a-z, 0-9, _ and -)")),
+    responses((status = 200, body = crate::openapi::Microagents), crate::openapi::Errors)
+)]
+pub(crate) async fn microagents(
     State(state): State<AppState>,
     Caller(uid): Caller,
     ConvId(sid): ConvId,

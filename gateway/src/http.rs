@@ -44,6 +44,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/conversations/{id}/web-hosts", get(web_hosts))
         .route("/api/conversations/{id}/start", post(start))
         .route("/api/conversations/{id}/stop", post(stop))
+        .route("/api/openapi.json", get(crate::openapi::document))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_page))
@@ -315,18 +316,23 @@ fn now_utc() -> String {
 
 // ---- create ----
 
-#[derive(Debug, Deserialize)]
+/// OpenHands' `InitSessionRequest`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateBody {
+pub(crate) struct CreateBody {
     repository: Option<String>,
+    #[schema(value_type = Option<crate::openapi::GitProvider>)]
     git_provider: Option<String>,
     selected_branch: Option<String>,
     initial_user_msg: Option<String>,
     image_urls: Option<Vec<String>>,
     replay_json: Option<String>,
+    #[schema(value_type = Option<Object>)]
     suggested_task: Option<Value>,
+    #[schema(value_type = Option<Object>)]
     create_microagent: Option<Value>,
     conversation_instructions: Option<String>,
+    #[schema(value_type = Option<Object>)]
     mcp_config: Option<Value>,
     conversation_id: Option<String>,
 }
@@ -383,7 +389,12 @@ fn default_title(sid: &SessionId, first_message: Option<&str>) -> String {
     }
 }
 
-async fn create(
+#[utoipa::path(
+    post, path = "/api/conversations", tag = "conversations",
+    request_body(content = CreateBody, content_type = "application/json"),
+    responses((status = 200, body = crate::openapi::ConversationAnswer), crate::openapi::Errors)
+)]
+pub(crate) async fn create(
     State(state): State<AppState>,
     Caller(uid): Caller,
     headers: HeaderMap,
@@ -590,7 +601,11 @@ fn conversation_info(meta: &ConversationMeta, st: &Status, owner: Option<&str>) 
     })
 }
 
-async fn get_one(
+#[utoipa::path(
+    get, path = "/api/conversations/{id}", tag = "conversations", params(("id" = String, Path, description = "Conversation id (1-64 of A-Z, a-z, 0-9, _ and -)")),
+    responses((status = 200, body = crate::openapi::ConversationInfo), crate::openapi::Errors)
+)]
+pub(crate) async fn get_one(
     State(state): State<AppState>,
     Caller(uid): Caller,
     ConvId(sid): ConvId,
@@ -600,14 +615,24 @@ async fn get_one(
 }
 
 #[derive(Debug, Deserialize)]
-struct ListQuery {
+pub(crate) struct ListQuery {
     limit: Option<i64>,
     page_id: Option<String>,
     selected_repository: Option<String>,
     conversation_trigger: Option<String>,
 }
 
-async fn list(
+#[utoipa::path(
+    get, path = "/api/conversations", tag = "conversations",
+    params(
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 100),
+        ("page_id" = Option<String>, Query),
+        ("selected_repository" = Option<String>, Query),
+        ("conversation_trigger" = Option<String>, Query),
+    ),
+    responses((status = 200, body = crate::openapi::ConversationPage), crate::openapi::Errors)
+)]
+pub(crate) async fn list(
     State(state): State<AppState>,
     Caller(uid): Caller,
     q: Result<Query<ListQuery>, QueryRejection>,
@@ -659,7 +684,7 @@ async fn list(
 }
 
 #[derive(Debug, Deserialize)]
-struct EventsQuery {
+pub(crate) struct EventsQuery {
     start_id: Option<String>,
     end_id: Option<String>,
     reverse: Option<String>,
@@ -694,7 +719,18 @@ fn parse_bool(v: Option<&str>, name: &str) -> Result<Option<bool>, ApiError> {
     }
 }
 
-async fn events(
+#[utoipa::path(
+    get, path = "/api/conversations/{id}/events", tag = "conversations",
+    params(
+        ("id" = String, Path, description = "Conversation id (1-64 of A-Z, a-z, 0-9, _ and -)"),
+        ("start_id" = Option<u64>, Query),
+        ("end_id" = Option<u64>, Query),
+        ("reverse" = Option<bool>, Query),
+        ("limit" = Option<i64>, Query, minimum = 0, maximum = 100),
+    ),
+    responses((status = 200, body = crate::openapi::EventPage), crate::openapi::Errors)
+)]
+pub(crate) async fn events(
     State(state): State<AppState>,
     Caller(uid): Caller,
     ConvId(sid): ConvId,
@@ -757,7 +793,11 @@ fn events_body(events: &[Box<RawValue>], has_more: bool) -> Response {
 const TRAJECTORY_LIMIT: usize = 100_000;
 
 /// The whole event log, as OpenHands exports it: `{"trajectory": [event, ...]}`.
-async fn trajectory(
+#[utoipa::path(
+    get, path = "/api/conversations/{id}/trajectory", tag = "conversations", params(("id" = String, Path, description = "Conversation id (1-64 of A-Z, a-z, 0-9, _ and -)")),
+    responses((status = 200, body = crate::openapi::Trajectory), crate::openapi::Errors)
+)]
+pub(crate) async fn trajectory(
     State(state): State<AppState>,
     Caller(uid): Caller,
     ConvId(sid): ConvId,
@@ -782,7 +822,11 @@ async fn trajectory(
 
 /// The runtime of a conversation. The runtime is the owning worker's sandbox, which has no
 /// id a client could use elsewhere (OpenHands' UI asks `/api/v1/sandboxes` for a non-null one).
-async fn runtime_config(
+#[utoipa::path(
+    get, path = "/api/conversations/{id}/config", tag = "conversations", params(("id" = String, Path, description = "Conversation id (1-64 of A-Z, a-z, 0-9, _ and -)")),
+    responses((status = 200, body = crate::openapi::RuntimeConfig), crate::openapi::Errors)
+)]
+pub(crate) async fn runtime_config(
     State(state): State<AppState>,
     Caller(uid): Caller,
     ConvId(sid): ConvId,
@@ -794,7 +838,11 @@ async fn runtime_config(
 }
 
 /// No VS Code server runs beside a session.
-async fn vscode_url(
+#[utoipa::path(
+    get, path = "/api/conversations/{id}/vscode-url", tag = "conversations", params(("id" = String, Path, description = "Conversation id (1-64 of A-Z, a-z, 0-9, _ and -)")),
+    responses((status = 200, body = crate::openapi::VscodeUrl), crate::openapi::Errors)
+)]
+pub(crate) async fn vscode_url(
     State(state): State<AppState>,
     Caller(uid): Caller,
     ConvId(sid): ConvId,
@@ -804,7 +852,11 @@ async fn vscode_url(
 }
 
 /// Sandboxes publish no ports: no web hosts.
-async fn web_hosts(
+#[utoipa::path(
+    get, path = "/api/conversations/{id}/web-hosts", tag = "conversations", params(("id" = String, Path, description = "Conversation id (1-64 of A-Z, a-z, 0-9, _ and -)")),
+    responses((status = 200, body = crate::openapi::WebHosts), crate::openapi::Errors)
+)]
+pub(crate) async fn web_hosts(
     State(state): State<AppState>,
     Caller(uid): Caller,
     ConvId(sid): ConvId,
@@ -813,9 +865,11 @@ async fn web_hosts(
     Ok(Json(json!({"hosts": {}})))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RenameBody {
+pub(crate) struct RenameBody {
+    /// 1-200 characters, not only spaces.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     title: String,
 }
 
@@ -823,7 +877,12 @@ struct RenameBody {
 const MAX_TITLE_CHARS: usize = 200;
 
 /// Renames a conversation (`PATCH`, `{"title": ...}`): `true`, or 404.
-async fn rename(
+#[utoipa::path(
+    patch, path = "/api/conversations/{id}", tag = "conversations", params(("id" = String, Path, description = "Conversation id (1-64 of A-Z, a-z, 0-9, _ and -)")),
+    request_body(content = RenameBody, content_type = "application/json"),
+    responses((status = 200, body = bool, content_type = "application/json"), crate::openapi::Errors)
+)]
+pub(crate) async fn rename(
     State(state): State<AppState>,
     Caller(uid): Caller,
     ConvId(sid): ConvId,
@@ -860,7 +919,11 @@ async fn rename(
 
 // ---- lifecycle ----
 
-async fn start(
+#[utoipa::path(
+    post, path = "/api/conversations/{id}/start", tag = "conversations", params(("id" = String, Path, description = "Conversation id (1-64 of A-Z, a-z, 0-9, _ and -)")),
+    responses((status = 200, body = crate::openapi::ConversationAnswer), crate::openapi::Errors)
+)]
+pub(crate) async fn start(
     State(state): State<AppState>,
     Caller(uid): Caller,
     ConvId(sid): ConvId,
@@ -919,7 +982,11 @@ async fn stop_session(
     Ok(None)
 }
 
-async fn stop(
+#[utoipa::path(
+    post, path = "/api/conversations/{id}/stop", tag = "conversations", params(("id" = String, Path, description = "Conversation id (1-64 of A-Z, a-z, 0-9, _ and -)")),
+    responses((status = 200, body = crate::openapi::ConversationAnswer), crate::openapi::Errors)
+)]
+pub(crate) async fn stop(
     State(state): State<AppState>,
     Caller(uid): Caller,
     ConvId(sid): ConvId,
@@ -933,7 +1000,11 @@ async fn stop(
     }))
 }
 
-async fn delete_one(
+#[utoipa::path(
+    delete, path = "/api/conversations/{id}", tag = "conversations", params(("id" = String, Path, description = "Conversation id (1-64 of A-Z, a-z, 0-9, _ and -)")),
+    responses((status = 200, body = bool, content_type = "application/json", description = "true if it existed"), crate::openapi::Errors)
+)]
+pub(crate) async fn delete_one(
     State(state): State<AppState>,
     Caller(uid): Caller,
     ConvId(sid): ConvId,
@@ -971,7 +1042,11 @@ async fn delete_one(
     Ok(Json(json!(true)))
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
+#[utoipa::path(
+    get, path = "/readyz", tag = "health", security(()),
+    responses((status = 200, body = crate::openapi::Readiness), (status = 503, body = crate::openapi::Readiness))
+)]
+pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     let nats_ok = state.nats.connection_state() == async_nats::connection::State::Connected;
     let mut redis = state.redis.clone();
     let redis_ok = redis::cmd("PING")

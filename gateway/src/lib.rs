@@ -14,6 +14,7 @@
 //! - `origin`: the browser boundary (allowed origins, served host names).
 //! - `limits`: per-user rates and caps (creates, actions, stored conversations, sockets).
 //! - `settings`: the user's side of OpenHands' UI: client config, settings, options, secrets.
+//! - `openapi`: the OpenAPI 3.1 document of every REST route (`/api/openapi.json`).
 //! - `web`: the web UI at `/` (the built-in page, or a built app from `OH_WEB_ROOT`).
 
 mod actions;
@@ -23,6 +24,7 @@ mod fanout;
 mod files;
 mod http;
 mod limits;
+mod openapi;
 pub mod origin;
 mod replay;
 mod sendbuf;

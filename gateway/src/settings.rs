@@ -36,11 +36,8 @@ pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/options/config", get(config))
         .route("/api/options/models", get(models))
-        .route("/api/options/agents", get(|| async { Json(AGENTS) }))
-        .route(
-            "/api/options/security-analyzers",
-            get(|| async { Json(Vec::<String>::new()) }),
-        )
+        .route("/api/options/agents", get(agents))
+        .route("/api/options/security-analyzers", get(security_analyzers))
         .route("/api/settings", get(read).post(save))
         .route("/api/secrets", get(list_secrets).post(create_secret))
         .route(
@@ -50,7 +47,11 @@ pub(crate) fn routes() -> Router<AppState> {
 }
 
 /// What OpenHands' UI reads at load: an open-source server without billing or sign-in.
-async fn config() -> Json<Value> {
+#[utoipa::path(
+    get, path = "/api/options/config", tag = "settings",
+    responses((status = 200, body = crate::openapi::ClientConfig), crate::openapi::Errors)
+)]
+pub(crate) async fn config() -> Json<Value> {
     Json(json!({
         "APP_MODE": "oss",
         "GITHUB_CLIENT_ID": "",
@@ -65,20 +66,43 @@ async fn config() -> Json<Value> {
     }))
 }
 
-async fn models(State(state): State<AppState>) -> Json<Vec<String>> {
+#[utoipa::path(
+    get, path = "/api/options/models", tag = "settings",
+    responses((status = 200, body = Vec<String>), crate::openapi::Errors)
+)]
+pub(crate) async fn models(State(state): State<AppState>) -> Json<Vec<String>> {
     Json(state.llm_models.clone())
 }
 
+#[utoipa::path(
+    get, path = "/api/options/agents", tag = "settings",
+    responses((status = 200, body = Vec<String>), crate::openapi::Errors)
+)]
+pub(crate) async fn agents() -> Json<&'static [&'static str]> {
+    Json(AGENTS)
+}
+
+/// None: this server runs no security analyzer.
+#[utoipa::path(
+    get, path = "/api/options/security-analyzers", tag = "settings",
+    responses((status = 200, body = Vec<String>), crate::openapi::Errors)
+)]
+pub(crate) async fn security_analyzers() -> Json<Vec<String>> {
+    Json(Vec::new())
+}
+
 /// A user's stored settings (OpenHands' `Settings`; every field optional).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default)]
-struct Settings {
+pub(crate) struct Settings {
     language: Option<String>,
     agent: Option<String>,
     max_iterations: Option<i64>,
     security_analyzer: Option<String>,
     confirmation_mode: Option<bool>,
     llm_model: Option<String>,
+    /// Write-only: stored, read back as null.
+    #[schema(value_type = Option<String>)]
     llm_api_key: Option<KeptSecret>,
     llm_base_url: Option<String>,
     remote_runtime_resource_factor: Option<i64>,
@@ -89,8 +113,11 @@ struct Settings {
     user_consents_to_analytics: Option<bool>,
     sandbox_base_container_image: Option<String>,
     sandbox_runtime_container_image: Option<String>,
+    #[schema(value_type = Option<Object>)]
     mcp_config: Option<Value>,
+    #[schema(value_type = Option<String>)]
     search_api_key: Option<KeptSecret>,
+    #[schema(value_type = Option<String>)]
     sandbox_api_key: Option<KeptSecret>,
     max_budget_per_task: Option<f64>,
     condenser_max_size: Option<i64>,
@@ -139,7 +166,14 @@ pub(crate) async fn llm_choice(
     Ok((choice != LlmChoice::default()).then_some(choice))
 }
 
-async fn read(State(state): State<AppState>, Caller(uid): Caller) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get, path = "/api/settings", tag = "settings",
+    responses((status = 200, body = crate::openapi::SettingsView), crate::openapi::Errors)
+)]
+pub(crate) async fn read(
+    State(state): State<AppState>,
+    Caller(uid): Caller,
+) -> Result<Json<Value>, ApiError> {
     let s = stored(&state, &uid).await?.unwrap_or_else(|| Settings {
         language: Some("en".into()),
         agent: Some(AGENTS[0].into()),
@@ -255,7 +289,12 @@ fn check(s: &Settings) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn save(
+#[utoipa::path(
+    post, path = "/api/settings", tag = "settings",
+    request_body(content = Settings, content_type = "application/json"),
+    responses((status = 200, body = crate::openapi::Message), crate::openapi::Errors)
+)]
+pub(crate) async fn save(
     State(state): State<AppState>,
     Caller(uid): Caller,
     headers: HeaderMap,
@@ -305,7 +344,7 @@ struct KeptValue {
 }
 
 /// The secret named in the path, checked.
-struct SecretName(String);
+pub(crate) struct SecretName(String);
 
 impl FromRequestParts<AppState> for SecretName {
     type Rejection = ApiError;
@@ -343,7 +382,11 @@ fn message(code: StatusCode, key: &str, text: String) -> Response {
     (code, Json(json!({ key: text }))).into_response()
 }
 
-async fn list_secrets(
+#[utoipa::path(
+    get, path = "/api/secrets", tag = "settings",
+    responses((status = 200, body = crate::openapi::SecretList), crate::openapi::Errors)
+)]
+pub(crate) async fn list_secrets(
     State(state): State<AppState>,
     Caller(uid): Caller,
 ) -> Result<Json<Value>, ApiError> {
@@ -366,15 +409,20 @@ async fn list_secrets(
     Ok(Json(json!({ "custom_secrets": out })))
 }
 
-#[derive(Debug, Deserialize)]
-struct NewSecret {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct NewSecret {
     name: String,
     value: String,
     #[serde(default)]
     description: Option<String>,
 }
 
-async fn create_secret(
+#[utoipa::path(
+    post, path = "/api/secrets", tag = "settings",
+    request_body(content = NewSecret, content_type = "application/json"),
+    responses((status = 201, body = crate::openapi::Message), crate::openapi::Errors)
+)]
+pub(crate) async fn create_secret(
     State(state): State<AppState>,
     Caller(uid): Caller,
     headers: HeaderMap,
@@ -412,8 +460,8 @@ async fn create_secret(
     })
 }
 
-#[derive(Debug, Deserialize)]
-struct SecretUpdate {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct SecretUpdate {
     name: String,
     #[serde(default)]
     description: Option<String>,
@@ -431,7 +479,12 @@ redis.call('HSET', KEYS[1], ARGV[2], cjson.encode(o))
 return 1
 ";
 
-async fn update_secret(
+#[utoipa::path(
+    put, path = "/api/secrets/{name}", tag = "settings", params(("name" = String, Path)),
+    request_body(content = SecretUpdate, content_type = "application/json"),
+    responses((status = 200, body = crate::openapi::Message), crate::openapi::Errors)
+)]
+pub(crate) async fn update_secret(
     State(state): State<AppState>,
     Caller(uid): Caller,
     SecretName(old): SecretName,
@@ -469,7 +522,11 @@ async fn update_secret(
     })
 }
 
-async fn delete_secret(
+#[utoipa::path(
+    delete, path = "/api/secrets/{name}", tag = "settings", params(("name" = String, Path)),
+    responses((status = 200, body = crate::openapi::Message), crate::openapi::Errors)
+)]
+pub(crate) async fn delete_secret(
     State(state): State<AppState>,
     Caller(uid): Caller,
     SecretName(name): SecretName,
