@@ -11,7 +11,8 @@
 //! Where OpenHands answers differently, ours is stricter on purpose: a `GET /api/settings`
 //! with nothing stored answers the server's defaults (200) instead of 404, so the UI does not
 //! insist on a settings form before the first chat; `llm_base_url` must be an `http(s)` URL and
-//! `agent` / `security_analyzer` one this server runs, because they take effect.
+//! `agent` one this server runs, because they take effect. `security_analyzer` is stored as
+//! given (OpenHands' UI always sends `"llm"`); no analyzer runs here.
 
 use axum::Json;
 use axum::Router;
@@ -259,16 +260,6 @@ fn check(s: &Settings) -> Result<(), ApiError> {
         return Err(ApiError::invalid(
             &["body", "agent"],
             format!("this server runs the agents {AGENTS:?}"),
-            "enum",
-        ));
-    }
-    if s.security_analyzer
-        .as_deref()
-        .is_some_and(|a| !a.is_empty())
-    {
-        return Err(ApiError::invalid(
-            &["body", "security_analyzer"],
-            "this server has no security analyzer (GET /api/options/security-analyzers)",
             "enum",
         ));
     }

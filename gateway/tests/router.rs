@@ -680,6 +680,17 @@ async fn settings_options_and_secrets() {
             Some("de")
         )
     );
+    // What OpenHands' UI sends from its LLM page (confirmation mode off: `security_analyzer`
+    // falls back to its hard-coded "llm") is stored.
+    let (code, v) = save(
+        ALICE,
+        json!({"llm_model": "m1", "security_analyzer": "llm",
+        "confirmation_mode": false, "search_api_key": "", "provider_tokens_set": {}}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    let (_, s) = gw.get("/api/settings", Some(ALICE)).await;
+    assert_eq!(s["security_analyzer"], "llm");
     // An empty key clears it.
     save(ALICE, json!({"llm_api_key": ""})).await;
     let (_, s) = gw.get("/api/settings", Some(ALICE)).await;
@@ -698,11 +709,6 @@ async fn settings_options_and_secrets() {
             "value_error",
         ),
         (json!({"agent": "BrowsingAgent"}), "agent", "enum"),
-        (
-            json!({"security_analyzer": "llm"}),
-            "security_analyzer",
-            "enum",
-        ),
         (
             json!({"condenser_max_size": 5}),
             "condenser_max_size",
