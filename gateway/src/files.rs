@@ -44,11 +44,29 @@ fn reply(r: FilesReply) -> Response {
     (code, Json(r.body)).into_response()
 }
 
-/// Asks the session's owner; `None` when no worker runs it.
+/// Asks the session's owner; `None` when no worker runs it. A payload stored out of line (a
+/// large upload) is stored once; the owner deletes it once read, this function when no owner
+/// read it.
 async fn ask_owner(
     state: &AppState,
     sid: &SessionId,
     req: &FilesRequest,
+) -> Result<Option<FilesReply>, ApiError> {
+    let mut packed = None;
+    let res = ask_owner_packed(state, sid, req, &mut packed).await;
+    if let (Some((headers, _)), Ok(None) | Err(_)) = (&packed, &res)
+        && let Err(e) = state.store.delete_payload_blob(headers).await
+    {
+        warn!(session_id = %sid, error = %e, "unread workspace query blob not deleted");
+    }
+    res
+}
+
+async fn ask_owner_packed(
+    state: &AppState,
+    sid: &SessionId,
+    req: &FilesRequest,
+    packed: &mut Option<(async_nats::HeaderMap, bytes::Bytes)>,
 ) -> Result<Option<FilesReply>, ApiError> {
     let payload =
         bytes::Bytes::from(serde_json::to_vec(req).map_err(|e| ApiError::Internal(e.to_string()))?);
@@ -58,8 +76,14 @@ async fn ask_owner(
         else {
             return Ok(None);
         };
-        let mut headers = async_nats::HeaderMap::new();
-        let body = state.store.pack(sid, payload.clone(), &mut headers).await?;
+        let (headers, body) = match packed {
+            Some(p) => p.clone(),
+            None => {
+                let mut headers = async_nats::HeaderMap::new();
+                let body = state.store.pack(sid, payload.clone(), &mut headers).await?;
+                packed.insert((headers, body)).clone()
+            }
+        };
         let subject = state.store.names().files_subject(&owner, sid);
         let asked = tokio::time::timeout(
             ANSWER_WITHIN,

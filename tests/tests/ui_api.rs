@@ -443,6 +443,36 @@ async fn workspace_files_from_the_owner_and_from_the_snapshot() {
         );
     }
 
+    // A file over NATS' message size travels through the blob store, which keeps nothing
+    // once the owner has read it.
+    let big: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let (ct, body) = multipart(&[("big.bin", &big)]);
+    let r = http
+        .post(format!("{base}/upload-files"))
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(std::fs::read(root.join("big.bin")).unwrap(), big);
+    {
+        use futures::StreamExt;
+        let js = async_nats::jetstream::new(c.nats.connect().await);
+        let names = shared::names::Names::new(&c.namespace).unwrap();
+        let bucket = js.get_object_store(names.blob_bucket()).await.unwrap();
+        let mut list = bucket.list().await.unwrap();
+        while let Some(info) = list.next().await {
+            let info = info.unwrap();
+            assert!(
+                info.deleted || !info.name.starts_with(&format!("{sid}.")),
+                "blob left behind: {}",
+                info.name
+            );
+        }
+    }
+    std::fs::remove_file(root.join("big.bin")).unwrap();
+
     // A git repository with one commit, then changes; AGENTS.md for the microagents.
     sh(
         &root,

@@ -68,6 +68,10 @@ pub(crate) async fn serve(ctx: Ctx, cancel: CancellationToken) {
                     Ok(p) => p,
                     Err(e) => return FilesReply::error(503, format!("request unreadable: {e}")),
                 };
+                // Read once: a payload stored out of line (a large upload) goes now.
+                if let Err(e) = ctx.store.delete_payload_blob(&headers).await {
+                    warn!(error = %e, "workspace query blob not deleted");
+                }
                 match serde_json::from_slice::<FilesRequest>(&payload) {
                     Ok(req) => answer(&ctx, &sid, req).await,
                     Err(e) => FilesReply::error(400, format!("invalid workspace query: {e}")),
