@@ -31,14 +31,34 @@ fn ready(v: &Value) -> bool {
 /// ends up running and answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_then_start_during_the_stop_ends_running() {
-    let c = one_worker().await;
+    let ws = tempfile::tempdir().unwrap();
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        worker_env: vec![
+            ("OH_WORKSPACE_ROOT", ws.path().display().to_string()),
+            ("OH_TEST_SNAPSHOT_PAUSE_MS", "1500".to_owned()),
+        ],
+        ..ClusterOpts::default()
+    })
+    .await;
     let sid = c.create(0, Some("hello"), None).await;
     c.wait_info(0, &sid, None, T, ready).await;
     let path = |op: &str| format!("/api/conversations/{sid}/{op}");
-    // /start usually reaches the gateway before the owner has let go; retry the pair until
-    // it did (the case under test), a few times at most.
+    // The stopping owner holds the lease until its last workspace snapshot is stored; with a
+    // changed workspace and the snapshot hook's pause that takes 1.5 s, so /start comes while
+    // it still holds it (on a fast machine a bare stop lets go within one HTTP round trip).
+    // Retry the pair until the race was hit, a few times at most.
     let mut raced = false;
-    for _ in 0..5 {
+    for round in 0..5u32 {
+        // (The echo agent starts no runtime, so the folder may not exist yet.)
+        let dir = ws.path().join(&sid);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(format!("changed-{round}.txt")),
+            format!("round {round}\n"),
+        )
+        .unwrap();
         let (code, stopped) = c.post(0, &path("stop"), &json!({}), None).await;
         assert_eq!(code, 200, "{stopped}");
         let (code, started) = c
@@ -53,16 +73,25 @@ async fn stop_then_start_during_the_stop_ends_running() {
         }
     }
     assert!(raced, "/start never came while the owner held the lease");
-    // The log shows the stop and a later start (a new takeover record after `stopped`).
-    let evs = c.all_events(0, &sid, None).await;
-    let stopped_at = evs
-        .iter()
-        .rposition(|e| is_state(e, "stopped"))
-        .expect("a stopped state in the log");
-    assert!(
-        evs[stopped_at..].iter().any(|e| is_state(e, "loading")),
-        "no start after the last stop: {evs:#?}"
-    );
+    // The log shows the stop and a later start (a new takeover record after `stopped`);
+    // the status may still read running from before the stop, so wait for the log.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let evs = c.all_events(0, &sid, None).await;
+        let restarted = evs
+            .iter()
+            .rposition(|e| is_state(e, "stopped"))
+            .is_some_and(|at| evs[at..].iter().any(|e| is_state(e, "loading")));
+        if restarted {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no start after the last stop: {evs:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.wait_info(0, &sid, None, T, ready).await;
     // And it answers.
     let mut sock = c.connect(0, &sid, Some(-1), None).await.expect("connect");
     sock.emit(
