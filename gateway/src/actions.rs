@@ -185,9 +185,11 @@ async fn publish(
     state: &AppState,
     sid: &SessionId,
     payload: Bytes,
-    headers: HeaderMap,
+    mut headers: HeaderMap,
     msg_id: &ActionMsgId,
 ) -> Result<u64, SendError> {
+    // The worker that applies the action continues the caller's trace.
+    shared::telemetry::inject_trace(&mut headers);
     let started = std::time::Instant::now();
     let res = state
         .store

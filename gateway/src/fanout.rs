@@ -239,6 +239,8 @@ async fn pump(
     // When to re-read the log's head if nothing arrives (see the module doc).
     let mut check_at: Option<tokio::time::Instant> = None;
     let mut running = false;
+    // When the oldest action not yet followed by an event passed by (reply latency).
+    let mut action_at: Option<std::time::Instant> = None;
     loop {
         let msg = tokio::select! {
             m = sub.next() => match m {
@@ -255,6 +257,7 @@ async fn pump(
             }
         };
         if msg.subject.as_str() == actions_subject {
+            action_at.get_or_insert_with(std::time::Instant::now);
             let due = tokio::time::Instant::now() + EXPECT_EVENT;
             check_at = Some(check_at.map_or(due, |t| t.min(due)));
             continue;
@@ -275,12 +278,26 @@ async fn pump(
         if msg.subject.as_str() != events_subject {
             continue; // the session's start requests
         }
+        if let Some(at) = action_at.take() {
+            // From the action's publish to the first event after it, as this gateway saw them.
+            metrics::histogram!("oh_gateway_reply_seconds").record(at.elapsed());
+        }
         running = msg
             .headers
             .as_ref()
             .and_then(|h| h.get(HDR_AGENT_STATE))
             .is_some_and(|s| s.as_str() == shared::event::AgentState::Running.as_str());
         check_at = running.then(|| tokio::time::Instant::now() + TURN_SILENCE);
+        // An event that carries a trace (traces on) gets a span in it, open until it is
+        // broadcast; others cost nothing.
+        let _fanout_span = match msg.headers.as_ref() {
+            Some(h) if h.get(shared::telemetry::TRACEPARENT).is_some() => {
+                let span = tracing::info_span!("fanout", session_id = %sid, receivers = tx.receiver_count());
+                shared::telemetry::continue_trace(&span, Some(h));
+                span
+            }
+            _ => tracing::Span::none(),
+        };
         // Boxed: decoding may read the object store, a large future this long-lived task
         // would otherwise carry in every idle session (heaptrack: ~20 KiB per session).
         let (id, payload) = match Box::pin(store.decode_live(&sid, &msg)).await {

@@ -24,6 +24,7 @@ mod fanout;
 mod files;
 mod http;
 mod limits;
+mod metrics_catalog;
 mod openapi;
 pub mod origin;
 mod replay;
@@ -55,6 +56,7 @@ pub async fn run(
     metrics: PrometheusHandle,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    shared::telemetry::register(metrics_catalog::METRICS);
     let (router, tasks) = start(&args, metrics, &cancel).await?;
     let listener =
         listen(args.gateway_addr).with_context(|| format!("bind {}", args.gateway_addr))?;

@@ -3,6 +3,9 @@
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+/// The service name on exported traces.
+const SERVICE: &str = "oh-gateway";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: gateway::Args = shared::config::parse_or_exit();
@@ -10,7 +13,12 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("{line}");
         std::process::exit(2);
     }
-    shared::telemetry::init_tracing(args.broker.log_json);
+    let _telemetry = shared::telemetry::init_tracing(
+        args.broker.log_json,
+        args.broker.otlp_endpoint.as_deref(),
+        SERVICE,
+    )
+    .context("traces")?;
     let metrics = shared::telemetry::init_metrics().context("metrics")?;
     let cancel = CancellationToken::new();
     tokio::spawn(shutdown_signal(cancel.clone()));

@@ -35,6 +35,11 @@ pub struct BrokerArgs {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "OH_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
+    /// OpenTelemetry traces: base URL of an OTLP/HTTP receiver (a collector, Jaeger, Tempo),
+    /// e.g. `http://otel-collector:4318`; spans are posted to `<base>/v1/traces` as protobuf.
+    /// Unset: no traces (and no trace headers on NATS messages).
+    #[arg(long, env = "OH_OTLP_ENDPOINT", value_parser = crate::telemetry::parse_otlp_endpoint)]
+    pub otlp_endpoint: Option<String>,
     /// Most events in one conversation's log; a full log refuses more (the client gets an
     /// error). Give every process the same value.
     #[arg(long, env = "OH_MAX_EVENTS_PER_CONVERSATION", default_value_t = 100_000, value_parser = clap::value_parser!(i64).range(100..=100_000_000))]

@@ -259,6 +259,8 @@ impl Journal {
         if let Some(cid) = &client_msg_id {
             headers.insert(HDR_CLIENT_MSG_ID, cid.as_str());
         }
+        // Gateways fanning the event out continue the trace of what caused it.
+        crate::telemetry::inject_trace(&mut headers);
         let payload = self
             .store
             .pack(&self.sid, payload, &mut headers)

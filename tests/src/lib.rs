@@ -18,6 +18,7 @@ pub mod load;
 pub mod nats;
 pub mod netcluster;
 pub mod netns;
+pub mod otlp;
 pub mod proc;
 pub mod redis;
 pub mod sio;

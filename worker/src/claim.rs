@@ -81,6 +81,11 @@ pub(crate) async fn pull_loop(ctx: Ctx, sessions: TaskTracker, cancel: Cancellat
             return;
         }
         for msg in msgs {
+            if let Ok(info) = msg.info() {
+                // Start requests still waiting behind this one (every worker's view of the
+                // shared queue; no extra JetStream call).
+                metrics::gauge!("oh_worker_start_queue_pending").set(info.pending as f64);
+            }
             let Some(permit) = permits.pop() else { break };
             let (ctx, tracker, cancel) = (ctx.clone(), sessions.clone(), cancel.clone());
             sessions.spawn(async move { claim(&ctx, &tracker, &cancel, msg, permit).await });

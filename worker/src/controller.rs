@@ -115,6 +115,7 @@ impl Controller {
         }
     }
 
+    #[tracing::instrument(name = "runtime", skip_all, fields(action = action.action_type().unwrap_or_default()))]
     async fn execute(&mut self, action: &Event, cancel: &CancellationToken) -> Option<Event> {
         if cancel.is_cancelled() {
             return None;

@@ -30,6 +30,7 @@ mod files;
 mod lease;
 pub mod llm;
 mod memory;
+mod metrics_catalog;
 pub(crate) mod runtime;
 mod session;
 #[doc(hidden)]
@@ -76,6 +77,7 @@ pub async fn run(
     metrics: PrometheusHandle,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    shared::telemetry::register(metrics_catalog::METRICS);
     let worker_id = args.worker_id.clone().unwrap_or_else(WorkerId::generate);
     info!(worker_id = %worker_id, max_sessions = args.max_sessions, "worker starting");
     // Other processes of this user cannot read our memory or /proc/<pid>/environ.
@@ -166,12 +168,14 @@ pub async fn run(
         args: Arc::new(args),
     };
 
+    metrics::gauge!("oh_worker_draining").set(0.0);
     let sessions = TaskTracker::new();
     let mut core = JoinSet::new();
     if let Some(addr) = ctx.args.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("bind metrics address {addr}"))?;
+        let (ready_ctx, draining) = (ctx.clone(), cancel.clone());
         let app = axum::Router::new()
             .route(
                 "/metrics",
@@ -180,12 +184,14 @@ pub async fn run(
                     async move { m.render() }
                 }),
             )
-            .route("/healthz", axum::routing::get(|| async { "ok" }));
-        let c = cancel.clone();
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                axum::routing::get(move || readyz(ready_ctx.clone(), draining.clone())),
+            );
+        // Served through the drain (metrics, and /readyz saying it drains) until the end.
         core.spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(c.cancelled_owned())
-                .await; // a metrics endpoint failure is not worth stopping sessions for
+            let _ = axum::serve(listener, app).await; // a metrics endpoint failure is not worth stopping sessions for
         });
     }
     core.spawn(lease::renew_loop(ctx.clone(), cancel.child_token()));
@@ -203,6 +209,7 @@ pub async fn run(
         Some(done) = core.join_next() => error!(?done, "core loop ended early"),
     }
     cancel.cancel();
+    metrics::gauge!("oh_worker_draining").set(1.0);
     sessions.close();
     let drain = ctx.args.drain_timeout;
     if tokio::time::timeout(drain, sessions.wait()).await.is_err() {
@@ -211,4 +218,24 @@ pub async fn run(
     core.shutdown().await;
     info!("worker stopped");
     Ok(())
+}
+
+/// `GET /readyz`: 200 while this worker takes sessions (NATS connected, Redis answers, not
+/// draining), else 503; the body says which part is missing.
+async fn readyz(ctx: Ctx, draining: CancellationToken) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let nats = ctx.nats.connection_state() == async_nats::connection::State::Connected;
+    let mut conn = ctx.redis.clone();
+    let redis = redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .is_ok();
+    let draining = draining.is_cancelled();
+    let code = if nats && redis && !draining {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({"nats": nats, "redis": redis, "draining": draining});
+    (code, axum::Json(body)).into_response()
 }

@@ -321,11 +321,19 @@ impl Llm {
             attempt += 1;
             debug!(attempt, messages = req.messages.len(), "LLM request");
             // Cancel-safe: dropping the request future closes its connection.
+            let started = Instant::now();
             let outcome = tokio::select! {
                 biased;
                 () = cancel.cancelled() => return Err(LlmError::Cancelled),
                 outcome = self.attempt(&body) => outcome,
             };
+            let result = match &outcome {
+                Ok(_) => "ok",
+                Err(Failure::Retry { .. }) if attempt <= self.max_retries => "retry",
+                Err(_) => "error",
+            };
+            ::metrics::counter!("oh_worker_llm_requests_total", "result" => result).increment(1);
+            ::metrics::histogram!("oh_worker_llm_seconds").record(started.elapsed());
             let (kind, retry_after) = match outcome {
                 Ok(response) => {
                     self.metrics.record(

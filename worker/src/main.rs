@@ -3,10 +3,18 @@
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+/// The service name on exported traces.
+const SERVICE: &str = "oh-worker";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: worker::Args = shared::config::parse_or_exit();
-    shared::telemetry::init_tracing(args.broker.log_json);
+    let _telemetry = shared::telemetry::init_tracing(
+        args.broker.log_json,
+        args.broker.otlp_endpoint.as_deref(),
+        SERVICE,
+    )
+    .context("traces")?;
     let metrics = shared::telemetry::init_metrics().context("metrics")?;
     let cancel = CancellationToken::new();
     tokio::spawn(shutdown_signal(cancel.clone()));

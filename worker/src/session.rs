@@ -32,9 +32,10 @@ use shared::ownership::{self, Lease};
 use shared::presence;
 use shared::status::{self, SessionState};
 use shared::store::ConversationMeta;
+use shared::telemetry::TraceLink;
 use shared::wire::{Control, HDR_CLIENT_MSG_ID, HDR_CONTROL, HDR_USER, StartReason, StartRequest};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::Ctx;
 use crate::agent::StepError;
@@ -99,6 +100,9 @@ pub(crate) struct AgentSession {
     pub(crate) snapshots: Option<Snapshots>,
     /// A turn ended: snapshot the workspace before the next input.
     snapshot_due: bool,
+    /// Where the user action that started the current turn is in its trace: the turn's
+    /// steps and the events they append belong to that trace.
+    turn_trace: TraceLink,
     /// The agent was told that snapshots are refused (too large, store full); told again
     /// only after one succeeded.
     snapshot_refused: bool,
@@ -175,6 +179,7 @@ impl AgentSession {
             snapshots: None,
             snapshot_due: false,
             snapshot_refused: false,
+            turn_trace: TraceLink::default(),
         }
     }
 
@@ -261,7 +266,9 @@ impl AgentSession {
                         self.turn = None;
                         let (ctrl, step) = *out;
                         last_activity = std::time::Instant::now();
-                        match self.on_step(ctrl, step).await {
+                        let span = info_span!("record_step");
+                        self.turn_trace.adopt(&span);
+                        match self.on_step(ctrl, step).instrument(span).await {
                             Ok(()) => {}
                             Err(e) => break self.on_append_error(e),
                         }
@@ -297,7 +304,11 @@ impl AgentSession {
                     }
                     Input::Action(msg) => {
                         last_activity = std::time::Instant::now();
-                        match self.on_action(*msg).await {
+                        // The gateway's trace of this action continues here (and in the
+                        // turn it starts, and on the events they append).
+                        let span = info_span!("apply_action");
+                        shared::telemetry::continue_trace(&span, msg.headers.as_ref());
+                        match self.on_action(*msg).instrument(span).await {
                             Ok(None) => {}
                             Ok(Some(end)) => break end,
                             Err(e) => break self.on_append_error(e),
@@ -450,8 +461,10 @@ impl AgentSession {
             return; // a step already runs
         };
         let cancel = CancellationToken::new();
+        let span = info_span!("agent_step", kind = "think");
+        self.turn_trace.adopt(&span);
         self.turn = Some(Turn {
-            fut: ctrl.think(cancel.clone()),
+            fut: Box::pin(ctrl.think(cancel.clone()).instrument(span)),
             cancel,
         });
     }
@@ -461,8 +474,10 @@ impl AgentSession {
             return;
         };
         let cancel = CancellationToken::new();
+        let span = info_span!("agent_step", kind = "act");
+        self.turn_trace.adopt(&span);
         self.turn = Some(Turn {
-            fut: ctrl.act(action, cancel.clone()),
+            fut: Box::pin(ctrl.act(action, cancel.clone()).instrument(span)),
             cancel,
         });
     }
@@ -743,6 +758,8 @@ impl AgentSession {
                 if let Some(c) = self.ctrl.as_mut() {
                     c.iterations = 0;
                 }
+                // This message starts a turn: its trace (apply_action's span) is the turn's.
+                self.turn_trace = TraceLink::current();
                 self.schedule_think();
             }
         } else if let Some(state) = new_state {
