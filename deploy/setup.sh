@@ -5,7 +5,8 @@
 # JavaScript socket.io-client compatibility test) and Chromium (the web UI test drives it
 # headless), the tools of the across-machines tests
 # (iproute2 for network namespaces and tc, nftables for partitions, libfaketime for clock
-# skew), and Rust via rustup.
+# skew), promtool and docker-compose (offline checks of the deployment files), and Rust via
+# rustup; with `--containers`, podman and what building images needs.
 # Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
@@ -25,6 +26,22 @@ command -v faketime >/dev/null || need+=(faketime)
 # schemathesis (the API contract test) runs in a Python venv.
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
+# The deployment artifacts' offline checks (deploy/validate.sh): promtool for the Prometheus
+# configuration and alert rules, docker-compose (the Python one: it validates a compose file
+# without a container engine) for the compose file.
+command -v promtool >/dev/null || need+=(prometheus)
+command -v docker-compose >/dev/null || need+=(docker-compose)
+# `--containers`: also what building the image and running the compose file need
+# (deploy/container/build.sh, deploy/compose/up.sh).
+if [ "${1:-}" = --containers ]; then
+  command -v podman >/dev/null || need+=(podman)
+  command -v runc >/dev/null || need+=(runc)
+  command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+  command -v podman-compose >/dev/null || need+=(podman-compose)
+  for p in uidmap slirp4netns fuse-overlayfs netavark aardvark-dns; do
+    dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+  done
+fi
 if [ "${OH_SKIP_NODE:-0}" != 1 ]; then
   command -v node >/dev/null || need+=(nodejs)
   command -v npm >/dev/null || need+=(npm)
@@ -39,7 +56,7 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
   # Debian starts packaged services on install; we run our own on chosen ports instead.
-  $SUDO systemctl disable --now nats-server redis-server >/dev/null 2>&1 || true
+  $SUDO systemctl disable --now nats-server redis-server prometheus >/dev/null 2>&1 || true
 fi
 
 # A nats-server for JetStream clusters (>= 2.9.21; Debian 12 has 2.9.10): the across-machines
