@@ -31,6 +31,7 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 # without a container engine) for the compose file.
 command -v promtool >/dev/null || need+=(prometheus)
 command -v docker-compose >/dev/null || need+=(docker-compose)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 # `--containers`: also what building the image and running the compose file need
 # (deploy/container/build.sh, deploy/compose/up.sh).
 if [ "${1:-}" = --containers ]; then
@@ -38,7 +39,7 @@ if [ "${1:-}" = --containers ]; then
   command -v runc >/dev/null || need+=(runc)
   command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
   command -v podman-compose >/dev/null || need+=(podman-compose)
-  for p in uidmap slirp4netns fuse-overlayfs netavark aardvark-dns; do
+  for p in uidmap slirp4netns fuse-overlayfs netavark aardvark-dns iptables; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
   done
 fi
@@ -56,7 +57,7 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
   # Debian starts packaged services on install; we run our own on chosen ports instead.
-  $SUDO systemctl disable --now nats-server redis-server prometheus >/dev/null 2>&1 || true
+  $SUDO systemctl disable --now nats-server redis-server prometheus haproxy >/dev/null 2>&1 || true
 fi
 
 # A nats-server for JetStream clusters (>= 2.9.21; Debian 12 has 2.9.10): the across-machines
