@@ -104,3 +104,49 @@ fn deploy_artifacts_validate() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `oh_worker_start_queue_pending` shows starts no worker could take: one worker with room for
+/// one session, three conversations; two wait, and the full worker still reports them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_queue_depth_is_reported_while_workers_are_full() {
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        max_sessions: 1,
+        worker_env: vec![("OH_WORKER_METRICS_ADDR", metrics_addr.clone())],
+        ..ClusterOpts::default()
+    })
+    .await;
+    for _ in 0..3 {
+        c.create(0, None, None).await;
+    }
+    let http = tests::http_client();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    loop {
+        let page = http
+            .get(format!("http://{metrics_addr}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let pending = page
+            .lines()
+            .find_map(|l| l.strip_prefix("oh_worker_start_queue_pending "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        let active = page
+            .lines()
+            .find_map(|l| l.strip_prefix("oh_worker_sessions_active "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if pending == Some(2.0) && active == Some(1.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pending {pending:?}, active {active:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}

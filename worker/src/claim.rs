@@ -81,16 +81,48 @@ pub(crate) async fn pull_loop(ctx: Ctx, sessions: TaskTracker, cancel: Cancellat
             return;
         }
         for msg in msgs {
-            if let Ok(info) = msg.info() {
-                // Start requests still waiting behind this one (every worker's view of the
-                // shared queue; no extra JetStream call).
-                metrics::gauge!("oh_worker_start_queue_pending").set(info.pending as f64);
-            }
             let Some(permit) = permits.pop() else { break };
             let (ctx, tracker, cancel) = (ctx.clone(), sessions.clone(), cancel.clone());
             sessions.spawn(async move { claim(&ctx, &tracker, &cancel, msg, permit).await });
         }
         // Unused permits go back to the pool here.
+    }
+}
+
+/// How often [`queue_depth_loop`] reads the start queue's depth.
+const QUEUE_DEPTH_EVERY: Duration = Duration::from_secs(15);
+
+/// Keeps `oh_worker_start_queue_pending` (start requests no worker has taken yet) current:
+/// one consumer-info request per worker every [`QUEUE_DEPTH_EVERY`], also while this worker
+/// is full and pulls nothing (when a growing queue matters most).
+pub(crate) async fn queue_depth_loop(ctx: Ctx, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(QUEUE_DEPTH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut consumer: Option<PullConsumer> = None;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let c = match consumer.as_mut() {
+            Some(c) => c,
+            None => match ctx.store.work_consumer().await {
+                Ok(c) => consumer.insert(c),
+                Err(e) => {
+                    debug!(error = %e, "start queue depth: consumer not found");
+                    continue;
+                }
+            },
+        };
+        match c.info().await {
+            Ok(info) => {
+                metrics::gauge!("oh_worker_start_queue_pending").set(info.num_pending as f64);
+            }
+            Err(e) => {
+                debug!(error = %e, "start queue depth not read");
+                consumer = None;
+            }
+        }
     }
 }
 

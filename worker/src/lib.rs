@@ -196,6 +196,7 @@ pub async fn run(
     }
     core.spawn(lease::renew_loop(ctx.clone(), cancel.child_token()));
     core.spawn(sweep::sweep_loop(ctx.clone(), cancel.child_token()));
+    core.spawn(claim::queue_depth_loop(ctx.clone(), cancel.child_token()));
     core.spawn(cleanup::workspace_gc(ctx.clone(), cancel.child_token()));
     core.spawn(files::serve(ctx.clone(), cancel.child_token()));
     core.spawn(claim::pull_loop(

@@ -37,7 +37,7 @@ pub(crate) const METRICS: &[MetricDef] = &[
     def(
         "oh_worker_start_queue_pending",
         Kind::Gauge,
-        "Start requests waiting behind the last one this worker pulled.",
+        "Start requests no worker has taken yet (read every 15 s).",
         None,
     ),
     def(
