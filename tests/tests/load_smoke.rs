@@ -265,3 +265,54 @@ async fn rolling_worker_restart_while_the_load_tool_runs() {
         r.table()
     );
 }
+
+/// `long`: a CodeAct conversation against the tool's own LLM stub (on a port chosen here, given
+/// to the workers), grown past a chat of 60 messages; early and late steps are measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_long_conversation_measures_early_and_late_steps() {
+    let port = tests::proc::free_port();
+    let ws = tempfile::tempdir().unwrap();
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        worker_env: vec![
+            ("OH_AGENT", "codeact".to_owned()),
+            ("OH_LLM_BASE_URL", format!("http://127.0.0.1:{port}/v1")),
+            ("OH_WORKSPACE_ROOT", ws.path().display().to_string()),
+        ],
+        ..ClusterOpts::default()
+    })
+    .await;
+    let listen = format!("127.0.0.1:{port}");
+    let a = args(
+        Some(&c),
+        1,
+        &[
+            "--scenario",
+            "long",
+            "--long-events",
+            "120",
+            "--long-steps-per-turn",
+            "10",
+            "--long-late-messages",
+            "60",
+            "--llm-listen",
+            &listen,
+        ],
+    );
+    let r = load::run(a, None).await.expect("run");
+    assert_clean(&r, &c.logs());
+    assert!(r.extra["long_events"] >= 120.0, "{}", r.table());
+    assert!(
+        r.extra["long_largest_chat_messages"] >= 60.0,
+        "{}",
+        r.table()
+    );
+    assert!(r.metrics["step_early_ms"].n >= 5, "{}", r.table());
+    assert!(r.metrics["step_late_ms"].n >= 1, "{}", r.table());
+    assert!(
+        r.extra.contains_key("step_late_over_early_p50"),
+        "{}",
+        r.table()
+    );
+}

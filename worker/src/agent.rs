@@ -9,7 +9,7 @@ mod codeact;
 
 use std::future::Future;
 
-pub(crate) use codeact::{CodeAct, Notify};
+pub(crate) use codeact::{Chat, CodeAct, Notify};
 
 use shared::event::{ActionView, AgentState, Event, Source};
 use tokio_util::sync::CancellationToken;

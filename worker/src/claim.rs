@@ -630,6 +630,7 @@ impl Claim<'_> {
                     llm,
                     notify: self.notifier(),
                     workspace: runtime_cfg.agent_workspace(&self.sid),
+                    chat: crate::agent::Chat::default(),
                 }))
             }
             _ => AgentImpl::Echo(Echo {

@@ -308,18 +308,35 @@ impl Llm {
     /// [`LlmError::Server`], [`LlmError::Connection`] and [`LlmError::Timeout`] once the
     /// retries are spent; [`LlmError::BadResponse`] for an unusable 2xx body;
     /// [`LlmError::Cancelled`] when `cancel` fires.
-    #[tracing::instrument(skip_all, fields(model = %self.model))]
     pub async fn complete(
         &self,
         req: &ChatRequest,
         on_retry: &(dyn Fn(RetryNotice) + Send + Sync),
         cancel: &CancellationToken,
     ) -> Result<ChatResponse, LlmError> {
-        let body = message::request_body(&self.model, req);
+        let wire: Vec<String> = req.messages.iter().map(ChatMessage::wire_json).collect();
+        self.complete_wire(&wire, &req.tools, on_retry, cancel)
+            .await
+    }
+
+    /// [`Llm::complete`] with the messages already rendered ([`ChatMessage::wire_json`]): an
+    /// agent that keeps its chat rendered sends a long conversation without rebuilding it.
+    ///
+    /// # Errors
+    /// As [`Llm::complete`].
+    #[tracing::instrument(name = "complete", skip_all, fields(model = %self.model, messages = messages.len()))]
+    pub async fn complete_wire<S: AsRef<str> + Sync>(
+        &self,
+        messages: &[S],
+        tools: &[Value],
+        on_retry: &(dyn Fn(RetryNotice) + Send + Sync),
+        cancel: &CancellationToken,
+    ) -> Result<ChatResponse, LlmError> {
+        let body = message::request_body(&self.model, messages, tools);
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            debug!(attempt, messages = req.messages.len(), "LLM request");
+            debug!(attempt, messages = messages.len(), "LLM request");
             // Cancel-safe: dropping the request future closes its connection.
             let started = Instant::now();
             let outcome = tokio::select! {
@@ -383,13 +400,14 @@ impl Llm {
     }
 
     /// One request and its classification.
-    async fn attempt(&self, body: &Value) -> Result<ChatResponse, Failure> {
+    async fn attempt(&self, body: &bytes::Bytes) -> Result<ChatResponse, Failure> {
         let start = Instant::now();
         let mut request = self
             .http
             .post(self.endpoint.clone())
             .timeout(self.timeout)
-            .json(body);
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone());
         if let Some(key) = &self.api_key {
             // `bearer_auth` marks the header sensitive (kept out of reqwest's own Debug).
             request = request.bearer_auth(key.expose());

@@ -20,6 +20,9 @@ pub enum Scenario {
     Replay,
     /// The same load over 1, 2 and 4 workers, deployed through `deploy/local/cluster.sh`.
     Scale,
+    /// One CodeAct conversation grown past 1,000 events against the tool's own instant LLM:
+    /// the agent's step overhead (LLM time excluded) early vs late in the conversation.
+    Long,
 }
 
 impl Scenario {
@@ -32,6 +35,7 @@ impl Scenario {
             Scenario::Burst => "burst",
             Scenario::Replay => "replay",
             Scenario::Scale => "scale",
+            Scenario::Long => "long",
         }
     }
 }
@@ -99,6 +103,21 @@ pub struct Args {
     /// replay: "at the end" means `latest_event_id = head - this`.
     #[arg(long, default_value_t = 4)]
     pub replay_tail: u64,
+    /// long: grow the conversation to this many events.
+    #[arg(long, default_value_t = 1_200)]
+    pub long_events: u64,
+    /// long: agent steps (a `think` tool call and its observation) per user message.
+    #[arg(long, default_value_t = 20)]
+    pub long_steps_per_turn: u32,
+    /// long: a step counts as late once the chat sent to the LLM has this many messages (and
+    /// as early while it has at most 30).
+    #[arg(long, default_value_t = 1_000)]
+    pub long_late_messages: usize,
+    /// long: address of the tool's own OpenAI-compatible LLM (answers at once, records the
+    /// time between its answer and the agent's next request). The deployment's workers must
+    /// use it: `OH_LLM_BASE_URL=http://ADDR/v1` (set for `--deploy`). Port 0: any free port.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub llm_listen: std::net::SocketAddr,
     /// scale: worker counts to compare.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     pub scale_workers: Vec<usize>,
@@ -195,6 +214,7 @@ impl Args {
             Scenario::Burst => (1000, 1, 0.0, 0.0, 0, 0.0, 0),
             Scenario::Replay => (2, 1, 100.0, 0.0, 0, 0.0, 0),
             Scenario::Scale => (100, 1, 100.0, 0.0, 0, 20.0, 2),
+            Scenario::Long => (1, 1, 100.0, 0.0, 0, 0.0, 0),
         };
         let conversations = self.conversations.unwrap_or(conv).max(1);
         let pct = self.active_pct.unwrap_or(pct).clamp(0.0, 100.0);

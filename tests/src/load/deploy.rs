@@ -53,6 +53,8 @@ pub struct ScriptDeployer {
     pub max_sessions: u32,
     /// Keep the namespace's streams and keys after stopping.
     pub keep: bool,
+    /// More environment for `cluster.sh` (its `OH_*` variables reach the binaries).
+    pub extra_env: Vec<(String, String)>,
     namespace: Option<String>,
 }
 
@@ -75,6 +77,7 @@ impl ScriptDeployer {
             redis_url: broker.1,
             max_sessions,
             keep: false,
+            extra_env: Vec::new(),
             namespace: None,
         }
     }
@@ -101,6 +104,7 @@ impl ScriptDeployer {
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
+        cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
         for (var, url) in [
             ("OH_NATS_URL", &self.nats_url),
             ("OH_REDIS_URL", &self.redis_url),

@@ -28,6 +28,7 @@ pub mod rest;
 mod run;
 mod scenario;
 pub mod stats;
+pub mod stub_llm;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -40,6 +41,9 @@ use deploy::{DeployError, Deployer, ScriptDeployer};
 use procfs::Pid;
 use rest::{Rest, RestError};
 use run::Ctx;
+use stats::Stats;
+use std::sync::Arc;
+use stub_llm::StubLlm;
 
 /// Why a run could not be carried out (lost events and timeouts are results, not errors).
 #[derive(Debug, thiserror::Error)]
@@ -112,8 +116,31 @@ fn given_pids(args: &Args) -> Vec<Pid> {
 pub async fn run(args: Args, deployer: Option<Box<dyn Deployer>>) -> Result<Report, LoadError> {
     let started = Instant::now();
     let rest = Rest::new(args.token.clone())?;
-    let mut deployer: Box<dyn Deployer> =
-        deployer.unwrap_or_else(|| Box::new(script_deployer(&args)));
+    let stats = Arc::new(Stats::default());
+    // `long`: the tool's own LLM, before the deployment (its workers must use it).
+    let llm = if args.scenario == Scenario::Long {
+        let llm = StubLlm::start(
+            args.llm_listen,
+            args.long_steps_per_turn,
+            args.long_late_messages,
+            stats.clone(),
+        )
+        .await
+        .map_err(|e| LoadError::Setup(format!("LLM stub on {}: {e}", args.llm_listen)))?;
+        Some(llm)
+    } else {
+        None
+    };
+    let mut deployer: Box<dyn Deployer> = deployer.unwrap_or_else(|| {
+        let mut d = script_deployer(&args);
+        if let Some(llm) = &llm {
+            d.extra_env = vec![
+                ("OH_AGENT".to_owned(), "codeact".to_owned()),
+                ("OH_LLM_BASE_URL".to_owned(), llm.base_url()),
+            ];
+        }
+        Box::new(d)
+    });
     let mut gateways: Vec<String> = args
         .gateways
         .iter()
@@ -130,7 +157,7 @@ pub async fn run(args: Args, deployer: Option<Box<dyn Deployer>>) -> Result<Repo
     if gateways.is_empty() {
         return Err(LoadError::Setup("no gateway given (--gateway)".to_owned()));
     }
-    let mut ctx = Ctx::new(args.clone(), gateways, pids, rest);
+    let mut ctx = Ctx::new(args.clone(), gateways, pids, rest, stats);
     ctx.report.scenario = args.scenario.name().to_owned();
     ctx.report.plan = Some(ctx.plan.clone());
     ctx.report.gateways = ctx.gateways.clone();
@@ -147,6 +174,10 @@ pub async fn run(args: Args, deployer: Option<Box<dyn Deployer>>) -> Result<Repo
             Scenario::Burst => scenario::burst(&mut ctx).await,
             Scenario::Replay => scenario::replay(&mut ctx).await,
             Scenario::Scale => scenario::scale(&mut ctx, deployer.as_mut()).await,
+            Scenario::Long => match &llm {
+                Some(llm) => scenario::long(&mut ctx, llm).await,
+                None => Err(LoadError::Setup("no LLM stub".to_owned())),
+            },
         }
     }
     .await;

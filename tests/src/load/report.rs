@@ -126,7 +126,7 @@ pub struct Report {
 }
 
 /// Metrics shown in the plot (the floor is drawn for reference).
-const PLOTTED: [Metric; 13] = [
+const PLOTTED: [Metric; 15] = [
     Metric::Reply,
     Metric::UserEcho,
     Metric::Ack,
@@ -140,6 +140,8 @@ const PLOTTED: [Metric; 13] = [
     Metric::ReplayStartSmall,
     Metric::NatsRtt,
     Metric::JsAck,
+    Metric::StepEarly,
+    Metric::StepLate,
 ];
 
 impl Report {

@@ -33,7 +33,13 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    pub(crate) fn new(args: Args, gateways: Vec<String>, pids: Vec<Pid>, rest: Rest) -> Ctx {
+    pub(crate) fn new(
+        args: Args,
+        gateways: Vec<String>,
+        pids: Vec<Pid>,
+        rest: Rest,
+        stats: Arc<Stats>,
+    ) -> Ctx {
         let plan = args.plan();
         let timeout = Duration::from_secs_f64(args.timeout_s.max(0.1));
         Ctx {
@@ -41,7 +47,7 @@ impl Ctx {
             plan,
             gateways,
             rest,
-            stats: Arc::new(Stats::default()),
+            stats,
             pids,
             timeout,
             report: Report::default(),

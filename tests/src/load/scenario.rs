@@ -365,8 +365,8 @@ pub(crate) async fn scale(ctx: &mut Ctx, deployer: &mut dyn Deployer) -> Result<
             dep.gateways.clone(),
             dep.pids.clone(),
             ctx.rest.clone(),
+            ctx.stats.clone(),
         );
-        step.stats = ctx.stats.clone();
         step.phase = ctx.phase.clone();
         ctx.stats.reset(Metric::Reply);
         let errors_before = ctx.stats.error_count();
@@ -408,6 +408,44 @@ pub(crate) async fn scale(ctx: &mut Ctx, deployer: &mut dyn Deployer) -> Result<
             format!("throughput_{}w_over_{}w", b.workers, a.workers),
             ratio,
         );
+    }
+    Ok(())
+}
+
+/// `long`: a CodeAct conversation of `--long-steps-per-turn` think steps per message, grown to
+/// `--long-events`; the LLM stub records each step's overhead (its answer → the agent's next
+/// request) once the chat has `--long-late-messages` messages, and, on three fresh
+/// conversations of one turn afterwards (the deployment warm), while it is short. The
+/// client's events are checked like every other scenario's.
+pub(crate) async fn long(ctx: &mut Ctx, llm: &super::stub_llm::StubLlm) -> Result<(), LoadError> {
+    ctx.set_phase("long");
+    let conv = build_conversation(ctx, ctx.args.long_events).await?;
+    let stored = ctx.rest.events(&ctx.gateways[0], &conv.id).await?;
+    ctx.report.stored_gaps += stored_gaps(&stored);
+    // Early steps measured again on fresh conversations, now that the deployment is warm
+    // (the long one's first steps come right after start-up): one turn each.
+    ctx.set_phase("short");
+    ctx.stats.reset(Metric::StepEarly);
+    for _ in 0..3 {
+        let short = build_conversation(ctx, 8).await?;
+        let stored = ctx.rest.events(&ctx.gateways[0], &short.id).await?;
+        ctx.report.stored_gaps += stored_gaps(&stored);
+    }
+    let s = |m| ctx.stats.summary(m);
+    let (early, late) = (s(Metric::StepEarly), s(Metric::StepLate));
+    let extra = &mut ctx.report.extra;
+    extra.insert("long_events".into(), stored.len() as f64);
+    extra.insert(
+        "long_largest_chat_messages".into(),
+        llm.largest_chat() as f64,
+    );
+    if early.n > 0 && late.n > 0 && early.p50 > 0.0 {
+        extra.insert("step_late_over_early_p50".into(), late.p50 / early.p50);
+    } else {
+        ctx.report.notes.push(format!(
+            "long: {} early and {} late steps measured (late needs a chat of {} messages: raise --long-events)",
+            early.n, late.n, ctx.args.long_late_messages
+        ));
     }
     Ok(())
 }

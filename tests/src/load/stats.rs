@@ -41,11 +41,16 @@ pub enum Metric {
     NatsRtt,
     /// JetStream publish → ack.
     JsAck,
+    /// long: the agent's step overhead (LLM answer → its next LLM request) with at most 30
+    /// messages in the chat.
+    StepEarly,
+    /// long: the same with at least `--long-late-messages` messages in the chat.
+    StepLate,
 }
 
 impl Metric {
     /// Every metric, in table order.
-    pub const ALL: [Metric; 14] = [
+    pub const ALL: [Metric; 16] = [
         Metric::Connect,
         Metric::Ack,
         Metric::UserEcho,
@@ -60,6 +65,8 @@ impl Metric {
         Metric::ReplayStartSmall,
         Metric::NatsRtt,
         Metric::JsAck,
+        Metric::StepEarly,
+        Metric::StepLate,
     ];
 
     /// JSON key and table label.
@@ -79,6 +86,8 @@ impl Metric {
             Metric::ReplayStartSmall => "replay_start_small_ms",
             Metric::NatsRtt => "floor_nats_rtt_ms",
             Metric::JsAck => "floor_js_ack_ms",
+            Metric::StepEarly => "step_early_ms",
+            Metric::StepLate => "step_late_ms",
         }
     }
 }

@@ -15,6 +15,7 @@
 //! new owner after a failover continues with the calls that are left; a user message in
 //! between drops them (the model sees the new message instead).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -26,9 +27,7 @@ use shared::event::{
 use tokio_util::sync::CancellationToken;
 
 use super::StepError;
-use crate::llm::{
-    AssistantMessage, ChatMessage, ChatRequest, Llm, LlmError, RetryNotice, ToolCall,
-};
+use crate::llm::{AssistantMessage, ChatMessage, Llm, LlmError, RetryNotice, ToolCall};
 
 /// Publishes status updates (live-only `oh_event`s) to the session's clients.
 pub(crate) type Notify = Arc<dyn Fn(StatusUpdate) + Send + Sync>;
@@ -37,6 +36,8 @@ pub(crate) struct CodeAct {
     pub(crate) llm: Llm,
     pub(crate) notify: Notify,
     pub(crate) workspace: String,
+    /// The chat sent to the model, kept up to date step by step.
+    pub(crate) chat: Chat,
 }
 
 impl CodeAct {
@@ -102,10 +103,9 @@ impl CodeAct {
                 _ => None,
             })
             .unwrap_or_else(|| self.system_prompt());
-        let req = ChatRequest {
-            messages: to_messages(&system, history),
-            tools: self.tools().as_array().cloned().unwrap_or_default(),
-        };
+        self.chat.sync(history);
+        let messages = self.chat.wire(&system);
+        let tools = self.tools().as_array().cloned().unwrap_or_default();
         let notify = self.notify.clone();
         let on_retry = move |n: RetryNotice| {
             notify(StatusUpdate {
@@ -114,7 +114,11 @@ impl CodeAct {
                 message: format!("Retrying LLM request, {} / {}", n.attempt, n.max),
             });
         };
-        let resp = match self.llm.complete(&req, &on_retry, cancel).await {
+        let resp = match self
+            .llm
+            .complete_wire(&messages, &tools, &on_retry, cancel)
+            .await
+        {
             Ok(r) => r,
             Err(LlmError::Cancelled) => return Err(StepError::Cancelled),
             Err(e) => {
@@ -319,97 +323,170 @@ impl<'a> ToolArgs<'a> {
 /// The conversation as chat messages: the system prompt, user messages, the agent's messages
 /// and tool calls, and each tool call's observation as the tool's answer. A tool call without
 /// an observation (interrupted) gets a synthetic answer so the request stays valid.
+#[cfg(test)]
 pub(crate) fn to_messages(system: &str, history: &[Event]) -> Vec<ChatMessage> {
-    let mut out = vec![ChatMessage::system(system)];
-    let mut call_of: HashMap<u64, (String, String)> = HashMap::new();
-    let mut open: Option<(String, String)> = None;
-    let close_open = |out: &mut Vec<ChatMessage>, open: &mut Option<(String, String)>| {
-        if let Some((id, name)) = open.take() {
-            out.push(ChatMessage::tool(
-                id,
-                name,
-                "(no result: the action was interrupted)",
-            ));
-        }
+    let mut chat = Chat {
+        keep_messages: true,
+        ..Chat::default()
     };
-    for ev in history {
+    chat.sync(history);
+    let mut out = vec![ChatMessage::system(system)];
+    out.extend(chat.messages.iter().cloned());
+    out.extend(chat.pending_answer());
+    out
+}
+
+/// [`to_messages`] kept up to date step by step: only the events added since the last step are
+/// converted, and each message is rendered to its wire JSON once, so a step's cost does not
+/// grow with the conversation's length (beyond sending it). A history that is not an
+/// extension of the one seen (another controller's) is converted again from the start.
+#[derive(Debug, Default)]
+pub(crate) struct Chat {
+    /// Events converted so far, and the id of the last of them.
+    seen: usize,
+    last_id: Option<u64>,
+    /// The messages after the system prompt (without the synthetic answer of an open call),
+    /// kept only with `keep_messages` ([`to_messages`]; a step needs only their JSON).
+    messages: Vec<ChatMessage>,
+    keep_messages: bool,
+    /// Each message's wire JSON.
+    wire: Vec<String>,
+    /// Tool call (event id) → (call id, function name).
+    call_of: HashMap<u64, (String, String)>,
+    /// The newest tool call, while it has no answer.
+    open: Option<(String, String)>,
+}
+
+impl Chat {
+    /// Converts the events of `history` not converted yet.
+    pub(crate) fn sync(&mut self, history: &[Event]) {
+        let extends = self.seen <= history.len()
+            && (self.seen == 0 || history[self.seen - 1].id == self.last_id);
+        if !extends {
+            *self = Chat {
+                keep_messages: self.keep_messages,
+                ..Chat::default()
+            };
+        }
+        for ev in &history[self.seen..] {
+            self.push_event(ev);
+        }
+        self.seen = history.len();
+        self.last_id = history.last().and_then(|e| e.id);
+    }
+
+    /// The wire JSON of the request's messages: `system`, the conversation, and the
+    /// synthetic answer of a call still open.
+    pub(crate) fn wire(&self, system: &str) -> Vec<Cow<'_, str>> {
+        let mut out = Vec::with_capacity(self.wire.len() + 2);
+        out.push(Cow::Owned(ChatMessage::system(system).wire_json()));
+        out.extend(self.wire.iter().map(|w| Cow::Borrowed(w.as_str())));
+        out.extend(self.pending_answer().map(|m| Cow::Owned(m.wire_json())));
+        out
+    }
+
+    fn pending_answer(&self) -> Option<ChatMessage> {
+        self.open.as_ref().map(|(id, name)| {
+            ChatMessage::tool(
+                id.clone(),
+                name.clone(),
+                "(no result: the action was interrupted)",
+            )
+        })
+    }
+
+    fn push_message(&mut self, m: ChatMessage) {
+        self.wire.push(m.wire_json());
+        if self.keep_messages {
+            self.messages.push(m);
+        }
+    }
+
+    fn close_open(&mut self) {
+        if let Some(m) = self.pending_answer() {
+            self.open = None;
+            self.push_message(m);
+        }
+    }
+
+    fn push_event(&mut self, ev: &Event) {
         let call = ev.tool_call();
         if let (Some(call), Some(_)) = (call, ev.action()) {
             let (id, name) = (call.tool_call_id.to_owned(), call.function_name.to_owned());
-            close_open(&mut out, &mut open);
+            self.close_open();
             let thought = Some(ev.thought())
                 .filter(|t| !t.is_empty())
                 .map(str::to_owned);
-            out.push(ChatMessage::assistant(AssistantMessage {
+            self.push_message(ChatMessage::assistant(AssistantMessage {
                 content: thought,
                 tool_calls: vec![llm_call(call)],
             }));
             if let Some(evid) = ev.id {
-                call_of.insert(evid, (id.clone(), name.clone()));
+                self.call_of.insert(evid, (id.clone(), name.clone()));
             }
-            open = Some((id, name));
-            continue;
+            self.open = Some((id, name));
+            return;
         }
         if let Some(obs) = ev.observation() {
             // The answer to a tool call: by cause, or (malformed call) by its own metadata.
             let by_cause = ev
                 .cause
                 .and_then(|c| u64::try_from(c).ok())
-                .and_then(|c| call_of.get(&c).cloned());
+                .and_then(|c| self.call_of.get(&c).cloned());
             if let Some((id, name)) = by_cause {
-                if open.as_ref().is_some_and(|(o, _)| *o == id) {
-                    open = None;
+                if self.open.as_ref().is_some_and(|(o, _)| *o == id) {
+                    self.open = None;
                 }
-                out.push(ChatMessage::tool(id, name, observation_text(obs)));
-                continue;
+                self.push_message(ChatMessage::tool(id, name, observation_text(obs)));
+                return;
             }
             if let Some(call) = call {
-                close_open(&mut out, &mut open);
-                out.push(ChatMessage::assistant(AssistantMessage {
+                self.close_open();
+                self.push_message(ChatMessage::assistant(AssistantMessage {
                     content: None,
                     tool_calls: vec![llm_call(call)],
                 }));
-                out.push(ChatMessage::tool(
+                self.push_message(ChatMessage::tool(
                     call.tool_call_id,
                     call.function_name,
                     observation_text(obs),
                 ));
-                continue;
+                return;
             }
             if let (ObservationView::Error { content }, None) = (&obs, ev.cause) {
                 // A notice from the server (workspace restored, snapshot refused, ...): shown
                 // to the model as OpenHands shows an error observation without a tool call.
-                close_open(&mut out, &mut open);
-                out.push(ChatMessage::user(format!("ERROR: {content}")));
-                continue;
+                self.close_open();
+                self.push_message(ChatMessage::user(format!("ERROR: {content}")));
+                return;
             }
             if let ObservationView::Recall(recall) = obs {
                 let instr = recall.repo_instructions();
                 let knowledge: Vec<&str> = recall.knowledge().collect();
                 if !instr.is_empty() || !knowledge.is_empty() {
-                    close_open(&mut out, &mut open);
-                    out.push(ChatMessage::user(format!(
+                    self.close_open();
+                    self.push_message(ChatMessage::user(format!(
                         "<WORKSPACE_CONTEXT>\n{instr}\n{}\n</WORKSPACE_CONTEXT>",
                         knowledge.join("\n")
                     )));
                 }
             }
-            continue;
+            return;
         }
         if let Some(content) = ev.message_content() {
-            close_open(&mut out, &mut open);
+            self.close_open();
             match ev.source {
-                Some(Source::User) => out.push(ChatMessage::user(content)),
-                Some(Source::Agent) => out.push(ChatMessage::assistant(AssistantMessage {
-                    content: Some(content.to_owned()),
-                    tool_calls: Vec::new(),
-                })),
+                Some(Source::User) => self.push_message(ChatMessage::user(content)),
+                Some(Source::Agent) => {
+                    self.push_message(ChatMessage::assistant(AssistantMessage {
+                        content: Some(content.to_owned()),
+                        tool_calls: Vec::new(),
+                    }))
+                }
                 _ => {}
             }
         }
     }
-    close_open(&mut out, &mut open);
-    out
 }
 
 /// A recorded tool call as the LLM client sends it back to the model.

@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
 /// Who wrote a message.
@@ -94,6 +95,11 @@ impl ChatMessage {
             tool_call_id: Some(tool_call_id.into()),
             name: Some(name.into()),
         }
+    }
+
+    /// This message as the JSON text the API expects (one element of `messages`).
+    pub fn wire_json(&self) -> String {
+        self.to_wire().to_string()
     }
 
     fn to_wire(&self) -> Value {
@@ -189,18 +195,28 @@ pub struct ChatResponse {
 }
 
 /// The request body for `model`.
-pub(super) fn request_body(model: &str, req: &ChatRequest) -> Value {
-    let mut body = Map::new();
-    body.insert("model".into(), model.into());
-    body.insert(
-        "messages".into(),
-        Value::Array(req.messages.iter().map(ChatMessage::to_wire).collect()),
-    );
-    if !req.tools.is_empty() {
-        body.insert("tools".into(), Value::Array(req.tools.clone()));
-        body.insert("tool_choice".into(), "auto".into());
+pub(super) fn request_body<S: AsRef<str>>(model: &str, messages: &[S], tools: &[Value]) -> Bytes {
+    // Written by hand around the messages' own JSON (each rendered once by its owner, see
+    // `ChatMessage::wire_json`), so a long chat costs a copy, not a rebuild.
+    let size: usize = messages.iter().map(|m| m.as_ref().len() + 1).sum();
+    let mut out = String::with_capacity(size + 256);
+    out.push_str("{\"model\":");
+    out.push_str(&Value::from(model).to_string());
+    out.push_str(",\"messages\":[");
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(m.as_ref());
     }
-    Value::Object(body)
+    out.push(']');
+    if !tools.is_empty() {
+        out.push_str(",\"tools\":");
+        out.push_str(&Value::Array(tools.to_vec()).to_string());
+        out.push_str(",\"tool_choice\":\"auto\"");
+    }
+    out.push('}');
+    Bytes::from(out)
 }
 
 /// What [`parse_response`] reads out of a response.
@@ -319,7 +335,8 @@ mod tests {
             ],
             tools: Vec::new(),
         };
-        let body = request_body("m", &req);
+        let wire: Vec<String> = req.messages.iter().map(ChatMessage::wire_json).collect();
+        let body: Value = serde_json::from_slice(&request_body("m", &wire, &req.tools)).unwrap();
         assert_eq!(
             body,
             json!({"model": "m", "messages": [
@@ -335,7 +352,8 @@ mod tests {
             tools: vec![json!({"type": "function", "function": {"name": "finish"}})],
             ..req
         };
-        let body = request_body("m", &with_tools);
+        let body: Value =
+            serde_json::from_slice(&request_body("m", &wire, &with_tools.tools)).unwrap();
         assert_eq!(body["tool_choice"], "auto");
         assert_eq!(body["tools"][0]["function"]["name"], "finish");
     }

@@ -59,6 +59,40 @@ fn every_case_gives_its_messages() {
     }
 }
 
+/// The chat kept step by step (one event more at each step, as a conversation grows) sends
+/// exactly what converting the whole history sends, at every length of every case; a shorter
+/// history than the one seen starts over.
+#[test]
+fn the_chat_kept_step_by_step_equals_the_whole_conversion() {
+    let doc: Value = serde_json::from_str(CASES).expect("cases are JSON");
+    for case in doc["cases"].as_array().expect("a `cases` array") {
+        let name = case["name"].as_str().unwrap_or_default();
+        let history: Vec<Event> = case["events"]
+            .as_array()
+            .expect("`events` array")
+            .iter()
+            .filter_map(|v| Event::from_value(v.clone()).ok())
+            .collect();
+        let mut chat = super::Chat::default();
+        for n in 0..=history.len() {
+            chat.sync(&history[..n]);
+            let whole: Vec<String> = to_messages("SYS", &history[..n])
+                .iter()
+                .map(ChatMessage::wire_json)
+                .collect();
+            assert_eq!(chat.wire("SYS"), whole, "case {name:?} at {n} events");
+        }
+        // A shorter history than the one seen is not its extension: converted anew.
+        let half = history.len() / 2;
+        chat.sync(&history[..half]);
+        let whole: Vec<String> = to_messages("SYS", &history[..half])
+            .iter()
+            .map(ChatMessage::wire_json)
+            .collect();
+        assert_eq!(chat.wire("SYS"), whole, "case {name:?} cut to {half}");
+    }
+}
+
 #[test]
 fn an_empty_history_is_the_system_prompt_alone() {
     let got: Vec<Value> = to_messages("SYS", &[]).iter().map(compact).collect();
