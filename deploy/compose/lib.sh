@@ -2,14 +2,8 @@
 #   OH_COMPOSE="podman-compose" (or "docker compose", "docker-compose") forces a choice.
 # Sets ENGINE (docker|podman) and COMPOSE (array), and PROJECT (compose project name).
 PROJECT=${OH_COMPOSE_PROJECT:-openhands}
-# Hosts whose cgroups are a v1+v2 hybrid (crun refuses them) or whose open-file limit is below
-# podman's default container limit need deploy/container/containers.conf (runc, lower ulimits).
-podman_host_settings() {
-  if [ -z "${CONTAINERS_CONF:-}" ] && { [ -d /sys/fs/cgroup/unified ] || [ "$(ulimit -Hn)" != unlimited -a "$(ulimit -Hn)" -lt 1048576 ]; }; then
-    CONTAINERS_CONF=$(cd "$(dirname "${BASH_SOURCE[0]}")/../container" && pwd)/containers.conf
-    export CONTAINERS_CONF
-  fi
-}
+# shellcheck source=../container/podman-env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../container/podman-env.sh"
 pick_compose() {
   if [ -n "${OH_COMPOSE:-}" ]; then
     read -r -a COMPOSE <<<"$OH_COMPOSE"

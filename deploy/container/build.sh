@@ -10,11 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 TAG=${1:-localhost/openhands-rs:latest}
 HERE=deploy/container
-# Hosts with hybrid v1+v2 cgroups (crun refuses them) or a low open-file limit: runc and
-# lower container ulimits (see containers.conf).
-if [ -z "${CONTAINERS_CONF:-}" ] && { [ -d /sys/fs/cgroup/unified ] || [ "$(ulimit -Hn)" != unlimited -a "$(ulimit -Hn)" -lt 1048576 ]; }; then
-  export CONTAINERS_CONF=$PWD/$HERE/containers.conf
-fi
+# shellcheck source=podman-env.sh
+. "$HERE/podman-env.sh"
+podman_host_settings
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SECURITY=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 
