@@ -320,23 +320,18 @@ impl<'a> ToolArgs<'a> {
     }
 }
 
-/// The conversation as chat messages: the system prompt, user messages, the agent's messages
-/// and tool calls, and each tool call's observation as the tool's answer. A tool call without
-/// an observation (interrupted) gets a synthetic answer so the request stays valid.
+/// The conversation as the chat messages' wire JSON, converted from scratch: the system
+/// prompt, user messages, the agent's messages and tool calls, and each tool call's
+/// observation as the tool's answer. A tool call without an observation (interrupted) gets a
+/// synthetic answer so the request stays valid. (Tests; a step uses [`Chat`].)
 #[cfg(test)]
-pub(crate) fn to_messages(system: &str, history: &[Event]) -> Vec<ChatMessage> {
-    let mut chat = Chat {
-        keep_messages: true,
-        ..Chat::default()
-    };
+pub(crate) fn to_messages(system: &str, history: &[Event]) -> Vec<String> {
+    let mut chat = Chat::default();
     chat.sync(history);
-    let mut out = vec![ChatMessage::system(system)];
-    out.extend(chat.messages.iter().cloned());
-    out.extend(chat.pending_answer());
-    out
+    chat.wire(system).into_iter().map(Cow::into_owned).collect()
 }
 
-/// [`to_messages`] kept up to date step by step: only the events added since the last step are
+/// The chat sent to the model, kept up to date step by step: only the events added since the last step are
 /// converted, and each message is rendered to its wire JSON once, so a step's cost does not
 /// grow with the conversation's length (beyond sending it). A history that is not an
 /// extension of the one seen (another controller's) is converted again from the start.
@@ -345,11 +340,8 @@ pub(crate) struct Chat {
     /// Events converted so far, and the id of the last of them.
     seen: usize,
     last_id: Option<u64>,
-    /// The messages after the system prompt (without the synthetic answer of an open call),
-    /// kept only with `keep_messages` ([`to_messages`]; a step needs only their JSON).
-    messages: Vec<ChatMessage>,
-    keep_messages: bool,
-    /// Each message's wire JSON.
+    /// Each message's wire JSON, after the system prompt (without the synthetic answer of an
+    /// open call).
     wire: Vec<String>,
     /// Tool call (event id) → (call id, function name).
     call_of: HashMap<u64, (String, String)>,
@@ -363,10 +355,7 @@ impl Chat {
         let extends = self.seen <= history.len()
             && (self.seen == 0 || history[self.seen - 1].id == self.last_id);
         if !extends {
-            *self = Chat {
-                keep_messages: self.keep_messages,
-                ..Chat::default()
-            };
+            *self = Chat::default();
         }
         for ev in &history[self.seen..] {
             self.push_event(ev);
@@ -397,9 +386,6 @@ impl Chat {
 
     fn push_message(&mut self, m: ChatMessage) {
         self.wire.push(m.wire_json());
-        if self.keep_messages {
-            self.messages.push(m);
-        }
     }
 
     fn close_open(&mut self) {

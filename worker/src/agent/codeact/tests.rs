@@ -6,7 +6,6 @@ use serde_json::{Value, json};
 use shared::event::Event;
 
 use super::to_messages;
-use crate::llm::ChatMessage;
 
 const CASES: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -14,19 +13,27 @@ const CASES: &str = include_str!(concat!(
 ));
 
 /// A message as the cases write it: `role` and `content`, plus `tool_calls` (`id`, `name`,
-/// `arguments`) when there are any, and `tool_call_id` and `name` when set.
-fn compact(m: &ChatMessage) -> Value {
-    let calls: Vec<Value> = m
-        .tool_calls
-        .iter()
-        .map(|c| json!({"id": c.id, "name": c.name, "arguments": c.arguments}))
-        .collect();
+/// `arguments`) when there are any, and `tool_call_id` and `name` when set; read from the
+/// message's wire JSON.
+fn compact(wire: &str) -> Value {
+    let m: Value = serde_json::from_str(wire).expect("wire JSON");
+    let calls: Vec<Value> = m["tool_calls"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    json!({"id": c["id"], "name": c["function"]["name"],
+                           "arguments": c["function"]["arguments"]})
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let mut v = json!({
-        "role": format!("{:?}", m.role).to_lowercase(),
-        "content": m.content,
+        "role": m["role"],
+        "content": m["content"],
         "tool_calls": calls,
-        "tool_call_id": m.tool_call_id,
-        "name": m.name,
+        "tool_call_id": m.get("tool_call_id"),
+        "name": m.get("name"),
     });
     if let Value::Object(fields) = &mut v {
         fields.retain(|k, x| k == "content" || !(x.is_null() || x == &json!([])));
@@ -49,7 +56,10 @@ fn every_case_gives_its_messages() {
                 Event::from_value(v.clone()).unwrap_or_else(|e| panic!("{name}: event {v}: {e}"))
             })
             .collect();
-        let got: Vec<Value> = to_messages("SYS", &history).iter().map(compact).collect();
+        let got: Vec<Value> = to_messages("SYS", &history)
+            .iter()
+            .map(|w| compact(w))
+            .collect();
         assert_eq!(
             Value::Array(got.clone()),
             case["messages"],
@@ -76,26 +86,20 @@ fn the_chat_kept_step_by_step_equals_the_whole_conversion() {
         let mut chat = super::Chat::default();
         for n in 0..=history.len() {
             chat.sync(&history[..n]);
-            let whole: Vec<String> = to_messages("SYS", &history[..n])
-                .iter()
-                .map(ChatMessage::wire_json)
-                .collect();
+            let whole = to_messages("SYS", &history[..n]);
             assert_eq!(chat.wire("SYS"), whole, "case {name:?} at {n} events");
         }
         // A shorter history than the one seen is not its extension: converted anew.
         let half = history.len() / 2;
         chat.sync(&history[..half]);
-        let whole: Vec<String> = to_messages("SYS", &history[..half])
-            .iter()
-            .map(ChatMessage::wire_json)
-            .collect();
+        let whole = to_messages("SYS", &history[..half]);
         assert_eq!(chat.wire("SYS"), whole, "case {name:?} cut to {half}");
     }
 }
 
 #[test]
 fn an_empty_history_is_the_system_prompt_alone() {
-    let got: Vec<Value> = to_messages("SYS", &[]).iter().map(compact).collect();
+    let got: Vec<Value> = to_messages("SYS", &[]).iter().map(|w| compact(w)).collect();
     assert_eq!(got, vec![json!({"role": "system", "content": "SYS"})]);
 }
 
