@@ -6,7 +6,7 @@
 //! |---|---|
 //! | events of a session (durable log) | stream `{ns}_events`, subject `{ns}.ev.{sid}` |
 //! | status updates (live only) | core subject `{ns}.st.{sid}` |
-//! | user actions not yet applied | stream `{ns}_actions` (work queue), subject `{ns}.act.{sid}`, durable consumer `act_{sid}` |
+//! | user actions not yet applied | stream `{ns}_actions` (work queue, no consumer), subject `{ns}.act.{sid}`, each stored action republished by the stream on `{ns}.act.{sid}.stored` |
 //! | start/resume requests | stream `{ns}_work` (work queue, one per session at a time), subject `{ns}.work.{sid}`, consumer `workers` |
 //! | conversation metadata | stream `{ns}_meta`, subject `{ns}.meta.{uid}.{sid}`, one message each |
 //! | workspace snapshots (head and content chunks) | stream `{ns}_ws`, subjects `{ns}.ws.{sid}.h` (head) and `{ns}.ws.{sid}.c.{sha256}` (one chunk each) |
@@ -132,9 +132,19 @@ impl Names {
     pub fn actions_subjects(&self) -> String {
         format!("{}.act.*", self.ns)
     }
-    /// Durable consumer through which the owner of a session reads its actions.
-    pub fn actions_consumer(&self, sid: &SessionId) -> String {
-        format!("act_{sid}")
+    /// Where the actions stream republishes each action it stored (with its sequence and the
+    /// session's previous one): the owner's live feed. Four tokens, so a gateway's
+    /// [`Self::session_subjects`] does not receive them.
+    pub fn actions_stored_subject(&self, sid: &SessionId) -> String {
+        format!("{}.act.{sid}.stored", self.ns)
+    }
+    /// The actions stream's republish mapping: source and destination of
+    /// [`Self::actions_stored_subject`].
+    pub fn actions_republish(&self) -> (String, String) {
+        (
+            self.actions_subjects(),
+            format!("{}.act.{{{{wildcard(1)}}}}.stored", self.ns),
+        )
     }
 
     /// Work-queue stream of start/resume requests.
@@ -260,6 +270,14 @@ mod tests {
         let uid = UserId::parse("alice").unwrap();
         assert_eq!(n.events_subject(&sid), "t1.ev.abc123");
         assert_eq!(n.actions_subject(&sid), "t1.act.abc123");
+        assert_eq!(n.actions_stored_subject(&sid), "t1.act.abc123.stored");
+        assert_eq!(
+            n.actions_republish(),
+            (
+                "t1.act.*".to_owned(),
+                "t1.act.{{wildcard(1)}}.stored".to_owned()
+            )
+        );
         assert_eq!(n.work_subject(&sid), "t1.work.abc123");
         assert_eq!(n.meta_subject(&uid, &sid), "t1.meta.alice.abc123");
         assert_eq!(n.meta_user_filter(&uid), "t1.meta.alice.*");

@@ -2,42 +2,224 @@
 //!
 //! - **Actions** (`{ns}_actions`, subject `{ns}.act.{sid}`): gateways publish user actions and
 //!   control requests ([`Store::publish_action`]) with a `Nats-Msg-Id` (an
-//!   [`ActionMsgId`], see [`crate::msg_id`]), so a
-//!   retried publish is stored once within JetStream's duplicate window. The session's owner
-//!   reads them, one at a time and acked after they are applied, through the durable consumer
-//!   `act_{sid}` ([`Store::create_action_consumer`], [`Store::replace_action_consumer`]). A new
-//!   owner replaces the consumer, so a dead owner's unacked action comes back at once.
+//!   [`ActionMsgId`], see [`crate::msg_id`]), so a retried publish is stored once within
+//!   JetStream's duplicate window. The stream has **no consumer**: it republishes every
+//!   action it stored, after the store is committed, on `{ns}.act.{sid}.stored` with its
+//!   sequence and the previous sequence stored on that subject (`Nats-Sequence`,
+//!   `Nats-Last-Sequence`). The session's owner reads them through an [`ActionFeed`]: a core
+//!   subscription to that subject, a cursor (the last sequence it handled), and direct reads
+//!   ([`Store::next_action`]) whenever the previous sequence shows a gap, at a claim, or when
+//!   the worker's recheck ([`Store::sessions_with_actions`]) says something waits. Handled
+//!   actions are deleted ([`Store::drop_action`]). A new owner starts from the
+//!   stream: whatever a dead owner left is still there, and the log's applied-action mark
+//!   says what was already applied. No consumer is created, replaced or renewed per session.
 //! - **Start requests** (`{ns}_work`, subject `{ns}.work.{sid}`, at most one queued per session):
 //!   gateways and workers queue them ([`Store::enqueue_start`]), a queued one can be withdrawn
 //!   ([`Store::withdraw_start`]), and every worker pulls from the one shared consumer `workers`
 //!   ([`Store::work_consumer`]).
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
+use futures::StreamExt;
 
 use crate::id::SessionId;
 use crate::msg_id::ActionMsgId;
-use crate::store::{Store, StoreError, boxed, nats};
-use crate::wire::StartRequest;
+use crate::store::{Store, StoreError, boxed, get_first_from, nats};
+use crate::wire::{HDR_SENT_AT, StartRequest};
 
-/// A session's action feed, as its owner reads it.
-pub struct ActionFeed {
-    /// The actions, one at a time; each is acked after it is applied.
-    pub messages: consumer::pull::Stream,
-    /// Actions waiting when the feed was opened.
-    pub pending: u64,
+/// One stored action (or control request), as its owner reads it.
+#[derive(Debug, Clone)]
+pub struct Action {
+    /// Its stream sequence: the applied-action mark once it is applied.
+    pub seq: u64,
+    pub headers: HeaderMap,
+    pub payload: Bytes,
+    /// When its publisher sent it ([`HDR_SENT_AT`]), if it said.
+    pub sent_at: Option<SystemTime>,
+    /// How the owner got it: `true` from its republish, `false` read from the stream (at a
+    /// claim, after a gap, or on the worker's recheck).
+    pub republished: bool,
 }
 
-/// How long an action may stay unacked with its owner before JetStream redelivers it.
-const ACTION_ACK_WAIT: Duration = Duration::from_secs(30);
-/// Pull expiry of the owner's feed: after a NATS restart an outstanding pull is re-issued
-/// within it.
-const ACTION_PULL_EXPIRY: Duration = Duration::from_secs(5);
+impl Action {
+    fn new(seq: u64, headers: HeaderMap, payload: Bytes, republished: bool) -> Self {
+        let sent_at = headers
+            .get(HDR_SENT_AT)
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+            .map(|us| SystemTime::UNIX_EPOCH + Duration::from_micros(us));
+        Action {
+            seq,
+            headers,
+            payload,
+            sent_at,
+            republished,
+        }
+    }
+
+    /// Time since it was sent (its publisher's clock against ours; zero if ours is behind or
+    /// it did not say).
+    pub fn waited(&self) -> Duration {
+        self.sent_at
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// What the feed does with a republished action, given its cursor.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Handled already (a copy, or read directly before its republish came).
+    Skip,
+    /// The next one: nothing unhandled is stored between the cursor and it.
+    Take,
+    /// Something stored before it was not seen (a republish lost): read from the stream.
+    Gap,
+}
+
+/// `seq` arrived with `last` as the sequence stored on the session's subject just before it
+/// (0: none). Anything stored after `cursor` is still there (only handled actions are purged),
+/// so `last <= cursor` proves nothing unhandled lies between.
+fn next_of(cursor: u64, seq: u64, last: u64) -> Next {
+    if seq <= cursor {
+        Next::Skip
+    } else if last <= cursor {
+        Next::Take
+    } else {
+        Next::Gap
+    }
+}
+
+/// Why [`ActionFeed::next`] returned no action.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    /// Reading the stream failed; the feed is intact.
+    #[error(transparent)]
+    Read(StoreError),
+    /// The subscription ended: the NATS client is closed.
+    #[error("the action feed's subscription ended")]
+    Ended,
+}
+
+/// A session's actions, in stream order, each once, as its owner reads them: republished
+/// actions while they arrive in order, reads from the stream otherwise.
+pub struct ActionFeed {
+    store: Store,
+    sid: SessionId,
+    stored: async_nats::Subscriber,
+    recheck: Arc<tokio::sync::Notify>,
+    /// The last sequence handed out.
+    cursor: u64,
+    /// The stream may hold actions after `cursor` that no republish announced.
+    read_due: bool,
+    /// The recheck saw actions stored and none follows the cursor: look for one handled but
+    /// not dropped.
+    sweep_due: bool,
+    /// Read at the claim, handed out first.
+    first: Option<Action>,
+}
+
+impl ActionFeed {
+    /// Reads the first action waiting (kept for [`Self::next`]); `true` if there is one.
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed.
+    pub async fn look(&mut self) -> Result<bool, StoreError> {
+        if self.first.is_none() && self.read_due {
+            self.first = self.store.next_action(&self.sid, self.cursor).await?;
+            // Nothing stored yet: from here on every action is announced (the subscription
+            // came first), or found by a gap or the recheck.
+            self.read_due = self.first.is_some();
+        }
+        Ok(self.first.is_some())
+    }
+
+    /// The next action. Cancel-safe: nothing is consumed until it returns (the cursor moves
+    /// only then; a republish not yet taken stays in the subscription).
+    ///
+    /// # Errors
+    /// [`FeedError::Read`] if a read failed (try again later), [`FeedError::Ended`] if the
+    /// subscription ended (the client is closing).
+    pub async fn next(&mut self) -> Result<Action, FeedError> {
+        if let Some(first) = self.first.take() {
+            self.cursor = first.seq;
+            return Ok(first);
+        }
+        loop {
+            if self.read_due {
+                match self
+                    .store
+                    .next_action(&self.sid, self.cursor)
+                    .await
+                    .map_err(FeedError::Read)?
+                {
+                    Some(a) => {
+                        // What the recheck saw may be just this one.
+                        self.sweep_due = false;
+                        self.cursor = a.seq;
+                        return Ok(a);
+                    }
+                    None => self.read_due = false,
+                }
+            }
+            if std::mem::take(&mut self.sweep_due)
+                && let Some(left) = self
+                    .store
+                    .next_action(&self.sid, 0)
+                    .await
+                    .map_err(FeedError::Read)?
+                && left.seq <= self.cursor
+            {
+                // Handled here but still stored (its drop failed): handed out again; the
+                // session handles it as a repeat (skipped by the applied-action mark) and
+                // drops it. The cursor stays.
+                return Ok(left);
+            }
+            tokio::select! {
+                m = self.stored.next() => {
+                    let Some(m) = m else {
+                        return Err(FeedError::Ended);
+                    };
+                    let headers = m.headers.unwrap_or_default();
+                    let num = |name: &str| headers.get(name).and_then(|v| v.as_str().parse::<u64>().ok());
+                    let (Some(seq), Some(last)) =
+                        (num("Nats-Sequence"), num("Nats-Last-Sequence"))
+                    else {
+                        // Not the stream's republish (no one else may publish here): look.
+                        self.read_due = true;
+                        continue;
+                    };
+                    match next_of(self.cursor, seq, last) {
+                        Next::Skip => {}
+                        Next::Take => {
+                            self.cursor = seq;
+                            return Ok(Action::new(seq, headers, m.payload, true));
+                        }
+                        Next::Gap => self.read_due = true,
+                    }
+                }
+                () = self.recheck.notified() => {
+                    self.read_due = true;
+                    self.sweep_due = true;
+                }
+            }
+        }
+    }
+
+    /// Makes the next [`Self::next`] read the stream (the worker's recheck found actions
+    /// stored for this session).
+    pub fn recheck(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.recheck)
+    }
+}
+
+/// How long the publisher waits before re-sending an unconfirmed action.
+const RESEND_AFTER: Duration = Duration::from_millis(500);
 
 impl Store {
     /// Publishes an action (or control request, empty payload) to the session's action
@@ -57,6 +239,10 @@ impl Store {
         if let Some(client) = msg_id.client_msg_id() {
             headers.insert(crate::wire::HDR_CLIENT_MSG_ID, client);
         }
+        let sent_at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        headers.insert(HDR_SENT_AT, sent_at.to_string().as_str());
         let payload = self.pack(sid, payload, &mut headers).await?;
         let started = std::time::Instant::now();
         loop {
@@ -79,100 +265,116 @@ impl Store {
             if started.elapsed() >= crate::store::UNCONFIRMED_PATIENCE {
                 return Err(crate::store::unconfirmed_error("publish action"));
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(RESEND_AFTER).await;
         }
     }
 
-    fn action_consumer_config(&self, sid: &SessionId) -> consumer::pull::Config {
-        consumer::pull::Config {
-            durable_name: Some(self.names.actions_consumer(sid)),
-            filter_subject: self.names.actions_subject(sid),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: ACTION_ACK_WAIT,
-            // One at a time: an action is applied before the next is read.
-            max_ack_pending: 1,
-            ..Default::default()
-        }
-    }
-
-    /// Creates the session's action consumer, for a session that has never had an owner.
-    ///
-    /// # Errors
-    /// [`StoreError`] if JetStream refused (e.g. it exists already with another config).
-    pub async fn create_action_consumer(
-        &self,
-        sid: &SessionId,
-    ) -> Result<consumer::PullConsumer, StoreError> {
-        self.actions
-            .create_consumer(self.action_consumer_config(sid))
-            .await
-            .map_err(|e| nats("create action consumer")(boxed(e)))
-    }
-
-    /// Deletes the previous owner's action consumer (its unacked action comes back at once)
-    /// and creates a new one.
-    ///
-    /// # Errors
-    /// [`StoreError`] if either step failed.
-    pub async fn replace_action_consumer(
-        &self,
-        sid: &SessionId,
-    ) -> Result<consumer::PullConsumer, StoreError> {
-        self.delete_action_consumer(sid).await?;
-        self.create_action_consumer(sid).await
-    }
-
-    /// Deletes the session's action consumer if it has one (a takeover; DELETE, where the
-    /// durable consumer would otherwise outlive its conversation).
-    pub(crate) async fn delete_action_consumer(&self, sid: &SessionId) -> Result<(), StoreError> {
-        match self
-            .actions
-            .delete_consumer(&self.names.actions_consumer(sid))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if is_not_found(&e.kind()) => Ok(()),
-            Err(e) => Err(nats("delete action consumer")(boxed(e))),
-        }
-    }
-
-    /// Actions of the session not yet acknowledged by its owner (queued or in flight); 0 if it
-    /// has no consumer.
+    /// Opens the owner's feed of a session's actions: subscribes to their republishes. The
+    /// first [`ActionFeed::look`] (or [`ActionFeed::next`]) reads the stream from its start:
+    /// actions a previous owner handled but did not drop come back, and the applied-action
+    /// mark tells the owner to skip them.
     ///
     /// # Errors
     /// [`StoreError`] if NATS failed.
-    pub async fn actions_waiting(&self, sid: &SessionId) -> Result<u64, StoreError> {
-        let info = match self
-            .actions
-            .consumer_info(self.names.actions_consumer(sid))
+    pub async fn action_feed(&self, sid: &SessionId) -> Result<ActionFeed, StoreError> {
+        let stored = self
+            .js
+            .client()
+            .subscribe(self.names.actions_stored_subject(sid))
             .await
-        {
-            Ok(info) => info,
-            Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
-                return Ok(0);
-            }
-            Err(e) => return Err(nats("action consumer info")(boxed(e))),
-        };
-        Ok(info.num_pending + info.num_ack_pending as u64)
+            .map_err(|e| nats("subscribe actions")(boxed(e)))?;
+        Ok(ActionFeed {
+            store: self.clone(),
+            sid: sid.clone(),
+            stored,
+            recheck: Arc::new(tokio::sync::Notify::new()),
+            cursor: 0,
+            read_due: true,
+            sweep_due: false,
+            first: None,
+        })
     }
 
-    /// Starts reading a session's actions through its consumer.
+    /// The first action of the session stored after sequence `after`, if any (read from the
+    /// stream's leader on a replicated stream).
     ///
     /// # Errors
-    /// [`StoreError`] if the pull could not start.
-    pub async fn action_feed(
+    /// [`StoreError`] if NATS failed.
+    pub async fn next_action(
         &self,
-        consumer: consumer::PullConsumer,
-    ) -> Result<ActionFeed, StoreError> {
-        let pending = consumer.cached_info().num_pending;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(1)
-            .expires(ACTION_PULL_EXPIRY)
-            .messages()
+        sid: &SessionId,
+        after: u64,
+    ) -> Result<Option<Action>, StoreError> {
+        let subject = self.names.actions_subject(sid);
+        match get_first_from(&self.actions, self.leader_reads, subject, after + 1).await {
+            Ok(Some(m)) => Ok(Some(Action::new(m.sequence, m.headers, m.payload, false))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(nats("read action")(e)),
+        }
+    }
+
+    /// Removes one handled action from the stream (the work queue's ack). One message at a
+    /// time, never a purge: nats-server 2.9 forgets the last sequence of a stream that a
+    /// purge left empty if it is killed (it then numbers new messages from 1 again, below
+    /// every owner's cursor and applied-action mark); a deleted message keeps it.
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed (harmless: the worker's recheck finds the action still
+    /// stored and it is dropped again, and the applied-action mark keeps it from being
+    /// applied twice). An action already gone is no error.
+    pub async fn drop_action(&self, seq: u64) -> Result<(), StoreError> {
+        match self.actions.delete_message(seq).await {
+            Ok(_) => Ok(()),
+            Err(e) => match e.kind() {
+                jetstream::stream::DeleteMessageErrorKind::JetStream(j)
+                    if [
+                        jetstream::ErrorCode::NO_MESSAGE_FOUND,
+                        jetstream::ErrorCode::SEQUENCE_NOT_FOUND,
+                        jetstream::ErrorCode::STREAM_MESSAGE_DELETE_FAILED,
+                    ]
+                    .contains(&j.error_code()) =>
+                {
+                    Ok(())
+                }
+                _ => Err(nats("drop handled action")(boxed(e))),
+            },
+        }
+    }
+
+    /// Removes every action of the session (DELETE of the conversation), one message at a
+    /// time (see [`Self::drop_action`]).
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed.
+    pub(crate) async fn drop_all_actions(&self, sid: &SessionId) -> Result<(), StoreError> {
+        let mut after = 0;
+        while let Some(a) = self.next_action(sid, after).await? {
+            self.drop_action(a.seq).await?;
+            after = a.seq;
+        }
+        Ok(())
+    }
+
+    /// Every session with actions stored (unhandled, or handled and not yet dropped): one
+    /// request for the whole stream, whose subjects are only those with messages.
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed.
+    pub async fn sessions_with_actions(&self) -> Result<Vec<SessionId>, StoreError> {
+        let mut subjects = self
+            .actions
+            .info_with_subjects(self.names.actions_subjects())
             .await
-            .map_err(|e| nats("pull actions")(boxed(e)))?;
-        Ok(ActionFeed { messages, pending })
+            .map_err(|e| nats("actions stored")(boxed(e)))?;
+        let prefix = format!("{}.", self.names.actions_subjects().trim_end_matches(".*"));
+        let mut out = Vec::new();
+        while let Some(item) = subjects.next().await {
+            let (subject, _) = item.map_err(|e| nats("actions stored")(boxed(e)))?;
+            if let Some(Ok(sid)) = subject.strip_prefix(&prefix).map(SessionId::parse) {
+                out.push(sid);
+            }
+        }
+        Ok(out)
     }
 
     /// Queues a start request for the session. Returns `false` if one is already queued (the
@@ -235,7 +437,22 @@ impl Store {
     }
 }
 
-fn is_not_found(kind: &jetstream::stream::ConsumerErrorKind) -> bool {
-    matches!(kind, jetstream::stream::ConsumerErrorKind::JetStream(j)
-        if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND)
+#[cfg(test)]
+mod tests {
+    use super::{Next, next_of};
+
+    #[test]
+    fn a_republish_is_taken_only_when_nothing_unhandled_precedes_it() {
+        // In order: its previous one was handled (or none is stored: dropped, or the first).
+        assert_eq!(next_of(5, 9, 5), Next::Take);
+        assert_eq!(next_of(5, 9, 0), Next::Take);
+        assert_eq!(next_of(5, 9, 3), Next::Take);
+        assert_eq!(next_of(0, 1, 0), Next::Take);
+        // Something stored after the cursor came first: read the stream.
+        assert_eq!(next_of(5, 9, 7), Next::Gap);
+        assert_eq!(next_of(0, 9, 4), Next::Gap);
+        // Already handled (read directly before its republish came).
+        assert_eq!(next_of(9, 9, 5), Next::Skip);
+        assert_eq!(next_of(9, 4, 0), Next::Skip);
+    }
 }

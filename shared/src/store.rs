@@ -133,7 +133,10 @@ async fn ensure_stream(
             || info.num_replicas.max(1) != config.num_replicas.max(1)
             || info.duplicate_window != config.duplicate_window;
         if differs {
-            js.update_stream(config.clone()).await.map_err(boxed)?;
+            // RePublish cannot be changed on nats-server 2.9: keep the stream's own.
+            let mut update = config.clone();
+            update.republish.clone_from(&info.republish);
+            js.update_stream(update).await.map_err(boxed)?;
         }
     }
     Ok(stream)
@@ -507,6 +510,12 @@ impl Store {
                 num_replicas: limits.replicas,
                 allow_direct: true,
                 duplicate_window: dup,
+                // The owner's live feed (`queue::ActionFeed`): each action once stored.
+                republish: Some(stream::Republish {
+                    source: names.actions_republish().0,
+                    destination: names.actions_republish().1,
+                    headers_only: false,
+                }),
                 max_bytes: limits.queue_max_bytes,
                 max_age: limits.queue_max_age,
                 discard: stream::DiscardPolicy::New,
@@ -516,6 +525,16 @@ impl Store {
         )
         .await
         .map_err(|e| setup(&names.actions_stream())(e))?;
+        if apply && actions.cached_info().config.republish.is_none() {
+            // nats-server 2.9 cannot add RePublish to an existing stream.
+            tracing::error!(
+                stream = names.actions_stream(),
+                "the actions stream was created without RePublish (by an older version): \
+                 actions reach their owners only through the workers' recheck, within 2 s. \
+                 Recreate it to restore immediate delivery: stop the gateways, let the workers \
+                 apply what is queued, delete the stream (`nats stream rm`), start again"
+            );
+        }
         let work = ensure_stream(
             &js,
             stream::Config {
@@ -1243,7 +1262,7 @@ impl Store {
         }
     }
 
-    /// Deletes everything stored for a session: its events, pending actions, action consumer,
+    /// Deletes everything stored for a session: its events, pending actions,
     /// start request, workspace snapshots, `replay_json` trajectory and every payload stored
     /// out of line (named `{sid}.*`; found by listing the bucket, which holds only payloads
     /// over NATS' message size).
@@ -1256,17 +1275,12 @@ impl Store {
             .filter(self.names.events_subject(sid))
             .await
             .map_err(|e| nats("purge events")(boxed(e)))?;
-        self.actions
-            .purge()
-            .filter(self.names.actions_subject(sid))
-            .await
-            .map_err(|e| nats("purge actions")(boxed(e)))?;
+        self.drop_all_actions(sid).await?;
         self.work
             .purge()
             .filter(self.names.work_subject(sid))
             .await
             .map_err(|e| nats("purge work")(boxed(e)))?;
-        self.delete_action_consumer(sid).await?;
         self.purge_snapshots(sid).await?;
         self.delete_blob(&self.names.replay_blob(sid)).await?;
         let prefix = format!("{sid}.");

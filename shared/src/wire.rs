@@ -37,6 +37,9 @@ pub const HDR_BLOB: &str = "Oh-Blob";
 /// Header: the client's own `msg_id` of an action, and of the user event that applied it, so
 /// a retry that arrives after JetStream's duplicate window is recognised in the log.
 pub const HDR_CLIENT_MSG_ID: &str = "Oh-Client-Msg-Id";
+/// Header: when an action was sent (the publisher's clock, microseconds since the Unix epoch),
+/// for the owner's action-wait histogram (a republished message carries no store time).
+pub const HDR_SENT_AT: &str = "Oh-Sent-At";
 
 /// Why a session should be started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

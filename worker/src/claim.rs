@@ -442,7 +442,6 @@ struct Fenced {
     fresh: bool,
     /// The previous owner died in the middle of a turn.
     interrupted: bool,
-    consumer: PullConsumer,
 }
 
 /// Everything the session task needs, built.
@@ -456,9 +455,12 @@ struct Ready {
 impl Claim<'_> {
     /// The steps from lease to a session ready to run.
     async fn start(&mut self, meta: ConversationMeta) -> Result<Ready, ClaimError> {
+        // Subscribed first, so the republish of an action stored during the claim reaches
+        // the feed; the look after the takeover reads what was stored before.
+        let mut actions = self.ctx.store.action_feed(&self.sid).await?;
         let mut fenced = self.fence().await?;
-        let actions = self.ctx.store.action_feed(fenced.consumer).await?;
-        self.phases.mark("pull");
+        let waiting = actions.look().await?;
+        self.phases.mark("actions");
         let history = self.history(&mut fenced.journal, fenced.fresh).await?;
         self.phases.mark("history");
         let (snapshots, workspace_note) =
@@ -468,7 +470,7 @@ impl Claim<'_> {
             epoch = fenced.epoch,
             fresh = fenced.fresh,
             interrupted = fenced.interrupted,
-            pending = actions.pending,
+            waiting,
             reason = ?self.reason,
             "claimed"
         );
@@ -478,7 +480,7 @@ impl Claim<'_> {
         let start = Start {
             fresh: fenced.fresh,
             interrupted: fenced.interrupted,
-            pending: actions.pending,
+            waiting,
             workspace_note,
         };
         let mut session = AgentSession::new(
@@ -500,9 +502,7 @@ impl Claim<'_> {
         })
     }
 
-    /// Appends the takeover record (the new epoch fences every earlier owner) and binds the
-    /// session's action consumer: a first start creates it beside the append (one round trip
-    /// less); otherwise the previous owner's goes first, so its unacked action comes back.
+    /// Appends the takeover record (the new epoch fences every earlier owner).
     async fn fence(&mut self) -> Result<Fenced, ClaimError> {
         let store = &self.ctx.store;
         let claim_id = self.lease.claim_id().to_owned();
@@ -510,32 +510,18 @@ impl Claim<'_> {
         self.phases.mark("log_head");
         let empty = journal.is_empty();
         let takeover = Event::agent_state_changed(AgentState::Loading, "");
-        let (epoch, early) = if empty {
-            let (epoch, consumer) = tokio::join!(
-                journal.take_over(takeover),
-                store.create_action_consumer(&self.sid)
-            );
-            (epoch?, Some(consumer))
-        } else {
-            (journal.take_over(takeover).await?, None)
-        };
+        let epoch = journal.take_over(takeover).await?;
         // Still a first start only if nobody appended before our takeover record.
         let fresh = empty && journal.last_id() == Some(0);
         // The state the takeover record carried forward: the turn as the last owner left it
         // (read after the append, which re-reads the head if another claim got in first).
         let interrupted = journal.agent_state() == Some(AgentState::Running.as_str());
         self.phases.mark("takeover");
-        let consumer = match early {
-            Some(Ok(consumer)) if fresh => consumer,
-            _ => store.replace_action_consumer(&self.sid).await?,
-        };
-        self.phases.mark("consumer");
         Ok(Fenced {
             journal,
             epoch,
             fresh,
             interrupted,
-            consumer,
         })
     }
 
@@ -692,13 +678,16 @@ impl Claim<'_> {
     ) {
         let span = info_span!("session", session_id = %self.sid, user_id = %self.uid,
             worker_id = %self.ctx.worker_id, epoch = ready.epoch);
+        let (feeds, sid, recheck) = (self.ctx.feeds.clone(), self.sid, ready.actions.recheck());
+        feeds.insert(sid.clone(), Arc::clone(&recheck));
         sessions.spawn(
             async move {
                 metrics::gauge!("oh_worker_sessions_active").increment(1.0);
                 ready
                     .session
-                    .run(ready.actions.messages, ready.start, lost, shutdown)
+                    .run(ready.actions, ready.start, lost, shutdown)
                     .await;
+                feeds.remove(&sid, &recheck);
                 metrics::gauge!("oh_worker_sessions_active").decrement(1.0);
                 drop(permit);
             }

@@ -19,6 +19,7 @@
 //! - `bench`: the sandbox benchmark of the `sandbox-bench` binary; `snapshot_bench`: the
 //!   workspace snapshot benchmark of `snapshot-bench`.
 
+mod actions;
 mod agent;
 #[doc(hidden)]
 pub mod bench;
@@ -61,6 +62,8 @@ pub(crate) struct Ctx {
     pub(crate) worker_id: WorkerId,
     pub(crate) args: Arc<Args>,
     pub(crate) leases: lease::Registry,
+    /// The action feeds of the sessions this worker runs, for the recheck.
+    pub(crate) feeds: actions::Feeds,
     /// `OH_KNOWLEDGE_DIR`'s files, read once at startup and shared by every session.
     pub(crate) knowledge: Arc<[memory::Knowledge]>,
     /// The sandbox agent code runs in (`None`: `OH_SANDBOX=off`).
@@ -158,6 +161,7 @@ pub async fn run(
         redis,
         worker_id,
         leases: lease::Registry::default(),
+        feeds: actions::Feeds::default(),
         knowledge: args
             .knowledge_dir
             .as_deref()
@@ -196,6 +200,7 @@ pub async fn run(
     }
     core.spawn(lease::renew_loop(ctx.clone(), cancel.child_token()));
     core.spawn(sweep::sweep_loop(ctx.clone(), cancel.child_token()));
+    core.spawn(actions::recheck_loop(ctx.clone(), cancel.child_token()));
     core.spawn(claim::queue_depth_loop(ctx.clone(), cancel.child_token()));
     core.spawn(cleanup::workspace_gc(ctx.clone(), cancel.child_token()));
     core.spawn(files::serve(ctx.clone(), cancel.child_token()));

@@ -61,8 +61,15 @@ pub(crate) const METRICS: &[MetricDef] = &[
     def(
         "oh_worker_action_apply_seconds",
         Kind::Histogram,
-        "Applying an action (events appended, acked).",
+        "Applying an action (events appended, handled actions dropped).",
         None,
+    ),
+    def(
+        "oh_worker_actions_taken_total",
+        Kind::Counter,
+        "Actions taken by their owner, by how: republished by the stream, or read from it \
+         (at a claim, after a missed republish, on the recheck).",
+        Some(("via", &["republish", "read"])),
     ),
     def(
         "oh_worker_events_appended_total",

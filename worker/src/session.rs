@@ -1,16 +1,16 @@
 //! `AgentSession`: one task owns one session while this worker holds its lease.
 //!
 //! The task is a `select!` loop over a closed set of inputs ([`Input`]): a user action from the
-//! session's durable action consumer, a step of the current turn finishing, lease lost, worker
+//! session's action feed ([`ActionFeed`]), a step of the current turn finishing, lease lost, worker
 //! shutdown, or the idle tick. A turn is a chain of steps (`controller`): think (the agent
 //! decides) and act (the runtime executes); each step runs as a future that owns the
 //! controller, so user actions keep being read meanwhile: a message joins the conversation, a
 //! stop or pause cancels the step at once.
 //!
-//! **Invariant (exactly once):** an action is acked only after its events are appended, and
-//! every event carries the sequence of the newest applied action (`Oh-Applied-Action`). A new
-//! owner reads that from the last event and acks, without applying, any redelivered action at
-//! or below it.
+//! **Invariant (exactly once):** an action is dropped from the stream only after its events
+//! are appended, and every event carries the sequence of the newest applied action
+//! (`Oh-Applied-Action`). A new owner reads the stream from its start and skips, without
+//! applying, any action at or below that mark.
 //!
 //! **Interrupted turns:** a new owner that finds the log's agent state `running` continues the
 //! turn (a runnable action left without observation gets an error observation first). The
@@ -23,13 +23,12 @@
 //! ([`crate::workspace`]); a fenced snapshot ends the session as lost. A new owner tells the
 //! agent which file changes its restore lacks.
 
-use async_nats::jetstream::{self, consumer::pull};
-use futures::StreamExt;
 use serde_json::Value;
 use shared::event::{ActionView, AgentState, Event, RecallType, Source, UserAction};
 use shared::id::{SessionId, UserId};
 use shared::ownership::{self, Lease};
 use shared::presence;
+use shared::queue::{Action, ActionFeed, FeedError};
 use shared::status::{self, SessionState};
 use shared::store::ConversationMeta;
 use shared::telemetry::TraceLink;
@@ -119,15 +118,15 @@ pub(crate) struct Start {
     pub(crate) fresh: bool,
     /// The previous owner died in the middle of a turn.
     pub(crate) interrupted: bool,
-    /// User actions already waiting.
-    pub(crate) pending: u64,
+    /// User actions were already waiting.
+    pub(crate) waiting: bool,
     /// What the agent must be told about its restored workspace (changes lost).
     pub(crate) workspace_note: Option<String>,
 }
 
 /// What can happen to a session.
 enum Input {
-    Action(Box<jetstream::Message>),
+    Action(Box<Action>),
     StepDone(Box<(Controller, Step)>),
     LeaseLost,
     Shutdown,
@@ -185,7 +184,7 @@ impl AgentSession {
 
     pub(crate) async fn run(
         mut self,
-        mut actions: pull::Stream,
+        mut actions: ActionFeed,
         start: Start,
         lost: CancellationToken,
         shutdown: CancellationToken,
@@ -214,8 +213,8 @@ impl AgentSession {
             Err(e) => self.on_append_error(e),
             Ok(()) => loop {
                 // Cancel-safety: `lost`/`shutdown` are tokens; `actions.next()` is cancel-safe
-                // (a message not yet returned stays in the consumer and is redelivered); the
-                // step future is kept in `self.turn` and polled again next time.
+                // (nothing is taken until it returns); the step future is kept in `self.turn`
+                // and polled again next time.
                 let turn = &mut self.turn;
                 let status_write = &mut self.status_write;
                 let input = tokio::select! {
@@ -236,14 +235,14 @@ impl AgentSession {
                     } => Input::StatusWritten,
                     _ = idle_tick.tick() => Input::IdleCheck,
                     m = actions.next(), if !self.draining => match m {
-                        Some(Ok(m)) => Input::Action(Box::new(m)),
-                        Some(Err(e)) => {
-                            warn!(error = %e, "action consumer error");
+                        Ok(a) => Input::Action(Box::new(a)),
+                        Err(FeedError::Read(e)) => {
+                            warn!(error = %e, "reading actions failed");
                             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                             continue;
                         }
-                        None => {
-                            warn!("action consumer ended");
+                        Err(FeedError::Ended) => {
+                            warn!("action feed ended");
                             break End::Failed;
                         }
                     },
@@ -307,7 +306,7 @@ impl AgentSession {
                         // The gateway's trace of this action continues here (and in the
                         // turn it starts, and on the events they append).
                         let span = info_span!("apply_action");
-                        shared::telemetry::continue_trace(&span, msg.headers.as_ref());
+                        shared::telemetry::continue_trace(&span, Some(&msg.headers));
                         match self.on_action(*msg).instrument(span).await {
                             Ok(None) => {}
                             Ok(Some(end)) => break end,
@@ -360,7 +359,7 @@ impl AgentSession {
         let Start {
             fresh,
             interrupted,
-            pending,
+            waiting,
             workspace_note,
         } = start;
         if interrupted {
@@ -425,7 +424,7 @@ impl AgentSession {
             self.publish_status();
             return Ok(());
         }
-        if pending == 0 {
+        if !waiting {
             self.append(Event::change_agent_state(AgentState::AwaitingUserInput))
                 .await?;
             self.set_state(AgentState::AwaitingUserInput, "").await?;
@@ -599,28 +598,35 @@ impl AgentSession {
         self.set_state(AgentState::Error, reason).await
     }
 
-    async fn on_action(&mut self, msg: jetstream::Message) -> Result<Option<End>, AppendError> {
-        let seq = match msg.info() {
-            Ok(i) => {
-                // From the gateway's publish to this owner (clocks of NATS and this host).
-                let waited = crate::claim::since_published(&i);
-                metrics::histogram!("oh_worker_action_wait_seconds").record(waited);
-                if waited > std::time::Duration::from_secs(2) {
-                    warn!(
-                        seq = i.stream_sequence,
-                        delivered = i.delivered,
-                        waited_ms = waited.as_millis(),
-                        "action reached its owner late"
-                    );
-                }
-                i.stream_sequence
+    /// Drops a handled action (applied, skipped or refused) from the stream, off the
+    /// session's path. A drop that fails is harmless: the worker's recheck finds it stored
+    /// and it comes back as a repeat, and the applied-action mark keeps anyone from applying
+    /// it twice.
+    fn drop_handled(&self, seq: u64) {
+        let (store, sid) = (self.ctx.store.clone(), self.sid.clone());
+        tokio::spawn(async move {
+            if let Err(e) = store.drop_action(seq).await {
+                warn!(session_id = %sid, error = %e, "handled action not dropped");
             }
-            Err(e) => {
-                warn!(error = %e, "action without JetStream info; ignored");
-                return Ok(None);
-            }
-        };
-        let headers = msg.headers.clone().unwrap_or_default();
+        });
+    }
+
+    async fn on_action(&mut self, msg: Action) -> Result<Option<End>, AppendError> {
+        let seq = msg.seq;
+        // From the gateway's publish to this owner (clocks of the gateway and this host).
+        let waited = msg.waited();
+        metrics::histogram!("oh_worker_action_wait_seconds").record(waited);
+        let via = if msg.republished { "republish" } else { "read" };
+        metrics::counter!("oh_worker_actions_taken_total", "via" => via).increment(1);
+        if waited > std::time::Duration::from_secs(2) {
+            warn!(
+                seq,
+                via,
+                waited_ms = waited.as_millis(),
+                "action reached its owner late"
+            );
+        }
+        let headers = msg.headers.clone();
         let sender = headers.get(HDR_USER).map(|v| v.as_str());
         if sender != Some(self.uid.as_str()) {
             // Only the conversation's owner acts on it: an action naming another user (or
@@ -631,7 +637,7 @@ impl AgentSession {
                 sender, "action not from the conversation's owner; dropped"
             );
             metrics::counter!("oh_worker_foreign_actions_total").increment(1);
-            ack(&msg).await;
+            self.drop_handled(seq);
             return Ok(None);
         }
         if let Some(ctl) = headers.get(HDR_CONTROL) {
@@ -642,35 +648,29 @@ impl AgentSession {
                     if self.agent_state != AgentState::Stopped {
                         self.set_state(AgentState::Stopped, "").await?;
                     }
-                    // Confirmed (bounded: NATS may be away): `finish` counts what came after it.
-                    match tokio::time::timeout(std::time::Duration::from_secs(2), msg.double_ack())
-                        .await
-                    {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => warn!(error = %e, "stop ack not confirmed"),
-                        Err(_) => warn!("stop ack not confirmed within 2 s"),
-                    }
+                    // `finish` looks for actions after this one (its sequence is the mark).
+                    self.drop_handled(seq);
                     return Ok(Some(End::Stopped));
                 }
                 Some(Control::Start) => {
                     // Running already (a start that found it only loading lets it wait).
                     self.journal.mark_applied(seq);
                     self.leave_loading().await?;
-                    ack(&msg).await;
+                    self.drop_handled(seq);
                     return Ok(None);
                 }
                 None => {
                     warn!(control = ctl.as_str(), "unknown control request; ignored");
-                    ack(&msg).await;
+                    self.drop_handled(seq);
                     return Ok(None);
                 }
             }
         }
         if seq <= self.journal.applied_action() {
-            // Applied by an earlier owner that died before acking: don't apply twice.
-            info!(seq, "action already applied; acking redelivery");
+            // Applied by an earlier owner that died before dropping it: don't apply twice.
+            info!(seq, "action already applied; dropping it");
             self.leave_loading().await?;
-            ack(&msg).await;
+            self.drop_handled(seq);
             return Ok(None);
         }
         let client_msg_id = headers
@@ -684,12 +684,12 @@ impl AgentSession {
             info!(
                 seq,
                 client_msg_id = cid.as_str(),
-                "action already applied (client msg id); acking retry"
+                "action already applied (client msg id); dropping the retry"
             );
             metrics::counter!("oh_worker_duplicate_actions_total").increment(1);
             self.journal.mark_applied(seq);
             self.leave_loading().await?;
-            ack(&msg).await;
+            self.drop_handled(seq);
             return Ok(None);
         }
         let started = std::time::Instant::now();
@@ -703,7 +703,7 @@ impl AgentSession {
                     "",
                 ))
                 .await?;
-                ack(&msg).await;
+                self.drop_handled(seq);
                 return Ok(None);
             }
         };
@@ -729,7 +729,7 @@ impl AgentSession {
                 self.apply(action).await?
             }
         }
-        ack(&msg).await;
+        self.drop_handled(seq);
         if let Err(e) = self.ctx.store.delete_payload_blob(&headers).await {
             warn!(error = %e, "applied action's blob not deleted");
         }
@@ -993,10 +993,18 @@ impl AgentSession {
     /// still held (so its gateway queued no start) starts the session again. Checked after the
     /// lease is released; anything later finds no owner and queues a start itself.
     async fn restart_if_asked(&mut self, redis: &mut redis::aio::ConnectionManager) {
-        match self.ctx.store.actions_waiting(&self.sid).await {
-            Ok(0) => {}
-            Ok(waiting) => {
-                info!(waiting, "actions arrived during the stop; starting again");
+        match self
+            .ctx
+            .store
+            .next_action(&self.sid, self.journal.applied_action())
+            .await
+        {
+            Ok(None) => {}
+            Ok(Some(next)) => {
+                info!(
+                    seq = next.seq,
+                    "actions arrived during the stop; starting again"
+                );
                 let req = StartRequest::new(&self.sid, &self.uid, StartReason::Start);
                 match self.ctx.store.enqueue_start(&req).await {
                     Ok(_) => {
@@ -1095,12 +1103,5 @@ impl AgentSession {
             title = %self.meta.title,
             "session ended"
         );
-    }
-}
-
-async fn ack(msg: &jetstream::Message) {
-    if let Err(e) = msg.ack().await {
-        // Redelivery is harmless: the applied-action mark makes it a no-op.
-        warn!(error = %e, "action ack failed");
     }
 }
