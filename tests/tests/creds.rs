@@ -188,6 +188,8 @@ async fn gateway_credentials_cannot_write_the_event_log_or_administer_the_broker
     let sid = c.create(0, Some("hello"), None).await;
     let mut client = c.connect(0, &sid, None, None).await.unwrap();
     events_until(&mut client, T, |e| is_echo(e, "hello")).await;
+    // The turn's last event (after the echo) is stored too before counting.
+    events_until(&mut client, T, |e| is_state(e, "awaiting_user_input")).await;
     let before = c.all_events(0, &sid, None).await.len();
 
     let gw = tests::nats::connect_url(&c.nats.url_as(Role::Gateway))
@@ -221,7 +223,8 @@ async fn gateway_credentials_cannot_write_the_event_log_or_administer_the_broker
     assert_eq!(
         after.len(),
         before + 4,
-        "only the new message's events were added"
+        "only the new message's events were added: {:#?}",
+        &after[before.saturating_sub(3)..]
     );
     let log = c.nats.log();
     assert!(

@@ -124,6 +124,11 @@ pub struct Args {
     /// Measure the raw NATS floor (request-reply, JetStream publish-ack) against this NATS.
     #[arg(long)]
     pub floor_nats: Option<String>,
+    /// burst: also count the broker operations (JetStream API requests, acks, stream
+    /// publishes) per new conversation, observed on `--floor-nats` (which must see every
+    /// subject). The observer adds load: use a run of its own for this.
+    #[arg(long)]
+    pub count_js_ops: bool,
     /// Samples per floor measurement.
     #[arg(long, default_value_t = 2000)]
     pub floor_samples: usize,

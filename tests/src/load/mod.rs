@@ -22,6 +22,7 @@ pub mod args;
 pub mod client;
 pub mod deploy;
 pub mod floor;
+pub mod jsops;
 pub mod procfs;
 pub mod report;
 pub mod rest;

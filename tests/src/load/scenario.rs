@@ -169,6 +169,15 @@ pub(crate) async fn conversations(ctx: &mut Ctx, memory: bool) -> Result<(), Loa
 pub(crate) async fn burst(ctx: &mut Ctx) -> Result<(), LoadError> {
     let n = ctx.plan.conversations;
     let conc = ctx.args.create_concurrency.unwrap_or(n).max(1);
+    let counter = match (&ctx.args.floor_nats, ctx.args.count_js_ops) {
+        (Some(url), true) => Some(
+            crate::load::jsops::OpCounter::start(url)
+                .await
+                .map_err(LoadError::Setup)?,
+        ),
+        (None, true) => return Err(LoadError::Setup("--count-js-ops needs --floor-nats".into())),
+        _ => None,
+    };
     let start = Instant::now();
     ctx.set_phase("burst");
     let futs = (0..n).map(|_| {
@@ -224,6 +233,17 @@ pub(crate) async fn burst(ctx: &mut Ctx) -> Result<(), LoadError> {
         );
     }
     let ready = done.iter().filter(|(_, r)| r.is_some()).count();
+    if let Some(counter) = counter {
+        // Create → running (the clients' connects and first replays included).
+        let ops = counter.finish();
+        let per = |v: u64| v as f64 / ready.max(1) as f64;
+        ctx.report
+            .extra
+            .insert("js_ops_per_conversation".into(), per(ops.values().sum()));
+        for (k, v) in ops {
+            ctx.report.extra.insert(format!("js_ops {k}"), per(v));
+        }
+    }
     ctx.report.extra.insert("ready".into(), ready as f64);
     ctx.report.extra.insert("created".into(), done.len() as f64);
     ctx.report.sockets_peak = ctx.stats.sockets.load(Ordering::Relaxed);
