@@ -137,6 +137,54 @@ async fn smoke_burst_every_conversation_gets_ready() {
     assert_eq!(r.clients_checked, 60);
 }
 
+/// `--count-js-ops`: what a new conversation costs the broker, sorted by operation; no
+/// JetStream consumer is created or read per conversation (actions arrive by republish).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_burst_counts_broker_operations_per_conversation() {
+    let c = cluster(1, 1).await;
+    let url = c.nats.url();
+    let a = args(
+        Some(&c),
+        1,
+        &[
+            "--scenario",
+            "burst",
+            "--conversations",
+            "20",
+            "--create-concurrency",
+            "4",
+            "--count-js-ops",
+            "--floor-nats",
+            &url,
+            "--floor-samples",
+            "20",
+        ],
+    );
+    let r = load::run(a, None).await.expect("run");
+    assert_clean(&r, &c.logs());
+    let per = |k: &str| r.extra.get(&format!("js_ops {k}")).copied().unwrap_or(0.0);
+    let ops: Vec<_> = r
+        .extra
+        .iter()
+        .filter(|(k, _)| k.starts_with("js_ops"))
+        .collect();
+    // The takeover record, the system event and awaiting_user_input of each.
+    assert!(per("publish ev") >= 3.0, "{ops:?}");
+    assert!(
+        per("publish meta") >= 1.0 && per("publish work") >= 1.0,
+        "{ops:?}"
+    );
+    assert_eq!(
+        per("api CONSUMER.CREATE"),
+        0.0,
+        "a consumer per conversation: {ops:?}"
+    );
+    assert!(
+        r.extra["js_ops_per_conversation"] <= 20.0,
+        "more broker operations than expected: {ops:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smoke_replay_reconnects_get_exactly_the_replay() {
     let c = cluster(2, 1).await;

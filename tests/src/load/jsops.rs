@@ -49,9 +49,13 @@ impl OpCounter {
     /// # Errors
     /// If NATS cannot be reached or the subscription is refused.
     pub async fn start(url: &str) -> Result<OpCounter, String> {
-        let client = async_nats::connect(url)
+        let url = shared::creds::BrokerUrl::parse(url)
+            .map_err(|e| format!("count-js-ops NATS URL: {e}"))?;
+        let (opts, servers) = shared::creds::nats_connect_options(&url);
+        let client = opts
+            .connect(servers)
             .await
-            .map_err(|e| format!("count-js-ops connect: {e}"))?;
+            .map_err(|e| format!("count-js-ops connect to {url}: {e}"))?;
         let mut sub = client
             .subscribe(">")
             .await
