@@ -45,6 +45,10 @@ pub struct Action {
     /// How the owner got it: `true` from its republish, `false` read from the stream (at a
     /// claim, after a gap, or on the worker's recheck).
     pub republished: bool,
+    /// Its sequence is one the feed had already handed out for another action: the stream
+    /// numbered anew (a single nats-server killed before it wrote what it had acknowledged
+    /// forgets its newest sequences). It is new, whatever the applied-action mark says.
+    pub renumbered: bool,
 }
 
 impl Action {
@@ -59,7 +63,15 @@ impl Action {
             payload,
             sent_at,
             republished,
+            renumbered: false,
         }
+    }
+
+    /// Its `Nats-Msg-Id` (every action has one: [`ActionMsgId`]).
+    pub fn msg_id(&self) -> Option<&str> {
+        self.headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .map(|v| v.as_str())
     }
 
     /// Time since it was sent (its publisher's clock against ours; zero if ours is behind or
@@ -122,7 +134,13 @@ pub struct ActionFeed {
     sweep_due: bool,
     /// Read at the claim, handed out first.
     first: Option<Action>,
+    /// The newest actions handed out (sequence, msg id): a sequence at or below the cursor
+    /// that comes with another msg id was numbered anew by the stream.
+    handed: std::collections::VecDeque<(u64, Option<String>)>,
 }
+
+/// How many handed-out actions a feed remembers (to tell a renumbered action from a copy).
+const HANDED_REMEMBERED: usize = 256;
 
 impl ActionFeed {
     /// Reads the first action waiting (kept for [`Self::next`]); `true` if there is one.
@@ -146,6 +164,29 @@ impl ActionFeed {
     /// [`FeedError::Read`] if a read failed (try again later), [`FeedError::Ended`] if the
     /// subscription ended (the client is closing).
     pub async fn next(&mut self) -> Result<Action, FeedError> {
+        let action = self.take().await?;
+        if self.handed.len() == HANDED_REMEMBERED {
+            self.handed.pop_front();
+        }
+        self.handed
+            .push_back((action.seq, action.msg_id().map(str::to_owned)));
+        Ok(action)
+    }
+
+    /// Whether `a`, at or below the cursor, is not the action handed out at its sequence
+    /// (and so new: see [`Action::renumbered`]). Unknown sequences below the oldest
+    /// remembered one count as copies.
+    fn renumbered(&self, a: &Action) -> bool {
+        match self.handed.iter().rev().find(|(seq, _)| *seq == a.seq) {
+            Some((_, id)) => id.as_deref() != a.msg_id(),
+            None => self
+                .handed
+                .front()
+                .is_some_and(|(oldest, _)| a.seq > *oldest),
+        }
+    }
+
+    async fn take(&mut self) -> Result<Action, FeedError> {
         if let Some(first) = self.first.take() {
             self.cursor = first.seq;
             return Ok(first);
@@ -175,6 +216,13 @@ impl ActionFeed {
                     .map_err(FeedError::Read)?
                 && left.seq <= self.cursor
             {
+                let mut left = left;
+                if self.renumbered(&left) {
+                    left.renumbered = true;
+                    self.cursor = left.seq;
+                    self.read_due = true;
+                    return Ok(left);
+                }
                 // Handled here but still stored (its drop failed): handed out again; the
                 // session handles it as a repeat (skipped by the applied-action mark) and
                 // drops it. The cursor stays.
@@ -195,7 +243,16 @@ impl ActionFeed {
                         continue;
                     };
                     match next_of(self.cursor, seq, last) {
-                        Next::Skip => {}
+                        Next::Skip => {
+                            let mut a = Action::new(seq, headers, m.payload, true);
+                            if self.renumbered(&a) {
+                                // Taken from here on: what follows it is read, in order.
+                                a.renumbered = true;
+                                self.cursor = seq;
+                                self.read_due = true;
+                                return Ok(a);
+                            }
+                        }
                         Next::Take => {
                             self.cursor = seq;
                             return Ok(Action::new(seq, headers, m.payload, true));
@@ -292,6 +349,7 @@ impl Store {
             read_due: true,
             sweep_due: false,
             first: None,
+            handed: std::collections::VecDeque::new(),
         })
     }
 

@@ -812,14 +812,21 @@ return expired",
         out
     }
 
-    /// `GET /api/conversations/{sid}` through the first gateway that answers.
+    /// `GET /api/conversations/{sid}` through the first gateway that answers; retried for
+    /// 60 s (after a heal, JetStream may still be electing leaders: the gateways answer 503).
     pub async fn info(&self, sid: &str) -> Value {
-        for g in 0..self.gateways.len() {
-            if let Ok((200, v)) = self.get(g, &format!("/api/conversations/{sid}")).await {
-                return v;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            for g in 0..self.gateways.len() {
+                if let Ok((200, v)) = self.get(g, &format!("/api/conversations/{sid}")).await {
+                    return v;
+                }
             }
+            if Instant::now() > deadline {
+                panic!("no gateway answered for {sid}{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        panic!("no gateway answered for {sid}{}", self.logs());
     }
 }
 

@@ -54,7 +54,22 @@ async fn announce(
     seq: u64,
     last: u64,
 ) {
+    announce_as(client, names, sid, seq, last, None).await;
+}
+
+/// [`announce`] with the announced action's `Nats-Msg-Id`.
+async fn announce_as(
+    client: &async_nats::Client,
+    names: &Names,
+    sid: &SessionId,
+    seq: u64,
+    last: u64,
+    msg_id: Option<&str>,
+) {
     let mut h = HeaderMap::new();
+    if let Some(id) = msg_id {
+        h.insert("Nats-Msg-Id", id);
+    }
     h.insert("Nats-Sequence", seq.to_string().as_str());
     h.insert("Nats-Last-Sequence", last.to_string().as_str());
     client
@@ -178,12 +193,15 @@ async fn missed_announcements_are_made_up_by_reading_the_stream() {
     let a3 = publish(&store, &sid, "a3").await;
     nothing_within(&mut feed, Duration::from_millis(200)).await;
     announce(&client, &names, &sid, a3, a2).await;
+    let mut a3_id = None;
     for (want, body) in [(a1, "a1"), (a2, "a2"), (a3, "a3")] {
         let got = next(&mut feed).await;
         assert_eq!((got.seq, &got.payload[..]), (want, body.as_bytes()));
         assert!(!got.republished);
+        a3_id = got.msg_id().map(str::to_owned);
     }
-    announce(&client, &names, &sid, a3, a2).await; // late copy: skipped
+    // A late copy (the same msg id): skipped.
+    announce_as(&client, &names, &sid, a3, a2, a3_id.as_deref()).await;
     nothing_within(&mut feed, Duration::from_millis(200)).await;
 
     // The last one of a burst has no successor: only the recheck finds it.
@@ -202,6 +220,17 @@ async fn missed_announcements_are_made_up_by_reading_the_stream() {
         (got.seq, got.republished, &got.payload[..]),
         (a5, true, &b"announced"[..])
     );
+    assert!(!got.renumbered);
+
+    // A sequence already handed out, announced again with another msg id: the stream numbered
+    // anew (a single nats-server killed before writing what it acknowledged forgets its
+    // newest sequences): a new action, taken whatever the cursor says. The same msg id again
+    // is a copy, skipped.
+    announce_as(&client, &names, &sid, a5, 0, Some("another")).await;
+    let got = next(&mut feed).await;
+    assert_eq!((got.seq, got.renumbered), (a5, true));
+    announce_as(&client, &names, &sid, a5, 0, Some("another")).await;
+    nothing_within(&mut feed, Duration::from_millis(200)).await;
 }
 
 /// Through the binaries: a deployment whose actions stream announces nothing (created by an

@@ -297,8 +297,14 @@ async fn try_claim(
     // Renewal starts now, not after the (possibly slow) takeover and history read: the lease
     // must not run out while the claim is still in progress.
     let lost = CancellationToken::new();
-    ctx.leases
-        .insert(sid.clone(), uid.clone(), lease.clone(), lost.clone());
+    let redis_lost = Arc::new(tokio::sync::Notify::new());
+    ctx.leases.insert(
+        sid.clone(),
+        uid.clone(),
+        lease.clone(),
+        lost.clone(),
+        Arc::clone(&redis_lost),
+    );
     let mut claim = Claim {
         ctx,
         reason: req.reason,
@@ -309,7 +315,7 @@ async fn try_claim(
     };
     match claim.start(meta).await {
         Ok(ready) => {
-            claim.spawn(ready, sessions, cancel.clone(), lost, permit);
+            claim.spawn(ready, sessions, cancel.clone(), (lost, redis_lost), permit);
             Ok(Claimed::Started)
         }
         Err(ClaimError::Takeover(AppendError::Full { .. })) => {
@@ -673,7 +679,7 @@ impl Claim<'_> {
         ready: Ready,
         sessions: &TaskTracker,
         shutdown: CancellationToken,
-        lost: CancellationToken,
+        (lost, redis_lost): (CancellationToken, Arc<tokio::sync::Notify>),
         permit: OwnedSemaphorePermit,
     ) {
         let span = info_span!("session", session_id = %self.sid, user_id = %self.uid,
@@ -685,7 +691,7 @@ impl Claim<'_> {
                 metrics::gauge!("oh_worker_sessions_active").increment(1.0);
                 ready
                     .session
-                    .run(ready.actions, ready.start, lost, shutdown)
+                    .run(ready.actions, ready.start, (lost, redis_lost), shutdown)
                     .await;
                 feeds.remove(&sid, &recheck);
                 metrics::gauge!("oh_worker_sessions_active").decrement(1.0);

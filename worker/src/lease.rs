@@ -28,6 +28,9 @@ struct Held {
     uid: UserId,
     lease: Lease,
     lost: CancellationToken,
+    /// Told when Redis had lost the lease (and so the session's status): the session writes
+    /// its whole status again.
+    redis_lost: Arc<tokio::sync::Notify>,
     renewed_at: Instant,
     /// `true` while the session holds the lease. A renewal runs under this lock and does
     /// nothing once it is `false`, so one in flight while the session ends cannot take a
@@ -40,18 +43,21 @@ struct Held {
 pub(crate) struct Registry(Arc<Mutex<HashMap<SessionId, Held>>>);
 
 impl Registry {
-    /// Starts renewing `lease`; `lost` is cancelled when it can no longer be trusted.
+    /// Starts renewing `lease`; `lost` is cancelled when it can no longer be trusted;
+    /// `redis_lost` is told when Redis had lost it (taken back: the status must be rewritten).
     pub(crate) fn insert(
         &self,
         sid: SessionId,
         uid: UserId,
         lease: Lease,
         lost: CancellationToken,
+        redis_lost: Arc<tokio::sync::Notify>,
     ) {
         let held = Held {
             uid,
             lease,
             lost,
+            redis_lost,
             renewed_at: Instant::now(),
             live: Arc::new(tokio::sync::Mutex::new(true)),
         };
@@ -84,14 +90,16 @@ impl Registry {
 /// Renews one lease; a missing key (expired, or Redis restarted empty) is taken back with the
 /// same token when free, which is safe because the log fence, not Redis, guarantees a single
 /// writer; then what Redis must know about a running session is written again (should-run
-/// entry, status). The user's slot (scored by expiry) is refreshed every time. `None`: the
-/// session ended meanwhile and nothing was done.
+/// entry, status; the session is told to rewrite the rest of its status). The user's slot
+/// (scored by expiry) is refreshed every time. `None`: the session ended meanwhile and nothing
+/// was done.
 async fn renew_one(
     ctx: &Ctx,
     sid: &SessionId,
     uid: &UserId,
     lease: &Lease,
     live: &tokio::sync::Mutex<bool>,
+    redis_lost: &tokio::sync::Notify,
 ) -> redis::RedisResult<Option<bool>> {
     let live = live.lock().await;
     if !*live {
@@ -120,6 +128,7 @@ async fn renew_one(
                     },
                 )
                 .await?;
+                redis_lost.notify_one();
             }
             back
         }
@@ -157,7 +166,13 @@ pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
             () = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        type Renewing = (SessionId, UserId, Lease, Arc<tokio::sync::Mutex<bool>>);
+        type Renewing = (
+            SessionId,
+            UserId,
+            Lease,
+            Arc<tokio::sync::Mutex<bool>>,
+            Arc<tokio::sync::Notify>,
+        );
         let nats_up = ctx.nats.connection_state() == async_nats::connection::State::Connected;
         if nats_up {
             said_down = false;
@@ -169,7 +184,15 @@ pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
             ctx.leases
                 .lock()
                 .iter()
-                .map(|(s, h)| (s.clone(), h.uid.clone(), h.lease.clone(), h.live.clone()))
+                .map(|(s, h)| {
+                    (
+                        s.clone(),
+                        h.uid.clone(),
+                        h.lease.clone(),
+                        h.live.clone(),
+                        h.redis_lost.clone(),
+                    )
+                })
                 .collect()
         } else {
             Vec::new()
@@ -177,10 +200,10 @@ pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
         let sent_at = Instant::now();
         let results: Vec<(SessionId, redis::RedisResult<Option<bool>>)> =
             futures::stream::iter(held)
-                .map(|(sid, uid, lease, live)| {
+                .map(|(sid, uid, lease, live, redis_lost)| {
                     let ctx = ctx.clone();
                     async move {
-                        let r = renew_one(&ctx, &sid, &uid, &lease, &live).await;
+                        let r = renew_one(&ctx, &sid, &uid, &lease, &live, &redis_lost).await;
                         (sid, r)
                     }
                 })

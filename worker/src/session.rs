@@ -1,11 +1,12 @@
 //! `AgentSession`: one task owns one session while this worker holds its lease.
 //!
-//! The task is a `select!` loop over a closed set of inputs ([`Input`]): a user action from the
-//! session's action feed ([`ActionFeed`]), a step of the current turn finishing, lease lost, worker
-//! shutdown, or the idle tick. A turn is a chain of steps (`controller`): think (the agent
-//! decides) and act (the runtime executes); each step runs as a future that owns the
-//! controller, so user actions keep being read meanwhile: a message joins the conversation, a
-//! stop or pause cancels the step at once.
+//! The task is a `select!` loop over a closed set of inputs ([`Input`]): a user action from
+//! the session's action feed ([`ActionFeed`]), a step of the current turn finishing, lease
+//! lost, worker shutdown, the passivation check (only after `OH_CLOSE_DELAY_S` quiet: an idle
+//! session has no timer work), or Redis having lost its status. A turn is a chain of steps
+//! (`controller`): think (the agent decides) and act (the runtime executes); each step runs as
+//! a future that owns the controller, so user actions keep being read meanwhile: a message
+//! joins the conversation, a stop or pause cancels the step at once.
 //!
 //! **Invariant (exactly once):** an action is dropped from the stream only after its events
 //! are appended, and every event carries the sequence of the newest applied action
@@ -92,7 +93,7 @@ pub(crate) struct AgentSession {
     draining: bool,
     /// The status write (Redis) in flight. The session loop drives it beside the turn, so a
     /// step never waits for Redis; writes stay in order (one at a time).
-    status_write: Option<futures::future::BoxFuture<'static, ()>>,
+    status_write: Option<futures::future::BoxFuture<'static, bool>>,
     /// A status write is due once the one in flight is done (`true`: a full rewrite).
     status_due: Option<bool>,
     /// The workspace's snapshots (set by the claim).
@@ -130,9 +131,13 @@ enum Input {
     StepDone(Box<(Controller, Step)>),
     LeaseLost,
     Shutdown,
-    StatusWritten,
-    /// Time to refresh the status and check whether anyone still watches (passivation).
+    /// The status write in flight is done (`false`: it failed; the whole status is due).
+    StatusWritten(bool),
+    /// Quiet for `close_delay` (or a client was seen `watch_every` ago): does anyone still
+    /// watch (passivation)?
     IdleCheck,
+    /// Redis had lost the lease, so the status too: write all of it again.
+    StatusLost,
 }
 
 /// How a session task ends.
@@ -186,24 +191,28 @@ impl AgentSession {
         mut self,
         mut actions: ActionFeed,
         start: Start,
-        lost: CancellationToken,
+        (lost, redis_lost): (CancellationToken, std::sync::Arc<tokio::sync::Notify>),
         shutdown: CancellationToken,
     ) {
+        use tokio::time::Instant;
         let close_delay = self.ctx.args.close_delay;
-        // The same tick refreshes the status hash, so it follows reality within a lease
-        // period even after Redis lost it.
-        let check_every = if close_delay.is_zero() {
-            self.ctx.args.lease_ttl
-        } else {
-            (close_delay / 4).min(self.ctx.args.lease_ttl)
-        }
-        .clamp(
+        // Passivation is looked at only once the session has been quiet for `close_delay` (no
+        // timer work while it is busy or idle for less); a watched one is looked at again
+        // every `watch_every`. Quiet time counts from the last action, step, or check that
+        // found a client.
+        let watch_every = (close_delay / 4).clamp(
             std::time::Duration::from_millis(200),
-            std::time::Duration::from_secs(5),
+            std::time::Duration::from_secs(60),
         );
-        let mut idle_tick = tokio::time::interval(check_every);
-        idle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_activity = std::time::Instant::now();
+        let far = std::time::Duration::from_secs(365 * 24 * 3600);
+        let idle_check = tokio::time::sleep(if close_delay.is_zero() {
+            far
+        } else {
+            close_delay
+        });
+        tokio::pin!(idle_check);
+        let mut quiet_since = Instant::now();
+        let mut was_watched = false;
         let mut shutdown_seen = false;
         let started = std::time::Instant::now();
         let first = self.start(start).await;
@@ -227,13 +236,14 @@ impl AgentSession {
                             None => std::future::pending().await,
                         }
                     } => Input::StepDone(Box::new(out)),
-                    () = async {
+                    ok = async {
                         match status_write.as_mut() {
                             Some(w) => w.await,
                             None => std::future::pending().await,
                         }
-                    } => Input::StatusWritten,
-                    _ = idle_tick.tick() => Input::IdleCheck,
+                    } => Input::StatusWritten(ok),
+                    () = &mut idle_check, if !close_delay.is_zero() => Input::IdleCheck,
+                    () = redis_lost.notified() => Input::StatusLost,
                     m = actions.next(), if !self.draining => match m {
                         Ok(a) => Input::Action(Box::new(a)),
                         Err(FeedError::Read(e)) => {
@@ -249,8 +259,11 @@ impl AgentSession {
                 };
                 match input {
                     Input::LeaseLost => break End::Lost,
-                    Input::StatusWritten => {
+                    Input::StatusWritten(ok) => {
                         self.status_write = None;
+                        if !ok {
+                            self.queue_status_write(true);
+                        }
                         self.next_status_write();
                     }
                     Input::Shutdown => {
@@ -261,10 +274,12 @@ impl AgentSession {
                         }
                         info!("draining: finishing the current step before handing over");
                     }
+                    Input::StatusLost => self.publish_full_status(),
                     Input::StepDone(out) => {
                         self.turn = None;
                         let (ctrl, step) = *out;
-                        last_activity = std::time::Instant::now();
+                        quiet_since = Instant::now();
+                        idle_check.as_mut().reset(quiet_since + close_delay);
                         let span = info_span!("record_step");
                         self.turn_trace.adopt(&span);
                         match self.on_step(ctrl, step).instrument(span).await {
@@ -283,15 +298,22 @@ impl AgentSession {
                         }
                     }
                     Input::IdleCheck => {
-                        self.publish_full_status();
-                        if close_delay.is_zero() || self.turn.is_some() {
-                            continue;
-                        }
-                        if self.agent_state == AgentState::Running || self.watched().await {
-                            last_activity = std::time::Instant::now();
-                        } else if last_activity.elapsed() >= close_delay {
+                        let now = Instant::now();
+                        if self.turn.is_some() || self.agent_state == AgentState::Running {
+                            quiet_since = now;
+                            idle_check.as_mut().reset(now + close_delay);
+                        } else if self.watched().await {
+                            was_watched = true;
+                            quiet_since = now;
+                            idle_check.as_mut().reset(now + watch_every);
+                        } else if std::mem::take(&mut was_watched) {
+                            // The client left since the last check: quiet from now on (never
+                            // early, at most `watch_every` late).
+                            quiet_since = now;
+                            idle_check.as_mut().reset(now + close_delay);
+                        } else if now.duration_since(quiet_since) >= close_delay {
                             info!(
-                                idle_s = last_activity.elapsed().as_secs(),
+                                idle_s = now.duration_since(quiet_since).as_secs(),
                                 "no client and agent idle; passivating"
                             );
                             metrics::counter!("oh_worker_passivations_total").increment(1);
@@ -299,10 +321,13 @@ impl AgentSession {
                                 break self.on_append_error(e);
                             }
                             break End::Stopped;
+                        } else {
+                            idle_check.as_mut().reset(quiet_since + close_delay);
                         }
                     }
                     Input::Action(msg) => {
-                        last_activity = std::time::Instant::now();
+                        quiet_since = Instant::now();
+                        idle_check.as_mut().reset(quiet_since + close_delay);
                         // The gateway's trace of this action continues here (and in the
                         // turn it starts, and on the events they append).
                         let span = info_span!("apply_action");
@@ -666,7 +691,14 @@ impl AgentSession {
                 }
             }
         }
-        if seq <= self.journal.applied_action() {
+        if msg.renumbered {
+            warn!(
+                seq,
+                applied = self.journal.applied_action(),
+                "the actions stream numbered this action anew (NATS lost writes it had \
+                 acknowledged); applying it"
+            );
+        } else if seq <= self.journal.applied_action() {
             // Applied by an earlier owner that died before dropping it: don't apply twice.
             info!(seq, "action already applied; dropping it");
             self.leave_loading().await?;
@@ -817,6 +849,8 @@ impl AgentSession {
             self.snapshot_due = true;
         }
         self.agent_state = state;
+        // Redis' status follows every change of state (there is no periodic refresh).
+        self.publish_status();
         Ok(())
     }
 
@@ -968,8 +1002,14 @@ impl AgentSession {
                 },
             )
             .await;
-            if let Err(e) = res {
-                warn!(error = %e, "status update failed");
+            match res {
+                Ok(()) => true,
+                Err(e) => {
+                    // Written again in full, after a pause (Redis away: once a second).
+                    warn!(error = %e, "status update failed");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    false
+                }
             }
         }));
     }
