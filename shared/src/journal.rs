@@ -86,8 +86,17 @@ impl Journal {
     /// Reads where the log stands.
     pub async fn open(store: Store, sid: SessionId, claim: String) -> Result<Self, StoreError> {
         let last = store.last_event(&sid).await?;
+        let mut journal = Self::presumed_empty(store, sid, claim);
+        journal.load(last.as_ref());
+        Ok(journal)
+    }
+
+    /// A journal for a log presumed empty (a conversation's first start), without reading its
+    /// head: if it is not, the takeover's fenced append is refused and [`Self::take_over`]
+    /// reads the head then (one read less for every new conversation).
+    pub fn presumed_empty(store: Store, sid: SessionId, claim: String) -> Self {
         let subject = store.names.events_subject(&sid);
-        let mut journal = Self {
+        Self {
             store,
             subject,
             claim,
@@ -101,9 +110,7 @@ impl Journal {
             client_msg_ids: std::collections::VecDeque::new(),
             client_msg_id_set: std::collections::HashSet::new(),
             next_client_msg_id: None,
-        };
-        journal.load(last.as_ref());
-        Ok(journal)
+        }
     }
 
     /// Takes where the log stands from its newest event (`None`: empty log).

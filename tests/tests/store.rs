@@ -341,3 +341,48 @@ async fn a_takeover_record_keeps_the_turn_state_for_the_next_owner() {
         .count();
     assert_eq!(loading, 3);
 }
+
+/// A first start presumes an empty log and skips reading its head; a log that is not empty
+/// after all (a start request delivered again after the session ran) is found by the
+/// takeover's fence, read, and taken over in order.
+#[tokio::test]
+async fn a_takeover_presuming_an_empty_log_finds_out_and_continues_it() {
+    use shared::event::{AgentState, Event};
+    use shared::journal::Journal;
+    let nats = NatsServer::start().await;
+    let store = open(&nats).await;
+    let sid = SessionId::generate();
+    let takeover = || Event::agent_state_changed(AgentState::Loading, "");
+
+    // Truly empty: the record is event 0.
+    let mut a = Journal::presumed_empty(store.clone(), sid.clone(), "a".into());
+    let epoch_a = a.take_over(takeover()).await.unwrap();
+    assert_eq!(a.last_id(), Some(0));
+    a.append(Event::agent_state_changed(
+        AgentState::AwaitingUserInput,
+        "",
+    ))
+    .await
+    .unwrap();
+
+    // Not empty: refused at sequence 0, then read and appended after event 1.
+    let mut b = Journal::presumed_empty(store.clone(), sid.clone(), "b".into());
+    let epoch_b = b.take_over(takeover()).await.unwrap();
+    assert!(epoch_b > epoch_a);
+    assert_eq!(b.last_id(), Some(2), "after the two events already there");
+    assert_eq!(b.agent_state(), Some("awaiting_user_input"));
+    // The earlier owner is fenced.
+    assert!(
+        a.append(Event::agent_state_changed(AgentState::Running, ""))
+            .await
+            .is_err()
+    );
+    let ids: Vec<u64> = store
+        .read_from(&sid, 0, usize::MAX)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, vec![0, 1, 2]);
+}

@@ -69,10 +69,12 @@ async fn one_message_is_one_trace_across_gateway_and_worker() {
             .filter(|s| s.service == "oh-gateway" && s.name == "action")
             .find_map(|a| {
                 let t = &a.trace_id;
-                let complete = ["apply_action", "agent_step", "complete", "runtime"]
+                // Exported in batches: wait for every step (think, act, think) too.
+                let complete = ["apply_action", "complete", "runtime"]
                     .iter()
                     .all(|n| !named(&spans, "oh-worker", n, t).is_empty())
-                    && !named(&spans, "oh-gateway", "fanout", t).is_empty();
+                    && named(&spans, "oh-worker", "agent_step", t).len() >= 3
+                    && named(&spans, "oh-gateway", "fanout", t).len() >= 5;
                 complete.then(|| t.clone())
             });
         if let Some(t) = found {

@@ -512,7 +512,13 @@ impl Claim<'_> {
     async fn fence(&mut self) -> Result<Fenced, ClaimError> {
         let store = &self.ctx.store;
         let claim_id = self.lease.claim_id().to_owned();
-        let mut journal = Journal::open(store.clone(), self.sid.clone(), claim_id).await?;
+        // A conversation's first start presumes an empty log (the takeover's fence finds out
+        // otherwise and reads the head then); any other start reads the head first.
+        let mut journal = if self.reason == StartReason::Create {
+            Journal::presumed_empty(store.clone(), self.sid.clone(), claim_id)
+        } else {
+            Journal::open(store.clone(), self.sid.clone(), claim_id).await?
+        };
         self.phases.mark("log_head");
         let empty = journal.is_empty();
         let takeover = Event::agent_state_changed(AgentState::Loading, "");
