@@ -381,21 +381,34 @@ impl Store {
     /// stored and it is dropped again, and the applied-action mark keeps it from being
     /// applied twice). An action already gone is no error.
     pub async fn drop_action(&self, seq: u64) -> Result<(), StoreError> {
-        match self.actions.delete_message(seq).await {
-            Ok(_) => Ok(()),
-            Err(e) => match e.kind() {
-                jetstream::stream::DeleteMessageErrorKind::JetStream(j)
-                    if [
-                        jetstream::ErrorCode::NO_MESSAGE_FOUND,
-                        jetstream::ErrorCode::SEQUENCE_NOT_FOUND,
-                        jetstream::ErrorCode::STREAM_MESSAGE_DELETE_FAILED,
-                    ]
-                    .contains(&j.error_code()) =>
-                {
-                    Ok(())
-                }
-                _ => Err(nats("drop handled action")(boxed(e))),
-            },
+        #[derive(serde::Deserialize)]
+        struct Deleted {}
+        // `no_erase`: marked deleted, not overwritten on disk (async-nats' `delete_message`
+        // asks for the secure erase, which costs the server ~0.3 ms of disk work per action
+        // and held up the next appends: +0.7 ms on every reply).
+        let res: Result<jetstream::response::Response<Deleted>, _> = self
+            .js
+            .request(
+                format!("STREAM.MSG.DELETE.{}", self.names.actions_stream()),
+                &serde_json::json!({"seq": seq, "no_erase": true}),
+            )
+            .await;
+        match res {
+            Ok(jetstream::response::Response::Ok(_)) => Ok(()),
+            Ok(jetstream::response::Response::Err { error })
+                if [
+                    jetstream::ErrorCode::NO_MESSAGE_FOUND,
+                    jetstream::ErrorCode::SEQUENCE_NOT_FOUND,
+                    jetstream::ErrorCode::STREAM_MESSAGE_DELETE_FAILED,
+                ]
+                .contains(&error.error_code()) =>
+            {
+                Ok(())
+            }
+            Ok(jetstream::response::Response::Err { error }) => {
+                Err(nats("drop handled action")(boxed(error)))
+            }
+            Err(e) => Err(nats("drop handled action")(boxed(e))),
         }
     }
 
