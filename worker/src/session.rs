@@ -671,6 +671,21 @@ impl AgentSession {
             self.drop_handled(seq);
             return Ok(None);
         }
+        if msg.renumbered {
+            warn!(
+                seq,
+                applied = self.journal.applied_action(),
+                "the actions stream numbered this action anew (NATS lost writes it had \
+                 acknowledged); applying it"
+            );
+        } else if seq <= self.journal.applied_action() {
+            // Applied (a stop, a start too) by an earlier owner, or here, and not yet dropped:
+            // don't apply twice.
+            info!(seq, "action already applied; dropping it");
+            self.leave_loading().await?;
+            self.drop_handled(seq);
+            return Ok(None);
+        }
         if let Some(ctl) = headers.get(HDR_CONTROL) {
             match Control::parse(ctl.as_str()) {
                 Some(Control::Stop) => {
@@ -679,8 +694,15 @@ impl AgentSession {
                     if self.agent_state != AgentState::Stopped {
                         self.set_state(AgentState::Stopped, "").await?;
                     }
-                    // `finish` looks for actions after this one (its sequence is the mark).
-                    self.drop_handled(seq);
+                    // Dropped before the session ends (bounded: NATS may be away), so a start
+                    // right after does not find it again; `finish` looks for actions after it
+                    // (its sequence is the mark).
+                    let drop = self.ctx.store.drop_action(seq);
+                    match tokio::time::timeout(std::time::Duration::from_secs(2), drop).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => warn!(error = %e, "stop not dropped"),
+                        Err(_) => warn!("stop not dropped within 2 s"),
+                    }
                     return Ok(Some(End::Stopped));
                 }
                 Some(Control::Start) => {
@@ -696,20 +718,6 @@ impl AgentSession {
                     return Ok(None);
                 }
             }
-        }
-        if msg.renumbered {
-            warn!(
-                seq,
-                applied = self.journal.applied_action(),
-                "the actions stream numbered this action anew (NATS lost writes it had \
-                 acknowledged); applying it"
-            );
-        } else if seq <= self.journal.applied_action() {
-            // Applied by an earlier owner that died before dropping it: don't apply twice.
-            info!(seq, "action already applied; dropping it");
-            self.leave_loading().await?;
-            self.drop_handled(seq);
-            return Ok(None);
         }
         let client_msg_id = headers
             .get(HDR_CLIENT_MSG_ID)
