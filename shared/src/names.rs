@@ -172,6 +172,15 @@ impl Names {
         SessionId::parse(subject.strip_prefix(&prefix).unwrap_or(""))
     }
 
+    /// The session an actions subject (`{ns}.act.{sid}`) belongs to.
+    ///
+    /// # Errors
+    /// [`IdError`] if the subject is not one of this namespace's actions subjects.
+    pub fn session_of_actions_subject(&self, subject: &str) -> Result<SessionId, IdError> {
+        let prefix = format!("{}.act.", self.ns);
+        SessionId::parse(subject.strip_prefix(&prefix).unwrap_or(""))
+    }
+
     /// Stream of conversation metadata (one message per conversation, last one wins).
     pub fn meta_bucket(&self) -> String {
         format!("{}_meta", self.ns)
@@ -284,6 +293,11 @@ mod tests {
         assert_eq!(n.lease_key(&sid), "t1:lease:abc123");
         assert_eq!(n.session_of_work_subject("t1.work.abc123").unwrap(), sid);
         assert!(n.session_of_work_subject("t2.work.abc123").is_err());
+        assert_eq!(n.session_of_actions_subject("t1.act.abc123").unwrap(), sid);
+        assert!(
+            n.session_of_actions_subject("t1.act.abc123.stored")
+                .is_err()
+        );
         for bad in ["", "A", "a.b", "a b", &"x".repeat(33)] {
             assert_eq!(Names::new(bad), Err(NamespaceError), "{bad:?}");
         }

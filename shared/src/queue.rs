@@ -437,11 +437,10 @@ impl Store {
             .info_with_subjects(self.names.actions_subjects())
             .await
             .map_err(|e| nats("actions stored")(boxed(e)))?;
-        let prefix = format!("{}.", self.names.actions_subjects().trim_end_matches(".*"));
         let mut out = Vec::new();
         while let Some(item) = subjects.next().await {
             let (subject, _) = item.map_err(|e| nats("actions stored")(boxed(e)))?;
-            if let Some(Ok(sid)) = subject.strip_prefix(&prefix).map(SessionId::parse) {
+            if let Ok(sid) = self.names.session_of_actions_subject(&subject) {
                 out.push(sid);
             }
         }
