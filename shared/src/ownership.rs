@@ -2,7 +2,8 @@
 //! set (sessions the sweeper resumes when they lose their owner) and per-user running slots.
 //!
 //! - Acquire: `SET {ns}:lease:{sid} {worker}/{nonce} NX PX ttl`.
-//! - Renew: a Lua compare-and-`PEXPIRE` that never recreates a missing key.
+//! - Renew: a Lua compare-and-`PEXPIRE` that never recreates a missing key (one script run
+//!   renews a whole batch).
 //! - Release: a Lua compare-and-`DEL`.
 //!
 //! The lease is for liveness and routing only. Safety (at most one writer) comes from the fence
@@ -16,28 +17,42 @@ use redis::aio::ConnectionManager;
 use crate::id::{SessionId, WorkerId};
 use crate::names::Names;
 
+/// Renews every lease in `KEYS` (tokens in `ARGV[2..]`, time to live `ARGV[1]`): for each, 1 if
+/// extended, 0 if another token holds it, -1 if the key is gone (never recreated here).
 const RENEW: &str = r"
-local v = redis.call('GET', KEYS[1])
-if v == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local out = {}
+for i = 1, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if v == ARGV[i + 1] then
+    out[i] = redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  elseif not v then
+    out[i] = -1
+  else
+    out[i] = 0
+  end
 end
-if not v then
-  return -1
-end
-return 0";
+return out";
 
-/// Reserves one of a user's running-conversation slots, atomically across every worker:
-/// drop expired entries, then add (or refresh) this session if it is already counted or the
-/// user is under the limit. Scores are expiry times, refreshed by the holder's renew loop, so
-/// a crashed worker's entries free themselves.
+/// Reserves one of a user's running-conversation slots, atomically across every worker, for
+/// each `KEYS[i]` (the user's sorted set) and `ARGV[i + 4]` (the session): drop expired
+/// entries, then add (or refresh) the session if it is already counted or the user is under
+/// the limit `ARGV[3]`. Scores are expiry times (`ARGV[2]`; now is `ARGV[1]`), refreshed by
+/// the holder's renew loop, so a crashed worker's entries free themselves; the set itself
+/// lives `ARGV[4]` ms unless touched.
 const RESERVE: &str = r"
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZSCORE', KEYS[1], ARGV[3]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
-  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
-  return 1
+local out = {}
+for i = 1, #KEYS do
+  local k, sid = KEYS[i], ARGV[i + 4]
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', ARGV[1])
+  if redis.call('ZSCORE', k, sid) or redis.call('ZCARD', k) < tonumber(ARGV[3]) then
+    redis.call('ZADD', k, ARGV[2], sid)
+    redis.call('PEXPIRE', k, ARGV[4])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
 end
-return 0";
+return out";
 
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -121,17 +136,44 @@ pub async fn renew(
     lease: &Lease,
     ttl: Duration,
 ) -> redis::RedisResult<Renewal> {
-    let n: i64 = redis::Script::new(RENEW)
-        .key(&lease.key)
-        .arg(&lease.token)
-        .arg(ttl_ms(ttl))
-        .invoke_async(conn)
-        .await?;
-    Ok(match n {
-        1 => Renewal::Renewed,
-        -1 => Renewal::Missing,
-        _ => Renewal::Taken,
-    })
+    let found = renew_many(conn, &[lease], ttl).await?;
+    Ok(found.first().copied().unwrap_or(Renewal::Taken))
+}
+
+/// [`renew`] for many leases in one script run (one round trip, one Redis command): what each
+/// renewal found, in the order of `leases`.
+///
+/// # Errors
+/// The Redis error if the script could not be run (none of the leases is known to be renewed).
+pub async fn renew_many(
+    conn: &mut ConnectionManager,
+    leases: &[&Lease],
+    ttl: Duration,
+) -> redis::RedisResult<Vec<Renewal>> {
+    if leases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let script = redis::Script::new(RENEW);
+    let mut call = script.prepare_invoke();
+    call.arg(ttl_ms(ttl));
+    for lease in leases {
+        call.key(&lease.key).arg(&lease.token);
+    }
+    let found: Vec<i64> = call.invoke_async(conn).await?;
+    if found.len() != leases.len() {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "lease renewal: one answer per lease expected",
+        )));
+    }
+    Ok(found
+        .into_iter()
+        .map(|n| match n {
+            1 => Renewal::Renewed,
+            -1 => Renewal::Missing,
+            _ => Renewal::Taken,
+        })
+        .collect())
 }
 
 /// Takes a missing lease back with the same token (`SET NX PX`). `false` if someone else got
@@ -169,18 +211,44 @@ pub async fn reserve_user_slot(
     limit: u32,
     hold: Duration,
 ) -> redis::RedisResult<bool> {
+    let got = reserve_user_slots(conn, names, &[(uid, sid)], limit, hold).await?;
+    Ok(got.first().copied().unwrap_or(false))
+}
+
+/// [`reserve_user_slot`] for many sessions in one script run: whether each is counted, in the
+/// order of `slots`.
+///
+/// # Errors
+/// The Redis error if the script could not be run.
+pub async fn reserve_user_slots(
+    conn: &mut ConnectionManager,
+    names: &Names,
+    slots: &[(&crate::id::UserId, &SessionId)],
+    limit: u32,
+    hold: Duration,
+) -> redis::RedisResult<Vec<bool>> {
+    if slots.is_empty() {
+        return Ok(Vec::new());
+    }
     let now = chrono::Utc::now().timestamp_millis();
     let hold_ms = i64::try_from(hold.as_millis()).unwrap_or(i64::MAX / 4);
-    let n: i64 = redis::Script::new(RESERVE)
-        .key(names.user_running_key(uid))
-        .arg(now)
+    let script = redis::Script::new(RESERVE);
+    let mut call = script.prepare_invoke();
+    call.arg(now)
         .arg(now.saturating_add(hold_ms))
-        .arg(sid.as_str())
         .arg(limit)
-        .arg(hold_ms.saturating_mul(4))
-        .invoke_async(conn)
-        .await?;
-    Ok(n == 1)
+        .arg(hold_ms.saturating_mul(4));
+    for (uid, sid) in slots {
+        call.key(names.user_running_key(uid)).arg(sid.as_str());
+    }
+    let got: Vec<i64> = call.invoke_async(conn).await?;
+    if got.len() != slots.len() {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "user slots: one answer per session expected",
+        )));
+    }
+    Ok(got.into_iter().map(|n| n == 1).collect())
 }
 
 /// Gives back a user slot (session ended).

@@ -128,6 +128,95 @@ async fn inv2_paused_owner_is_fenced_after_takeover() {
     assert!(evs.len() >= 10);
 }
 
+/// The renew loop's batched scripts against a real Redis: one script run renews some leases,
+/// reports one held under another token as taken and an expired one as missing (never
+/// recreating it), each in its place; the batched user-slot refresh counts each session once
+/// and refuses one beyond the limit.
+#[tokio::test]
+async fn leases_renewed_in_one_batch_each_get_its_own_answer() {
+    use shared::ownership::{self, Renewal};
+    let redis_srv = tests::redis::RedisServer::start().await;
+    let names = shared::names::Names::new("batch").unwrap();
+    let redis_url = shared::creds::BrokerUrl::parse(&redis_srv.url()).unwrap();
+    let mut conn = ownership::connect(&redis_url).await.unwrap();
+    let (w1, w2) = (
+        shared::id::WorkerId::parse("w1").unwrap(),
+        shared::id::WorkerId::parse("w2").unwrap(),
+    );
+    let ttl = Duration::from_secs(5);
+    let sids: Vec<SessionId> = (0..700).map(|_| SessionId::generate()).collect();
+    let mut leases = Vec::new();
+    for (i, sid) in sids.iter().enumerate() {
+        // The first two expire before the renewal; the rest live 1 s unless renewed.
+        let life = Duration::from_millis(if i < 2 { 200 } else { 1000 });
+        let l = ownership::acquire(&mut conn, &names, sid, &w1, life)
+            .await
+            .unwrap()
+            .unwrap();
+        leases.push(l);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // sids[0] expired and was taken by w2; sids[1] expired and stays free.
+    let taken = ownership::acquire(&mut conn, &names, &sids[0], &w2, ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    let batch: Vec<&ownership::Lease> = leases.iter().collect();
+    let found = ownership::renew_many(&mut conn, &batch, ttl).await.unwrap();
+    assert_eq!(found.len(), batch.len());
+    assert_eq!(found[0], Renewal::Taken, "held by w2 under another token");
+    assert_eq!(found[1], Renewal::Missing, "expired and free");
+    assert!(
+        found[2..].iter().all(|f| *f == Renewal::Renewed),
+        "{found:?}"
+    );
+    // Renewed means the new time to live, not the 1 s they were acquired with.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let again = ownership::renew_many(&mut conn, &batch[2..], ttl)
+        .await
+        .unwrap();
+    assert!(again.iter().all(|f| *f == Renewal::Renewed), "{again:?}");
+    // Missing stays missing (renewal never recreates), taken stays w2's.
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&leases[1].key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!exists);
+    let holder: String = redis::cmd("GET")
+        .arg(&taken.key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(holder, taken.token);
+    assert!(
+        ownership::renew_many(&mut conn, &[], ttl)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // User slots, batched: u1 may run 2; three of its sessions in one run: the third refused;
+    // refreshing the two counted ones (again in one run) keeps them.
+    let u1 = shared::id::UserId::parse("u1").unwrap();
+    let slots: Vec<(&shared::id::UserId, &SessionId)> =
+        sids[..3].iter().map(|s| (&u1, s)).collect();
+    let got = ownership::reserve_user_slots(&mut conn, &names, &slots, 2, ttl)
+        .await
+        .unwrap();
+    assert_eq!(got, vec![true, true, false]);
+    let got = ownership::reserve_user_slots(&mut conn, &names, &slots[..2], 2, ttl)
+        .await
+        .unwrap();
+    assert_eq!(got, vec![true, true]);
+    let counted: u64 = redis::cmd("ZCARD")
+        .arg(names.user_running_key(&u1))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(counted, 2);
+}
+
 /// Invariant 2 under contention: 50 concurrent claims of one session: exactly one lease
 /// holder; and of 50 concurrent takeovers of the log, only the last epoch can append.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

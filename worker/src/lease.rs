@@ -1,6 +1,8 @@
 //! Renewal of every lease this worker holds.
 //!
-//! Every `ttl/4` each held lease is renewed by compare-and-`PEXPIRE` (never recreated). A lease
+//! Every `ttl/4` each held lease is renewed by compare-and-`PEXPIRE` (never recreated), up to
+//! [`BATCH`] leases per Redis script run: an idle worker's cost is a few script runs per tick,
+//! not one round trip per session. A lease
 //! that is no longer ours cancels its session at once. A lease whose renewal keeps failing
 //! (Redis unreachable, or this process starved) cancels its session once `3/4 ttl` have passed
 //! since the last renewal that was *sent* and succeeded, i.e. before the lease could have
@@ -16,7 +18,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use futures::StreamExt;
 use shared::id::{SessionId, UserId};
 use shared::ownership::{self, Lease, Renewal};
 use tokio_util::sync::CancellationToken;
@@ -87,62 +88,99 @@ impl Registry {
     }
 }
 
-/// Renews one lease; a missing key (expired, or Redis restarted empty) is taken back with the
-/// same token when free, which is safe because the log fence, not Redis, guarantees a single
-/// writer; then what Redis must know about a running session is written again (should-run
-/// entry, status; the session is told to rewrite the rest of its status). The user's slot
-/// (scored by expiry) is refreshed every time. `None`: the session ended meanwhile and nothing
-/// was done.
-async fn renew_one(
-    ctx: &Ctx,
-    sid: &SessionId,
-    uid: &UserId,
-    lease: &Lease,
-    live: &tokio::sync::Mutex<bool>,
-    redis_lost: &tokio::sync::Notify,
-) -> redis::RedisResult<Option<bool>> {
-    let live = live.lock().await;
-    if !*live {
-        return Ok(None); // the session has ended and released (or is releasing) it
-    }
+/// How many leases one Redis script run renews.
+const BATCH: usize = 512;
+
+/// A lease to renew this tick, with its session's `live` lock held for the whole renewal.
+struct Renewing {
+    sid: SessionId,
+    uid: UserId,
+    lease: Lease,
+    redis_lost: Arc<tokio::sync::Notify>,
+    _live: tokio::sync::OwnedMutexGuard<bool>,
+}
+
+/// Renews a batch of leases in one script run; a missing key (expired, or Redis restarted
+/// empty) is taken back with the same token when free, which is safe because the log fence,
+/// not Redis, guarantees a single writer; then what Redis must know about a running session is
+/// written again (should-run entry, status; the session is told to rewrite the rest of its
+/// status). The users' slots (scored by expiry) are refreshed every time, in one more script
+/// run. Sessions that ended meanwhile are not in `batch` (their `live` was `false`).
+///
+/// # Errors
+/// The batch's renewal itself failed: none of its leases is known to be renewed.
+async fn renew_batch(ctx: &Ctx, batch: &[Renewing]) -> redis::RedisResult<Vec<Renewed>> {
     let mut conn = ctx.redis.clone();
     let ttl = ctx.args.lease_ttl;
-    let ours = match ownership::renew(&mut conn, lease, ttl).await? {
-        Renewal::Renewed => true,
-        Renewal::Taken => false,
-        Renewal::Missing => {
-            let back = ownership::reacquire(&mut conn, lease, ttl).await?;
-            if back {
-                info!(session_id = %sid, "lease was missing (Redis emptied?); taken back");
-                let names = ctx.store.names();
-                // Redis lost what it knew of this session: it must run again after a crash.
-                ownership::mark_should_run(&mut conn, names, uid, sid).await?;
-                shared::status::write(
-                    &mut conn,
-                    names,
-                    sid,
-                    shared::status::Update {
-                        state: Some(shared::status::SessionState::Running),
-                        worker_id: Some(ctx.worker_id.as_str()),
-                        ..Default::default()
-                    },
-                )
-                .await?;
-                redis_lost.notify_one();
-            }
-            back
-        }
-    };
-    if ours {
+    let leases: Vec<&Lease> = batch.iter().map(|r| &r.lease).collect();
+    let found = ownership::renew_many(&mut conn, &leases, ttl).await?;
+    let mut out = Vec::with_capacity(batch.len());
+    for (r, found) in batch.iter().zip(found) {
+        let ours = match found {
+            Renewal::Renewed => Ok(true),
+            Renewal::Taken => Ok(false),
+            Renewal::Missing => take_back(ctx, &mut conn, r).await,
+        };
+        out.push(Renewed {
+            sid: r.sid.clone(),
+            token: r.lease.token.clone(),
+            ours,
+        });
+    }
+    if let Some(limit) = ctx.args.max_conversations_per_user {
+        // Refresh our entries; they cannot be refused because they are already counted,
+        // unless Redis lost them, in which case we count them again (we are running anyway).
+        let slots: Vec<(&UserId, &SessionId)> = batch
+            .iter()
+            .zip(&out)
+            .filter(|(_, done)| matches!(done.ours, Ok(true)))
+            .map(|(r, _)| (&r.uid, &r.sid))
+            .collect();
         let names = ctx.store.names();
-        if let Some(limit) = ctx.args.max_conversations_per_user {
-            // Refresh our entry; it cannot be refused because it is already counted, unless
-            // Redis lost it, in which case we count it again (we are running anyway).
-            let _ =
-                ownership::reserve_user_slot(&mut conn, names, uid, sid, limit, ttl * 3).await?;
+        if let Err(e) =
+            ownership::reserve_user_slots(&mut conn, names, &slots, limit, ttl * 3).await
+        {
+            warn!(error = %e, sessions = slots.len(), "refreshing user slots failed");
         }
     }
-    Ok(Some(ours))
+    Ok(out)
+}
+
+/// What one session's renewal found: `Ok(true)` still ours, `Ok(false)` lost.
+struct Renewed {
+    sid: SessionId,
+    /// The renewed lease's token: the session may have ended and been claimed here again.
+    token: String,
+    ours: redis::RedisResult<bool>,
+}
+
+/// A missing lease: taken back if still free, and Redis told again what it lost.
+async fn take_back(
+    ctx: &Ctx,
+    conn: &mut redis::aio::ConnectionManager,
+    r: &Renewing,
+) -> redis::RedisResult<bool> {
+    let ttl = ctx.args.lease_ttl;
+    if !ownership::reacquire(conn, &r.lease, ttl).await? {
+        return Ok(false);
+    }
+    info!(session_id = %r.sid, "lease was missing (Redis emptied?); taken back");
+    let names = ctx.store.names();
+    // Redis lost what it knew of this session: it must run again after a crash.
+    ownership::mark_should_run(conn, names, &r.uid, &r.sid).await?;
+    shared::status::write(
+        conn,
+        names,
+        &r.sid,
+        shared::status::Update {
+            state: Some(shared::status::SessionState::Running),
+            worker_id: Some(ctx.worker_id.as_str()),
+            ..Default::default()
+        },
+    )
+    .await?;
+    r.redis_lost.notify_one();
+    Ok(true)
 }
 
 /// How often the NATS client pings its server: a silent link (a partition drops packets
@@ -153,6 +191,15 @@ pub(crate) fn nats_ping_interval(lease_ttl: std::time::Duration) -> std::time::D
         std::time::Duration::from_millis(500),
         std::time::Duration::from_secs(10),
     )
+}
+
+/// A held lease as the tick found it, before its session's `live` lock is taken.
+struct Pending {
+    sid: SessionId,
+    uid: UserId,
+    lease: Lease,
+    redis_lost: Arc<tokio::sync::Notify>,
+    live: Arc<tokio::sync::Mutex<bool>>,
 }
 
 pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
@@ -166,13 +213,6 @@ pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
             () = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        type Renewing = (
-            SessionId,
-            UserId,
-            Lease,
-            Arc<tokio::sync::Mutex<bool>>,
-            Arc<tokio::sync::Notify>,
-        );
         let nats_up = ctx.nats.connection_state() == async_nats::connection::State::Connected;
         if nats_up {
             said_down = false;
@@ -180,46 +220,55 @@ pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
             said_down = true;
             warn!("NATS unreachable: not renewing leases (the sessions fence themselves)");
         }
-        let held: Vec<Renewing> = if nats_up {
+        let held: Vec<Pending> = if nats_up {
             ctx.leases
                 .lock()
                 .iter()
-                .map(|(s, h)| {
-                    (
-                        s.clone(),
-                        h.uid.clone(),
-                        h.lease.clone(),
-                        h.live.clone(),
-                        h.redis_lost.clone(),
-                    )
+                .map(|(s, h)| Pending {
+                    sid: s.clone(),
+                    uid: h.uid.clone(),
+                    lease: h.lease.clone(),
+                    redis_lost: h.redis_lost.clone(),
+                    live: h.live.clone(),
                 })
                 .collect()
         } else {
             Vec::new()
         };
         let sent_at = Instant::now();
-        let results: Vec<(SessionId, redis::RedisResult<Option<bool>>)> =
-            futures::stream::iter(held)
-                .map(|(sid, uid, lease, live, redis_lost)| {
-                    let ctx = ctx.clone();
-                    async move {
-                        let r = renew_one(&ctx, &sid, &uid, &lease, &live, &redis_lost).await;
-                        (sid, r)
-                    }
-                })
-                .buffer_unordered(64)
-                .collect()
-                .await;
+        let mut results: Vec<Renewed> = Vec::new();
+        let mut held = held.into_iter().peekable();
+        while held.peek().is_some() {
+            let mut batch = Vec::with_capacity(BATCH);
+            for p in held.by_ref().take(BATCH) {
+                let live = p.live.lock_owned().await;
+                if *live {
+                    batch.push(Renewing {
+                        sid: p.sid,
+                        uid: p.uid,
+                        lease: p.lease,
+                        redis_lost: p.redis_lost,
+                        _live: live,
+                    });
+                } // else the session has ended and released (or is releasing) it
+            }
+            match renew_batch(&ctx, &batch).await {
+                Ok(found) => results.extend(found),
+                Err(e) => warn!(error = %e, leases = batch.len(), "lease renewal failed"),
+            }
+        }
         let mut map = ctx.leases.lock();
-        for (sid, res) in results {
-            match res {
-                Ok(None) => {} // ended meanwhile
-                Ok(Some(true)) => {
+        for Renewed { sid, token, ours } in results {
+            if map.get(&sid).is_none_or(|h| h.lease.token != token) {
+                continue; // ended meanwhile (and perhaps claimed here again: a new lease)
+            }
+            match ours {
+                Ok(true) => {
                     if let Some(h) = map.get_mut(&sid) {
                         h.renewed_at = sent_at;
                     }
                 }
-                Ok(Some(false)) => {
+                Ok(false) => {
                     if let Some(h) = map.remove(&sid) {
                         info!(session_id = %sid, "lease lost; stopping session");
                         metrics::counter!("oh_worker_leases_lost_total").increment(1);
