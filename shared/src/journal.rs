@@ -95,7 +95,7 @@ impl Journal {
     /// head: if it is not, the takeover's fenced append is refused and [`Self::take_over`]
     /// reads the head then (one read less for every new conversation).
     pub fn presumed_empty(store: Store, sid: SessionId, claim: String) -> Self {
-        let subject = store.names.events_subject(&sid);
+        let subject = store.0.names.events_subject(&sid);
         Self {
             store,
             subject,
@@ -288,6 +288,7 @@ impl Journal {
                 .expected_last_subject_sequence(self.last_seq);
             let res = match self
                 .store
+                .0
                 .js
                 .send_publish(self.subject.clone(), publish)
                 .await

@@ -239,7 +239,11 @@ impl Names {
 
     /// Redis key of a session's owner lease.
     pub fn lease_key(&self, sid: &SessionId) -> String {
-        format!("{}:lease:{sid}", self.ns)
+        format!("{}{sid}", self.lease_key_prefix())
+    }
+    /// What every lease key starts with (the sweeper's script appends session ids).
+    pub fn lease_key_prefix(&self) -> String {
+        format!("{}:lease:", self.ns)
     }
     /// Redis set of `{sid}:{uid}` that should be running (the sweeper's work list).
     pub fn should_run_key(&self) -> String {

@@ -308,8 +308,9 @@ impl Store {
                 .headers(headers.clone())
                 .message_id(msg_id.as_str());
             let ack = self
+                .0
                 .js
-                .send_publish(self.names.actions_subject(sid), msg)
+                .send_publish(self.0.names.actions_subject(sid), msg)
                 .await
                 .map_err(|e| nats("publish action")(boxed(e)))?;
             let ack = ack.await.map_err(|e| nats("publish action")(boxed(e)))?;
@@ -335,9 +336,10 @@ impl Store {
     /// [`StoreError`] if NATS failed.
     pub async fn action_feed(&self, sid: &SessionId) -> Result<ActionFeed, StoreError> {
         let stored = self
+            .0
             .js
             .client()
-            .subscribe(self.names.actions_stored_subject(sid))
+            .subscribe(self.0.names.actions_stored_subject(sid))
             .await
             .map_err(|e| nats("subscribe actions")(boxed(e)))?;
         Ok(ActionFeed {
@@ -363,8 +365,8 @@ impl Store {
         sid: &SessionId,
         after: u64,
     ) -> Result<Option<Action>, StoreError> {
-        let subject = self.names.actions_subject(sid);
-        match get_first_from(&self.actions, self.leader_reads, subject, after + 1).await {
+        let subject = self.0.names.actions_subject(sid);
+        match get_first_from(&self.0.actions, self.0.leader_reads, subject, after + 1).await {
             Ok(Some(m)) => Ok(Some(Action::new(m.sequence, m.headers, m.payload, false))),
             Ok(None) => Ok(None),
             Err(e) => Err(nats("read action")(e)),
@@ -387,9 +389,10 @@ impl Store {
         // asks for the secure erase, which costs the server ~0.3 ms of disk work per action
         // and held up the next appends: +0.7 ms on every reply).
         let res: Result<jetstream::response::Response<Deleted>, _> = self
+            .0
             .js
             .request(
-                format!("STREAM.MSG.DELETE.{}", self.names.actions_stream()),
+                format!("STREAM.MSG.DELETE.{}", self.0.names.actions_stream()),
                 &serde_json::json!({"seq": seq, "no_erase": true}),
             )
             .await;
@@ -433,14 +436,15 @@ impl Store {
     /// [`StoreError`] if NATS failed.
     pub async fn sessions_with_actions(&self) -> Result<Vec<SessionId>, StoreError> {
         let mut subjects = self
+            .0
             .actions
-            .info_with_subjects(self.names.actions_subjects())
+            .info_with_subjects(self.0.names.actions_subjects())
             .await
             .map_err(|e| nats("actions stored")(boxed(e)))?;
         let mut out = Vec::new();
         while let Some(item) = subjects.next().await {
             let (subject, _) = item.map_err(|e| nats("actions stored")(boxed(e)))?;
-            if let Ok(sid) = self.names.session_of_actions_subject(&subject) {
+            if let Ok(sid) = self.0.names.session_of_actions_subject(&subject) {
                 out.push(sid);
             }
         }
@@ -459,8 +463,9 @@ impl Store {
             detail: e.to_string(),
         })?;
         let res = match self
+            .0
             .js
-            .publish(self.names.work_subject(&sid), req.encode())
+            .publish(self.0.names.work_subject(&sid), req.encode())
             .await
         {
             Ok(ack) => ack.await,
@@ -487,9 +492,10 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if NATS failed.
     pub async fn withdraw_start(&self, sid: &SessionId) -> Result<(), StoreError> {
-        self.work
+        self.0
+            .work
             .purge()
-            .filter(self.names.work_subject(sid))
+            .filter(self.0.names.work_subject(sid))
             .await
             .map_err(|e| nats("withdraw start request")(boxed(e)))?;
         Ok(())
@@ -500,8 +506,9 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if NATS failed.
     pub async fn work_consumer(&self) -> Result<consumer::PullConsumer, StoreError> {
-        self.work
-            .get_consumer(self.names.work_consumer())
+        self.0
+            .work
+            .get_consumer(self.0.names.work_consumer())
             .await
             .map_err(nats("work consumer"))
     }

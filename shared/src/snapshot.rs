@@ -238,8 +238,8 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if NATS failed or the head is not a [`Head`].
     pub async fn snapshot_head(&self, sid: &SessionId) -> Result<Option<(u64, Head)>, StoreError> {
-        let subject = self.names.workspace_head_subject(sid);
-        match crate::store::get_last(&self.workspaces, self.leader_reads, subject).await {
+        let subject = self.0.names.workspace_head_subject(sid);
+        match crate::store::get_last(&self.0.workspaces, self.0.leader_reads, subject).await {
             Ok(Some(m)) => {
                 let head = serde_json::from_slice(&m.payload)
                     .map_err(|e| Self::corrupt(sid, "snapshot head", e))?;
@@ -268,8 +268,9 @@ impl Store {
             .payload(payload.into())
             .expected_last_subject_sequence(expected);
         let res = match self
+            .0
             .js
-            .send_publish(self.names.workspace_head_subject(sid), publish)
+            .send_publish(self.0.names.workspace_head_subject(sid), publish)
             .await
         {
             Ok(fut) => fut.await,
@@ -328,8 +329,8 @@ impl Store {
         sha: &str,
         bytes: Bytes,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send + 'static {
-        let js = self.js.clone();
-        let subject = self.names.workspace_chunk_subject(sid, sha);
+        let js = self.0.js.clone();
+        let subject = self.0.names.workspace_chunk_subject(sid, sha);
         async move {
             let ack = js
                 .publish(subject, bytes)
@@ -346,18 +347,19 @@ impl Store {
     /// # Errors
     /// [`StoreError::Corrupt`] if it is missing or its bytes do not match its name.
     pub async fn get_chunk(&self, sid: &SessionId, sha: &str) -> Result<Bytes, StoreError> {
-        let subject = self.names.workspace_chunk_subject(sid, sha);
-        let msg = match crate::store::get_last(&self.workspaces, self.leader_reads, subject).await {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                return Err(Self::corrupt(
-                    sid,
-                    "snapshot chunk",
-                    format!("{sha} is missing"),
-                ));
-            }
-            Err(e) => return Err(nats("snapshot chunk read")(e)),
-        };
+        let subject = self.0.names.workspace_chunk_subject(sid, sha);
+        let msg =
+            match crate::store::get_last(&self.0.workspaces, self.0.leader_reads, subject).await {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    return Err(Self::corrupt(
+                        sid,
+                        "snapshot chunk",
+                        format!("{sha} is missing"),
+                    ));
+                }
+                Err(e) => return Err(nats("snapshot chunk read")(e)),
+            };
         if sha256_hex(&msg.payload) != sha {
             return Err(Self::corrupt(
                 sid,
@@ -373,9 +375,10 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if NATS failed.
     pub async fn drop_chunk(&self, sid: &SessionId, sha: &str, seq: u64) -> Result<(), StoreError> {
-        self.workspaces
+        self.0
+            .workspaces
             .purge()
-            .filter(self.names.workspace_chunk_subject(sid, sha))
+            .filter(self.0.names.workspace_chunk_subject(sid, sha))
             .sequence(seq + 1)
             .await
             .map_err(|e| nats("snapshot chunk drop")(boxed(e)))?;
@@ -387,9 +390,10 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if NATS failed.
     pub async fn stored_chunks(&self, sid: &SessionId) -> Result<Vec<String>, StoreError> {
-        let filter = self.names.workspace_chunk_subjects(sid);
+        let filter = self.0.names.workspace_chunk_subjects(sid);
         let prefix = filter.trim_end_matches('*').to_owned();
         let mut subjects = self
+            .0
             .workspaces
             .info_with_subjects(filter)
             .await
@@ -443,9 +447,10 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if NATS failed.
     pub async fn purge_snapshots(&self, sid: &SessionId) -> Result<(), StoreError> {
-        self.workspaces
+        self.0
+            .workspaces
             .purge()
-            .filter(self.names.workspace_session_subjects(sid))
+            .filter(self.0.names.workspace_session_subjects(sid))
             .await
             .map_err(|e| nats("purge snapshots")(boxed(e)))?;
         Ok(())

@@ -14,6 +14,7 @@
 //! `{ns}_blobs`; the message then carries header `Oh-Blob` and an empty body ([`Store::pack`],
 //! [`Store::unpack`]). Nothing is refused silently for size.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -340,9 +341,13 @@ pub struct StoredEvent {
     pub payload: Bytes,
 }
 
-/// Handles to every stream and bucket of one namespace.
+/// Handles to every stream and bucket of one namespace. Cheap to clone (one `Arc`): sessions,
+/// feeds and tasks each keep one.
 #[derive(Clone)]
-pub struct Store {
+pub struct Store(pub(crate) Arc<Handles>);
+
+/// What a [`Store`] shares among its clones.
+pub(crate) struct Handles {
     pub(crate) js: jetstream::Context,
     pub(crate) names: Names,
     events: stream::Stream,
@@ -626,7 +631,7 @@ impl Store {
             n => n,
         };
         let inline_limit = max_payload.saturating_sub(16 * 1024).max(1024);
-        Ok(Self {
+        Ok(Self(Arc::new(Handles {
             js,
             names,
             events,
@@ -638,16 +643,16 @@ impl Store {
             inline_limit,
             duplicate_window: limits.duplicate_window,
             leader_reads: limits.replicas > 1,
-        })
+        })))
     }
 
     /// The names of this store's namespace (subjects for core NATS subscribers, Redis keys).
     pub fn names(&self) -> &Names {
-        &self.names
+        &self.0.names
     }
     /// Largest payload sent inline; larger ones go to the blob store.
     pub fn inline_limit(&self) -> usize {
-        self.inline_limit
+        self.0.inline_limit
     }
 
     // ---- metadata ----
@@ -661,8 +666,8 @@ impl Store {
         uid: &UserId,
         sid: &SessionId,
     ) -> Result<Option<ConversationMeta>, StoreError> {
-        let subject = self.names.meta_subject(uid, sid);
-        let v = match get_last(&self.meta, self.leader_reads, subject).await {
+        let subject = self.0.names.meta_subject(uid, sid);
+        let v = match get_last(&self.0.meta, self.0.leader_reads, subject).await {
             Ok(Some(m)) if m.payload.is_empty() => None,
             Ok(Some(m)) => Some(m.payload),
             Ok(None) => None,
@@ -694,8 +699,9 @@ impl Store {
         })?;
         let bytes = serde_json::to_vec(meta).map_err(|e| nats("metadata encode")(boxed(e)))?;
         let ack = self
+            .0
             .js
-            .publish(self.names.meta_subject(uid, &sid), bytes.into())
+            .publish(self.0.names.meta_subject(uid, &sid), bytes.into())
             .await
             .map_err(|e| nats("metadata put")(boxed(e)))?;
         ack.await.map_err(|e| nats("metadata put")(boxed(e)))?;
@@ -714,10 +720,10 @@ impl Store {
         sid: &SessionId,
         change: impl Fn(&mut ConversationMeta),
     ) -> Result<Option<ConversationMeta>, StoreError> {
-        let subject = self.names.meta_subject(uid, sid);
+        let subject = self.0.names.meta_subject(uid, sid);
         for _ in 0..5 {
             // The leader's copy: the sequence must be the newest.
-            let Some(last) = get_last(&self.meta, true, subject.clone())
+            let Some(last) = get_last(&self.0.meta, true, subject.clone())
                 .await
                 .map_err(nats("metadata get"))?
             else {
@@ -740,6 +746,7 @@ impl Store {
                 last.sequence.to_string().as_str(),
             );
             let sent = self
+                .0
                 .js
                 .publish_with_headers(subject.clone(), headers, bytes.into())
                 .await
@@ -762,9 +769,10 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if NATS failed.
     pub async fn delete_meta(&self, uid: &UserId, sid: &SessionId) -> Result<(), StoreError> {
-        self.meta
+        self.0
+            .meta
             .purge()
-            .filter(self.names.meta_subject(uid, sid))
+            .filter(self.0.names.meta_subject(uid, sid))
             .await
             .map_err(|e| nats("metadata purge")(boxed(e)))?;
         Ok(())
@@ -776,11 +784,12 @@ impl Store {
     /// [`StoreError`] if NATS failed.
     pub async fn list_meta(&self, uid: &UserId) -> Result<Vec<ConversationMeta>, StoreError> {
         let mut subjects = self
+            .0
             .meta
-            .info_with_subjects(self.names.meta_user_filter(uid))
+            .info_with_subjects(self.0.names.meta_user_filter(uid))
             .await
             .map_err(|e| nats("metadata list")(boxed(e)))?;
-        let prefix = self.names.meta_user_prefix(uid);
+        let prefix = self.0.names.meta_user_prefix(uid);
         let mut out = Vec::new();
         while let Some(item) = subjects.next().await {
             let (subject, _) = item.map_err(|e| nats("metadata list")(boxed(e)))?;
@@ -796,7 +805,7 @@ impl Store {
 
     /// JetStream's duplicate window of the streams (as configured here).
     pub fn duplicate_window(&self) -> Duration {
-        self.duplicate_window
+        self.0.duplicate_window
     }
 
     // ---- event log ----
@@ -831,12 +840,12 @@ impl Store {
         sid: &SessionId,
         which: Which,
     ) -> Result<Option<StoredEvent>, StoreError> {
-        let subject = self.names.events_subject(sid);
-        let leader = self.leader_reads;
+        let subject = self.0.names.events_subject(sid);
+        let leader = self.0.leader_reads;
         let res = match which {
-            Which::First => get_first_from(&self.events, leader, subject, 1).await,
-            Which::Last => get_last(&self.events, leader, subject).await,
-            Which::NextFrom(seq) => get_first_from(&self.events, leader, subject, seq).await,
+            Which::First => get_first_from(&self.0.events, leader, subject, 1).await,
+            Which::Last => get_last(&self.0.events, leader, subject).await,
+            Which::NextFrom(seq) => get_first_from(&self.0.events, leader, subject, seq).await,
         };
         let msg = match res {
             Ok(Some(m)) => m,
@@ -989,9 +998,10 @@ impl Store {
                 .await;
         }
         let consumer = self
+            .0
             .events
             .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: self.names.events_subject(sid),
+                filter_subject: self.0.names.events_subject(sid),
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: start_seq,
                 },
@@ -1083,9 +1093,10 @@ impl Store {
         mut full: impl FnMut(&StoredEvent) -> bool,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let consumer = self
+            .0
             .events
             .create_consumer(consumer::pull::Config {
-                filter_subject: self.names.events_subject(sid),
+                filter_subject: self.0.names.events_subject(sid),
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: start_seq,
                 },
@@ -1102,6 +1113,7 @@ impl Store {
         if consumer.cached_info().num_pending == 0 {
             // Nothing stored after the start: do not wait for what does not exist yet.
             let _ = self
+                .0
                 .events
                 .delete_consumer(&consumer.cached_info().name)
                 .await;
@@ -1109,7 +1121,7 @@ impl Store {
         }
         // A batch must fit the largest message (the server refuses a pull whose byte limit is
         // below the next message's size); an inline payload is at most `inline_limit`.
-        let batch_bytes = max_bytes.max(self.inline_limit + 64 * 1024);
+        let batch_bytes = max_bytes.max(self.0.inline_limit + 64 * 1024);
         let mut msgs = consumer
             .stream()
             .max_messages_per_batch(want.min(1000))
@@ -1151,6 +1163,7 @@ impl Store {
         drop(msgs);
         // Best effort: an ephemeral consumer left behind goes away by itself when inactive.
         let _ = self
+            .0
             .events
             .delete_consumer(&consumer.cached_info().name)
             .await;
@@ -1187,11 +1200,12 @@ impl Store {
         payload: Bytes,
         headers: &mut HeaderMap,
     ) -> Result<Bytes, StoreError> {
-        if payload.len() <= self.inline_limit {
+        if payload.len() <= self.0.inline_limit {
             return Ok(payload);
         }
-        let name = self.names.payload_blob(sid);
-        self.blobs
+        let name = self.0.names.payload_blob(sid);
+        self.0
+            .blobs
             .put(name.as_str(), &mut payload.as_ref())
             .await
             .map_err(|e| nats("blob put")(boxed(e)))?;
@@ -1216,9 +1230,10 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if NATS failed.
     pub async fn put_replay(&self, sid: &SessionId, data: &[u8]) -> Result<String, StoreError> {
-        let name = self.names.replay_blob(sid);
+        let name = self.0.names.replay_blob(sid);
         let mut reader = data;
-        self.blobs
+        self.0
+            .blobs
             .put(name.as_str(), &mut reader)
             .await
             .map_err(|e| nats("blob put")(boxed(e)))?;
@@ -1231,6 +1246,7 @@ impl Store {
     /// [`StoreError`] if it is missing or NATS failed.
     pub async fn get_blob(&self, name: &str) -> Result<Bytes, StoreError> {
         let mut obj = self
+            .0
             .blobs
             .get(name)
             .await
@@ -1255,7 +1271,7 @@ impl Store {
     }
 
     async fn delete_blob(&self, name: &str) -> Result<(), StoreError> {
-        match self.blobs.delete(name).await {
+        match self.0.blobs.delete(name).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => Ok(()),
             Err(e) => Err(nats("delete blob")(boxed(e))),
@@ -1270,21 +1286,24 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if NATS failed.
     pub async fn purge_session(&self, sid: &SessionId) -> Result<(), StoreError> {
-        self.events
+        self.0
+            .events
             .purge()
-            .filter(self.names.events_subject(sid))
+            .filter(self.0.names.events_subject(sid))
             .await
             .map_err(|e| nats("purge events")(boxed(e)))?;
         self.drop_all_actions(sid).await?;
-        self.work
+        self.0
+            .work
             .purge()
-            .filter(self.names.work_subject(sid))
+            .filter(self.0.names.work_subject(sid))
             .await
             .map_err(|e| nats("purge work")(boxed(e)))?;
         self.purge_snapshots(sid).await?;
-        self.delete_blob(&self.names.replay_blob(sid)).await?;
+        self.delete_blob(&self.0.names.replay_blob(sid)).await?;
         let prefix = format!("{sid}.");
         let mut list = self
+            .0
             .blobs
             .list()
             .await

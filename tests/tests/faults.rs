@@ -128,12 +128,13 @@ async fn inv2_paused_owner_is_fenced_after_takeover() {
     assert!(evs.len() >= 10);
 }
 
-/// The renew loop's batched scripts against a real Redis: one script run renews some leases,
-/// reports one held under another token as taken and an expired one as missing (never
+/// The lease scripts against a real Redis. The renew loop's batch: one script run renews some
+/// leases, reports one held under another token as taken and an expired one as missing (never
 /// recreating it), each in its place; the batched user-slot refresh counts each session once
-/// and refuses one beyond the limit.
+/// and refuses one beyond the limit. The sweeper's script returns exactly the should-run
+/// sessions without a lease.
 #[tokio::test]
-async fn leases_renewed_in_one_batch_each_get_its_own_answer() {
+async fn lease_scripts_answer_for_each_session_on_its_own() {
     use shared::ownership::{self, Renewal};
     let redis_srv = tests::redis::RedisServer::start().await;
     let names = shared::names::Names::new("batch").unwrap();
@@ -215,6 +216,27 @@ async fn leases_renewed_in_one_batch_each_get_its_own_answer() {
         .await
         .unwrap();
     assert_eq!(counted, 2);
+
+    // Orphans: sids[1] (expired, free) and sids[5] (released) have no lease; sids[0] is w2's,
+    // the rest are ours. A member that does not parse is skipped.
+    assert!(ownership::release(&mut conn, &leases[5]).await.unwrap());
+    let u2 = shared::id::UserId::parse("u2").unwrap();
+    for sid in &sids[..10] {
+        ownership::mark_should_run(&mut conn, &names, &u2, sid)
+            .await
+            .unwrap();
+    }
+    let _: i64 = redis::cmd("SADD")
+        .arg(names.should_run_key())
+        .arg("not a member")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut orphans = ownership::orphans(&mut conn, &names).await.unwrap();
+    orphans.sort();
+    let mut want = vec![(sids[1].clone(), u2.clone()), (sids[5].clone(), u2.clone())];
+    want.sort();
+    assert_eq!(orphans, want);
 }
 
 /// Invariant 2 under contention: 50 concurrent claims of one session: exactly one lease
