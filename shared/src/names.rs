@@ -239,11 +239,21 @@ impl Names {
 
     /// Redis key of a session's owner lease.
     pub fn lease_key(&self, sid: &SessionId) -> String {
-        format!("{}{sid}", self.lease_key_prefix())
+        format!("{}:lease:{sid}", self.ns)
     }
-    /// What every lease key starts with (the sweeper's script appends session ids).
-    pub fn lease_key_prefix(&self) -> String {
-        format!("{}:lease:", self.ns)
+    /// Redis set of the workers that renew leases (the sweeper watches their heartbeats).
+    pub fn workers_key(&self) -> String {
+        format!("{}:workers", self.ns)
+    }
+    /// Redis key of a worker's heartbeat: written after each round in which it renewed every
+    /// lease it holds, with the leases' time to live.
+    pub fn worker_alive_key(&self, worker: &crate::id::WorkerId) -> String {
+        format!("{}:alive:{worker}", self.ns)
+    }
+    /// Redis key set when a worker let go of a session that should run without queueing its
+    /// resume: the sweeper looks at once instead of at its next periodic pass.
+    pub fn sweep_due_key(&self) -> String {
+        format!("{}:sweep_due", self.ns)
     }
     /// Redis set of `{sid}:{uid}` that should be running (the sweeper's work list).
     pub fn should_run_key(&self) -> String {

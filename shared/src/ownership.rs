@@ -273,42 +273,172 @@ fn should_run_member(sid: &SessionId, uid: &crate::id::UserId) -> String {
     format!("{sid}:{uid}")
 }
 
-/// The members of the should-run set (`KEYS[1]`, `{sid}:{uid}`) whose lease (`ARGV[1]` followed
-/// by the session id) does not exist. The lease keys are not declared in `KEYS` (they are only
-/// known inside the script): fine on the standalone Redis this project uses; a Redis Cluster
-/// would need both in one hash slot.
-const ORPHANS: &str = r"
-local out = {}
-for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local sid = string.match(m, '^([^:]+):')
-  if sid and redis.call('EXISTS', ARGV[1] .. sid) == 0 then
-    out[#out + 1] = m
-  end
-end
-return out";
-
 /// The sessions that should be running and have no lease (their owner died or let go without
-/// stopping them): the sweeper's work list. One script run, whatever the number of sessions;
-/// only the orphans come back. Members that do not parse are skipped.
+/// stopping them): the sweeper's work list. Two round trips, whatever the number of sessions
+/// (O(sessions): the sweeper runs it only when an orphan may exist, see `worker::sweep`).
+/// Members that do not parse are skipped.
 ///
 /// # Errors
-/// The Redis error if the script could not be run.
+/// The Redis error if a command could not be run.
 pub async fn orphans(
     conn: &mut ConnectionManager,
     names: &Names,
 ) -> redis::RedisResult<Vec<(SessionId, crate::id::UserId)>> {
-    let members: Vec<String> = redis::Script::new(ORPHANS)
-        .key(names.should_run_key())
-        .arg(names.lease_key_prefix())
-        .invoke_async(conn)
+    let members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(names.should_run_key())
+        .query_async(conn)
         .await?;
-    Ok(members
+    let parsed: Vec<(SessionId, crate::id::UserId)> = members
         .iter()
         .filter_map(|m| {
             let (s, u) = m.split_once(':')?;
             Some((SessionId::parse(s).ok()?, crate::id::UserId::parse(u).ok()?))
         })
+        .collect();
+    if parsed.is_empty() {
+        return Ok(parsed);
+    }
+    let mut pipe = redis::pipe();
+    for (sid, _) in &parsed {
+        pipe.cmd("EXISTS").arg(names.lease_key(sid));
+    }
+    let owned: Vec<bool> = pipe.query_async(conn).await?;
+    Ok(parsed
+        .into_iter()
+        .zip(owned)
+        .filter_map(|(pair, owned)| (!owned).then_some(pair))
         .collect())
+}
+
+/// A worker's heartbeat, written after a renewal round that renewed every lease it holds:
+/// lives `ttl` (the leases' own), and lists the worker among those the sweeper watches.
+///
+/// # Errors
+/// The Redis error if a command could not be run.
+pub async fn heartbeat(
+    conn: &mut ConnectionManager,
+    names: &Names,
+    worker: &WorkerId,
+    ttl: Duration,
+) -> redis::RedisResult<()> {
+    redis::pipe()
+        .cmd("SET")
+        .arg(names.worker_alive_key(worker))
+        .arg(1)
+        .arg("PX")
+        .arg(ttl_ms(ttl))
+        .ignore()
+        .cmd("SADD")
+        .arg(names.workers_key())
+        .arg(worker.as_str())
+        .ignore()
+        .query_async(conn)
+        .await
+}
+
+/// The listed workers whose heartbeat is gone: their leases have expired (or are about to).
+///
+/// # Errors
+/// The Redis error if a command could not be run.
+pub async fn silent_workers(
+    conn: &mut ConnectionManager,
+    names: &Names,
+) -> redis::RedisResult<Vec<String>> {
+    let workers: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(names.workers_key())
+        .query_async(conn)
+        .await?;
+    if workers.is_empty() {
+        return Ok(workers);
+    }
+    // A member that is not a worker id is never alive: it is forgotten like a silent worker.
+    let ids: Vec<Option<WorkerId>> = workers.iter().map(|w| WorkerId::parse(w).ok()).collect();
+    let mut pipe = redis::pipe();
+    for id in ids.iter().flatten() {
+        pipe.cmd("EXISTS").arg(names.worker_alive_key(id));
+    }
+    let mut alive = if ids.iter().any(Option::is_some) {
+        pipe.query_async::<Vec<bool>>(conn).await?.into_iter()
+    } else {
+        Vec::new().into_iter()
+    };
+    Ok(workers
+        .into_iter()
+        .zip(ids)
+        .filter_map(|(w, id)| {
+            let alive = id.is_some() && alive.next().unwrap_or(false);
+            (!alive).then_some(w)
+        })
+        .collect())
+}
+
+/// Takes workers off the watched list (silent long enough that their leases are swept; one
+/// that is alive after all puts itself back with its next heartbeat).
+///
+/// # Errors
+/// The Redis error if the command could not be run.
+pub async fn forget_workers(
+    conn: &mut ConnectionManager,
+    names: &Names,
+    workers: &[String],
+) -> redis::RedisResult<()> {
+    if workers.is_empty() {
+        return Ok(());
+    }
+    redis::cmd("SREM")
+        .arg(names.workers_key())
+        .arg(workers)
+        .query_async(conn)
+        .await
+}
+
+/// A worker leaving cleanly (its sessions handed back): no heartbeat, off the watched list.
+///
+/// # Errors
+/// The Redis error if a command could not be run.
+pub async fn retire(
+    conn: &mut ConnectionManager,
+    names: &Names,
+    worker: &WorkerId,
+) -> redis::RedisResult<()> {
+    redis::pipe()
+        .cmd("DEL")
+        .arg(names.worker_alive_key(worker))
+        .ignore()
+        .cmd("SREM")
+        .arg(names.workers_key())
+        .arg(worker.as_str())
+        .ignore()
+        .query_async(conn)
+        .await
+}
+
+/// Asks the sweeper to look now: a session that should run was let go of without its resume
+/// being queued (a claim abandoned, a resume request not confirmed).
+///
+/// # Errors
+/// The Redis error if the command could not be run.
+pub async fn request_sweep(conn: &mut ConnectionManager, names: &Names) -> redis::RedisResult<()> {
+    redis::cmd("SET")
+        .arg(names.sweep_due_key())
+        .arg(1)
+        .query_async(conn)
+        .await
+}
+
+/// Whether a sweep was asked for since the last call (and clears the request).
+///
+/// # Errors
+/// The Redis error if the command could not be run.
+pub async fn take_sweep_request(
+    conn: &mut ConnectionManager,
+    names: &Names,
+) -> redis::RedisResult<bool> {
+    let v: Option<String> = redis::cmd("GETDEL")
+        .arg(names.sweep_due_key())
+        .query_async(conn)
+        .await?;
+    Ok(v.is_some())
 }
 
 /// Records that `sid` should be running (the sweeper resumes it if it loses its owner).

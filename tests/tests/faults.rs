@@ -78,6 +78,161 @@ async fn inv4_kill9_owner_fails_over_within_ttl_plus_2s() {
     eprintln!("failover took {took:?}");
 }
 
+/// The sum of a counter over the workers' `/metrics` pages that answer.
+async fn counter_sum(addrs: &[String], name: &str) -> f64 {
+    let http = tests::http_client();
+    let mut sum = 0.0;
+    for a in addrs {
+        let Ok(r) = http.get(format!("http://{a}/metrics")).send().await else {
+            continue; // a killed worker
+        };
+        let page = r.text().await.unwrap_or_default();
+        sum += page
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+    }
+    sum
+}
+
+/// The sweeper passes over every should-run session only when an orphan may exist: not on
+/// every tick of an idle deployment; at once when a worker asks for it (the sweep-due marker);
+/// on every tick after a worker's heartbeat is gone, so a killed owner's session still fails
+/// over within `ttl + 2 s`; and the dead worker is forgotten afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_looks_only_when_an_orphan_may_exist() {
+    let mut c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 0,
+        ..opts()
+    })
+    .await;
+    let addrs: Vec<String> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", tests::proc::free_port()))
+        .collect();
+    for a in &addrs {
+        c.add_worker_with(vec![("OH_WORKER_METRICS_ADDR", a.clone())])
+            .await;
+    }
+    let names = shared::names::Names::new(&c.namespace).unwrap();
+    let mut redis = redis::Client::open(c.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut sids = Vec::new();
+    for i in 0..4 {
+        let sid = c.create(0, Some(&format!("m{i}")), None).await;
+        c.wait_info(0, &sid, None, T, |v| {
+            v["agent_state"] == "awaiting_user_input"
+        })
+        .await;
+        sids.push(sid);
+    }
+    // Both workers heartbeat.
+    let deadline = Instant::now() + T;
+    loop {
+        let workers: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(names.workers_key())
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if workers.len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "workers listed: {workers:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Idle: the sweeper ticks every 0.5 s (ttl 1.5 s) but passes at most once in 4 s (its
+    // first pass, or the periodic one every 10 s).
+    let idle0 = counter_sum(&addrs, "oh_worker_sweeps_total").await;
+    assert!(idle0 >= 1.0, "the sweeper's first pass");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let idle1 = counter_sum(&addrs, "oh_worker_sweeps_total").await;
+    assert!(idle1 - idle0 <= 1.0, "{idle0} -> {idle1} passes while idle");
+
+    // Asked: a pass within a few ticks, and the marker is taken.
+    let _: () = redis::cmd("SET")
+        .arg(names.sweep_due_key())
+        .arg(1)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let asked_at = Instant::now();
+    while counter_sum(&addrs, "oh_worker_sweeps_total").await <= idle1 {
+        assert!(
+            asked_at.elapsed() < Duration::from_secs(3),
+            "no pass when asked"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left: Option<String> = redis::cmd("GET")
+        .arg(names.sweep_due_key())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(left, None);
+
+    // A worker killed: its sessions fail over within ttl + 2 s, the survivor passes on
+    // several ticks, and forgets the dead worker once its leases are all gone.
+    let sid = &sids[0];
+    let old = owner(&c, sid).await.expect("owned");
+    let old_i = Cluster::worker_index(&old);
+    let survivor = addrs[1 - old_i].clone();
+    let before = counter_sum(std::slice::from_ref(&survivor), "oh_worker_sweeps_total").await;
+    c.workers[old_i].kill9().await;
+    let killed_at = Instant::now();
+    let moved = loop {
+        if let Some(w) = owner(&c, sid).await.filter(|w| *w != old) {
+            break w;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(20),
+            "no failover{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let took = killed_at.elapsed();
+    assert!(
+        took <= Duration::from_millis(TTL_MS) + Duration::from_secs(2),
+        "failover took {took:?} (ttl {TTL_MS} ms)"
+    );
+    assert_ne!(moved, old);
+    for sid in &sids {
+        c.wait_info(0, sid, None, T, |v| {
+            v["worker_id"].as_str().is_some_and(|w| w != old)
+                && v["agent_state"] == "awaiting_user_input"
+        })
+        .await;
+    }
+    let deadline = Instant::now() + T;
+    loop {
+        let workers: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(names.workers_key())
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if !workers.contains(&old) {
+            assert_eq!(workers, vec![moved.clone()]);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dead worker still listed: {workers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = counter_sum(std::slice::from_ref(&survivor), "oh_worker_sweeps_total").await;
+    // Two lease lifetimes (3 s) of ticks every 0.5 s after the heartbeat expired.
+    assert!(
+        after - before >= 4.0,
+        "{before} -> {after} passes after the kill"
+    );
+}
+
 /// Invariant 2 (zombie): SIGSTOP the owner past its lease; another worker takes over and
 /// appends; SIGCONT: the old owner appends nothing more (fenced) and drops the session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

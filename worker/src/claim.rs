@@ -712,10 +712,12 @@ impl Claim<'_> {
         let mut redis = self.ctx.redis.clone();
         self.ctx.leases.remove(&self.sid).await;
         let _ = ownership::release(&mut redis, &self.lease).await; // expires by itself otherwise
+        let names = self.ctx.store.names();
         if self.ctx.args.max_conversations_per_user.is_some() {
-            let names = self.ctx.store.names();
             let _ = ownership::release_user_slot(&mut redis, names, &self.uid, &self.sid).await; // expires too
         }
+        // Nobody queued its resume: the sweeper finds it (at its periodic pass if this fails).
+        let _ = ownership::request_sweep(&mut redis, names).await;
     }
 }
 

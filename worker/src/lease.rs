@@ -9,6 +9,9 @@
 //! expired and been taken by another worker (self-fencing on the local monotonic clock); two
 //! late ticks are tolerated before that.
 //!
+//! After a round that renewed every lease, the worker writes its heartbeat (same time to live):
+//! the sweeper looks for orphaned sessions when a heartbeat is gone (`crate::sweep`).
+//!
 //! A worker that cannot reach NATS cannot run its sessions (no actions in, no events out), so
 //! it must not keep them from the workers that can: while the NATS connection is down
 //! (detected by the client's pings, every [`nats_ping_interval`]) no lease is renewed, the
@@ -237,6 +240,7 @@ pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
         };
         let sent_at = Instant::now();
         let mut results: Vec<Renewed> = Vec::new();
+        let mut all_renewed = nats_up;
         let mut held = held.into_iter().peekable();
         while held.peek().is_some() {
             let mut batch = Vec::with_capacity(BATCH);
@@ -254,7 +258,19 @@ pub(crate) async fn renew_loop(ctx: Ctx, cancel: CancellationToken) {
             }
             match renew_batch(&ctx, &batch).await {
                 Ok(found) => results.extend(found),
-                Err(e) => warn!(error = %e, leases = batch.len(), "lease renewal failed"),
+                Err(e) => {
+                    all_renewed = false;
+                    warn!(error = %e, leases = batch.len(), "lease renewal failed");
+                }
+            }
+        }
+        // The heartbeat says "every lease of this worker was renewed by now": written after
+        // the round, so it expires no earlier than those leases (the sweeper's cue).
+        if all_renewed {
+            let names = ctx.store.names();
+            let mut conn = ctx.redis.clone();
+            if let Err(e) = ownership::heartbeat(&mut conn, names, &ctx.worker_id, ttl).await {
+                warn!(error = %e, "worker heartbeat failed");
             }
         }
         let mut map = ctx.leases.lock();

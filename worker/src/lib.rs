@@ -218,10 +218,21 @@ pub async fn run(
     metrics::gauge!("oh_worker_draining").set(1.0);
     sessions.close();
     let drain = ctx.args.drain_timeout;
-    if tokio::time::timeout(drain, sessions.wait()).await.is_err() {
+    let drained = tokio::time::timeout(drain, sessions.wait()).await.is_ok();
+    if !drained {
         error!(left = sessions.len(), "drain timeout: abandoning sessions");
     }
     core.shutdown().await;
+    if drained {
+        // Every session was handed back: the sweeper need not look for ours. (Abandoned
+        // ones are found once the heartbeat expires.)
+        let mut conn = ctx.redis.clone();
+        if let Err(e) =
+            shared::ownership::retire(&mut conn, ctx.store.names(), &ctx.worker_id).await
+        {
+            warn!(error = %e, "could not retire the worker's heartbeat; it expires");
+        }
+    }
     info!("worker stopped");
     Ok(())
 }

@@ -102,6 +102,12 @@ pub(crate) const METRICS: &[MetricDef] = &[
         None,
     ),
     def(
+        "oh_worker_sweeps_total",
+        Kind::Counter,
+        "Passes of the sweeper over every should-run session (a worker went silent, a sweep was asked for, or the periodic pass).",
+        None,
+    ),
+    def(
         "oh_worker_interrupted_turns_total",
         Kind::Counter,
         "Turns found interrupted by a worker's death.",

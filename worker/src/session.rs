@@ -1140,7 +1140,8 @@ impl AgentSession {
         if matches!(end, End::Handover | End::Failed) {
             let req = StartRequest::new(&self.sid, &self.uid, StartReason::Resume);
             if let Err(e) = self.ctx.store.enqueue_start(&req).await {
-                warn!(error = %e, "resume request not confirmed");
+                warn!(error = %e, "resume request not confirmed; asking the sweeper");
+                let _ = ownership::request_sweep(&mut redis, self.ctx.store.names()).await;
             }
         }
         if matches!(end, End::Stopped) {

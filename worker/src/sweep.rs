@@ -2,8 +2,19 @@
 //! or was cut off and its lease expired) and queues a resume for each. One sweeper at a time
 //! across all workers, chosen by a Redis lock; the resume requests are deduplicated by the work
 //! queue (at most one per session), so a second sweeper would only cost a little work.
+//!
+//! Looking for orphans costs O(sessions) (the should-run set against the leases), so it runs
+//! only when one may exist. Every tick the sweeper checks what is cheap: the heartbeats of the
+//! workers (`ownership::heartbeat`, written after each renewal round that renewed all of a
+//! worker's leases, with the leases' time to live) and the sweep-due marker (set by a worker
+//! that let go of a session without queueing its resume). It looks for orphans when a worker's
+//! heartbeat is gone (each tick for two lease lifetimes: its leases expire by then, the last
+//! ones taken after its last heartbeat included), when asked, when it becomes the sweeper, and
+//! every [`FULL_EVERY`] whatever happens (a lease lost any other way). An idle deployment
+//! costs a few small commands per tick, not a pass over every session.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use shared::ownership::{self, Lease, Renewal};
 use shared::wire::{StartReason, StartRequest};
@@ -17,11 +28,24 @@ pub(crate) fn interval(ctx: &Ctx) -> Duration {
     (ctx.args.lease_ttl / 3).min(Duration::from_secs(1))
 }
 
+/// The longest time between two looks for orphans.
+pub(crate) const FULL_EVERY: Duration = Duration::from_secs(10);
+
+/// What the sweeper remembers between ticks.
+#[derive(Default)]
+struct Watch {
+    /// When it last looked for orphans (`None`: not since it became the sweeper).
+    last_look: Option<Instant>,
+    /// Workers whose heartbeat is gone, since when.
+    silent: HashMap<String, Instant>,
+}
+
 pub(crate) async fn sweep_loop(ctx: Ctx, cancel: CancellationToken) {
     let every = interval(&ctx);
     let lock = ownership::sweeper_lock(ctx.store.names(), &ctx.worker_id);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watch = Watch::default();
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
@@ -29,14 +53,57 @@ pub(crate) async fn sweep_loop(ctx: Ctx, cancel: CancellationToken) {
         }
         match hold(&ctx, &lock, every * 3).await {
             Ok(true) => {
-                if let Err(e) = sweep_once(&ctx).await {
+                if let Err(e) = sweep_tick(&ctx, &mut watch).await {
                     warn!(error = %e, "sweep failed");
+                    watch.last_look = None; // look on the next tick
                 }
             }
-            Ok(false) => {}
+            Ok(false) => watch = Watch::default(),
             Err(e) => debug!(error = %e, "sweeper lock unavailable"),
         }
     }
+}
+
+/// One tick of the sweeper holding the lock: looks for orphans if one may exist.
+async fn sweep_tick(ctx: &Ctx, watch: &mut Watch) -> anyhow::Result<()> {
+    let mut conn = ctx.redis.clone();
+    let names = ctx.store.names();
+    let now = Instant::now();
+    let asked = ownership::take_sweep_request(&mut conn, names).await?;
+    let silent = ownership::silent_workers(&mut conn, names).await?;
+    // A worker heard again is no longer watched as silent; a newly silent one is.
+    watch.silent.retain(|w, _| silent.contains(w));
+    for w in silent {
+        if !watch.silent.contains_key(&w) {
+            info!(worker_id = %w, "worker heartbeat gone; looking for its sessions");
+            watch.silent.insert(w, now);
+        }
+    }
+    // Silent for two lease lifetimes: every lease it held has expired and been looked for.
+    let window = ctx.args.lease_ttl * 2;
+    let done: Vec<String> = watch
+        .silent
+        .iter()
+        .filter(|(_, since)| now.duration_since(**since) > window)
+        .map(|(w, _)| w.clone())
+        .collect();
+    let look = asked
+        || !watch.silent.is_empty()
+        || watch
+            .last_look
+            .is_none_or(|t| now.duration_since(t) >= FULL_EVERY);
+    if look {
+        sweep_once(ctx).await?;
+        watch.last_look = Some(now);
+        metrics::counter!("oh_worker_sweeps_total").increment(1);
+    }
+    if !done.is_empty() {
+        ownership::forget_workers(&mut conn, names, &done).await?;
+        for w in &done {
+            watch.silent.remove(w);
+        }
+    }
+    Ok(())
 }
 
 async fn hold(ctx: &Ctx, lock: &Lease, ttl: Duration) -> redis::RedisResult<bool> {
