@@ -74,9 +74,9 @@ async fn sweep_tick(ctx: &Ctx, watch: &mut Watch) -> anyhow::Result<()> {
     // A worker heard again is no longer watched as silent; a newly silent one is.
     watch.silent.retain(|w, _| silent.contains(w));
     for w in silent {
-        if !watch.silent.contains_key(&w) {
-            info!(worker_id = %w, "worker heartbeat gone; looking for its sessions");
-            watch.silent.insert(w, now);
+        if let std::collections::hash_map::Entry::Vacant(e) = watch.silent.entry(w) {
+            info!(worker_id = %e.key(), "worker heartbeat gone; looking for its sessions");
+            e.insert(now);
         }
     }
     // Silent for two lease lifetimes: every lease it held has expired and been looked for.
