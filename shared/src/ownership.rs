@@ -336,20 +336,26 @@ pub async fn heartbeat(
         .await
 }
 
-/// The listed workers whose heartbeat is gone: their leases have expired (or are about to).
+/// What the sweeper checks every tick, in two round trips: whether a sweep was asked for since
+/// the last call (the request is cleared), and the listed workers whose heartbeat is gone
+/// (their leases have expired or are about to).
 ///
 /// # Errors
 /// The Redis error if a command could not be run.
-pub async fn silent_workers(
+pub async fn sweep_cues(
     conn: &mut ConnectionManager,
     names: &Names,
-) -> redis::RedisResult<Vec<String>> {
-    let workers: Vec<String> = redis::cmd("SMEMBERS")
+) -> redis::RedisResult<(bool, Vec<String>)> {
+    let (asked, workers): (Option<String>, Vec<String>) = redis::pipe()
+        .cmd("GETDEL")
+        .arg(names.sweep_due_key())
+        .cmd("SMEMBERS")
         .arg(names.workers_key())
         .query_async(conn)
         .await?;
+    let asked = asked.is_some();
     if workers.is_empty() {
-        return Ok(workers);
+        return Ok((asked, workers));
     }
     // A member that is not a worker id is never alive: it is forgotten like a silent worker.
     let ids: Vec<Option<WorkerId>> = workers.iter().map(|w| WorkerId::parse(w).ok()).collect();
@@ -362,14 +368,15 @@ pub async fn silent_workers(
     } else {
         Vec::new().into_iter()
     };
-    Ok(workers
+    let silent = workers
         .into_iter()
         .zip(ids)
         .filter_map(|(w, id)| {
             let alive = id.is_some() && alive.next().unwrap_or(false);
             (!alive).then_some(w)
         })
-        .collect())
+        .collect();
+    Ok((asked, silent))
 }
 
 /// Takes workers off the watched list (silent long enough that their leases are swept; one
@@ -424,21 +431,6 @@ pub async fn request_sweep(conn: &mut ConnectionManager, names: &Names) -> redis
         .arg(1)
         .query_async(conn)
         .await
-}
-
-/// Whether a sweep was asked for since the last call (and clears the request).
-///
-/// # Errors
-/// The Redis error if the command could not be run.
-pub async fn take_sweep_request(
-    conn: &mut ConnectionManager,
-    names: &Names,
-) -> redis::RedisResult<bool> {
-    let v: Option<String> = redis::cmd("GETDEL")
-        .arg(names.sweep_due_key())
-        .query_async(conn)
-        .await?;
-    Ok(v.is_some())
 }
 
 /// Records that `sid` should be running (the sweeper resumes it if it loses its owner).

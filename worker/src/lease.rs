@@ -122,25 +122,44 @@ async fn renew_batch(ctx: &Ctx, batch: &[Renewing]) -> redis::RedisResult<Vec<Re
     let found = ownership::renew_many(&mut conn, &leases, ttl).await?;
     // Missing leases (Redis emptied: possibly all of them) are taken back concurrently, as
     // many round trips in flight as before batching, so the round stays well within 3/4 ttl.
-    let pairs: Vec<(&Renewing, Renewal)> = batch.iter().zip(found).collect();
     let mut out = Vec::with_capacity(batch.len());
-    for chunk in pairs.chunks(TAKE_BACK_IN_FLIGHT) {
-        let done = futures::future::join_all(
-            chunk
-                .iter()
-                .map(|(r, found)| settle(ctx, conn.clone(), r, *found)),
-        )
-        .await;
-        out.extend(done);
+    let mut missing = Vec::new();
+    for (r, found) in batch.iter().zip(found) {
+        let ours = match found {
+            Renewal::Renewed => true,
+            Renewal::Taken => false,
+            Renewal::Missing => {
+                missing.push(r);
+                continue;
+            }
+        };
+        out.push(Renewed {
+            sid: r.sid.clone(),
+            token: r.lease.token.clone(),
+            ours: Ok(ours),
+        });
+    }
+    for chunk in missing.chunks(TAKE_BACK_IN_FLIGHT) {
+        let done =
+            futures::future::join_all(chunk.iter().map(|r| take_back(ctx, conn.clone(), r))).await;
+        out.extend(chunk.iter().zip(done).map(|(r, ours)| Renewed {
+            sid: r.sid.clone(),
+            token: r.lease.token.clone(),
+            ours,
+        }));
     }
     if let Some(limit) = ctx.args.max_conversations_per_user {
         // Refresh our entries; they cannot be refused because they are already counted,
         // unless Redis lost them, in which case we count them again (we are running anyway).
+        let ours: std::collections::HashSet<&SessionId> = out
+            .iter()
+            .filter(|done| matches!(done.ours, Ok(true)))
+            .map(|done| &done.sid)
+            .collect();
         let slots: Vec<(&UserId, &SessionId)> = batch
             .iter()
-            .zip(&out)
-            .filter(|(_, done)| matches!(done.ours, Ok(true)))
-            .map(|(r, _)| (&r.uid, &r.sid))
+            .filter(|r| ours.contains(&r.sid))
+            .map(|r| (&r.uid, &r.sid))
             .collect();
         let names = ctx.store.names();
         if let Err(e) =
@@ -150,25 +169,6 @@ async fn renew_batch(ctx: &Ctx, batch: &[Renewing]) -> redis::RedisResult<Vec<Re
         }
     }
     Ok(out)
-}
-
-/// One session's renewal result; a missing lease is taken back first.
-async fn settle(
-    ctx: &Ctx,
-    mut conn: redis::aio::ConnectionManager,
-    r: &Renewing,
-    found: Renewal,
-) -> Renewed {
-    let ours = match found {
-        Renewal::Renewed => Ok(true),
-        Renewal::Taken => Ok(false),
-        Renewal::Missing => take_back(ctx, &mut conn, r).await,
-    };
-    Renewed {
-        sid: r.sid.clone(),
-        token: r.lease.token.clone(),
-        ours,
-    }
 }
 
 /// What one session's renewal found: `Ok(true)` still ours, `Ok(false)` lost.
@@ -182,9 +182,10 @@ struct Renewed {
 /// A missing lease: taken back if still free, and Redis told again what it lost.
 async fn take_back(
     ctx: &Ctx,
-    conn: &mut redis::aio::ConnectionManager,
+    mut conn: redis::aio::ConnectionManager,
     r: &Renewing,
 ) -> redis::RedisResult<bool> {
+    let conn = &mut conn;
     let ttl = ctx.args.lease_ttl;
     if !ownership::reacquire(conn, &r.lease, ttl).await? {
         return Ok(false);

@@ -69,8 +69,7 @@ async fn sweep_tick(ctx: &Ctx, watch: &mut Watch) -> anyhow::Result<()> {
     let mut conn = ctx.redis.clone();
     let names = ctx.store.names();
     let now = Instant::now();
-    let asked = ownership::take_sweep_request(&mut conn, names).await?;
-    let silent = ownership::silent_workers(&mut conn, names).await?;
+    let (asked, silent) = ownership::sweep_cues(&mut conn, names).await?;
     // A worker heard again is no longer watched as silent; a newly silent one is.
     watch.silent.retain(|w, _| silent.contains(w));
     for w in silent {
