@@ -432,6 +432,7 @@ pub(crate) async fn create(
             "replay_json cannot be combined with initial_user_msg or image_urls".into(),
         ));
     }
+    let started = std::time::Instant::now();
     let sid = SessionId::generate();
     let rate = state.limits.create;
     if let Verdict::Limited(wait) = limits::take(&state, "create", &uid, rate).await {
@@ -458,6 +459,7 @@ pub(crate) async fn create(
         None => false,
     };
     let res = store_new(&state, &uid, &sid, body).await;
+    metrics::histogram!("oh_gateway_create_seconds").record(started.elapsed());
     if res.is_err() && capped {
         limits::release(&state, Capped::Conversations, &uid, sid.as_str()).await;
     }
@@ -534,6 +536,7 @@ async fn store_new(
         actions::send_stored_only(&state, &sid, &uid, payload, &msg_id).await?;
     }
     actions::enqueue(&state, &sid, &uid, StartReason::Create).await?;
+    state.recent.created(&sid, &uid);
     metrics::counter!("oh_gateway_conversations_created_total").increment(1);
     Ok(Json(json!({
         "status": "ok",
@@ -1012,6 +1015,7 @@ pub(crate) async fn delete_one(
     if state.store.get_meta(&uid, &sid).await?.is_none() {
         return Ok(Json(json!(false)));
     }
+    state.recent.forget(&sid);
     state.store.delete_meta(&uid, &sid).await?;
     if stop_session(&state, &uid, &sid).await? == Some("RUNNING") {
         // Wait (bounded) for the owner to let go, so its last events are purged too.

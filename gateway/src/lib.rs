@@ -27,6 +27,7 @@ mod limits;
 mod metrics_catalog;
 mod openapi;
 pub mod origin;
+mod recent;
 mod replay;
 mod sendbuf;
 mod serve;

@@ -45,6 +45,12 @@ pub(crate) const METRICS: &[MetricDef] = &[
         Some(("result", &["stored", "refused", "failed"])),
     ),
     def(
+        "oh_gateway_create_seconds",
+        Kind::Histogram,
+        "A conversation's create (limits, metadata, initial message, start request), as the gateway handled it.",
+        None,
+    ),
+    def(
         "oh_gateway_action_publish_seconds",
         Kind::Histogram,
         "Publish of an action until JetStream stored it.",

@@ -125,7 +125,7 @@ async fn run(
         && i64::try_from(head.id).unwrap_or(i64::MAX) > latest
     {
         let from = u64::try_from(latest + 1).unwrap_or(0);
-        Box::pin(replay(state, socket, sid, from, head.id, budget)).await?;
+        Box::pin(replay(state, socket, sid, from, &head, budget)).await?;
         cursor = i64::try_from(head.id).unwrap_or(i64::MAX);
     }
     metrics::histogram!("oh_gateway_replay_seconds").record(started.elapsed());
@@ -171,21 +171,22 @@ fn nats_err(e: async_nats::Error) -> shared::store::StoreError {
     }
 }
 
-/// Replays ids `from..=to` with the replay rule ([`shared::event::replay_order`]).
+/// Replays ids `from..=head.id` with the replay rule ([`shared::event::replay_order`]).
 async fn replay(
     state: &AppState,
     socket: &SocketRef,
     sid: &SessionId,
     from: u64,
-    to: u64,
+    head: &StoredEvent,
     budget: &mut Budget,
 ) -> Result<(), ForwardError> {
     let mut held_state: Option<Box<RawValue>> = None;
+    let to = head.id;
     let mut next = from;
     let mut after = None;
     while next <= to {
         let want = usize::try_from(to - next + 1).unwrap_or(CHUNK).min(CHUNK);
-        let batch = page(state, sid, next, after, want).await?;
+        let batch = page(state, sid, next, after, want, Some(head)).await?;
         if batch.is_empty() {
             break;
         }
@@ -212,16 +213,21 @@ async fn replay(
 }
 
 /// The next page of the log: events from id `next` on, found by search on the first page and
-/// then read on after the previous page's last stream sequence (`after`).
+/// then read on after the previous page's last stream sequence (`after`). `head`, the log's
+/// newest event if already read, is not read again.
 async fn page(
     state: &AppState,
     sid: &SessionId,
     next: u64,
     after: Option<u64>,
     want: usize,
+    head: Option<&StoredEvent>,
 ) -> Result<Vec<StoredEvent>, shared::store::StoreError> {
     match after {
-        None => state.store.read_page(sid, next, want, PAGE_BYTES).await,
+        None => {
+            let store = &state.store;
+            store.read_page_to(sid, next, head, want, PAGE_BYTES).await
+        }
         Some(seq) => state.store.read_after(sid, seq, want, PAGE_BYTES).await,
     }
 }
@@ -281,7 +287,7 @@ async fn fill(
             break;
         }
         let want = usize::try_from(to - next + 1).unwrap_or(CHUNK).min(CHUNK);
-        let batch = page(state, sid, next, after, want).await?;
+        let batch = page(state, sid, next, after, want, None).await?;
         let before = *cursor;
         for ev in &batch {
             if ev.id > to {

@@ -175,7 +175,8 @@ async fn authorize(
             .filter(|n| *n >= -1)
             .ok_or(Refusal::BadCursor)?,
     };
-    if state.store.get_meta(&uid, &sid).await?.is_none() {
+    // A conversation this gateway created moments ago is known to exist (see `recent`).
+    if !state.recent.fresh(&sid, &uid) && state.store.get_meta(&uid, &sid).await?.is_none() {
         metrics::counter!("oh_gateway_connect_refused_total", "reason" => "not_found").increment(1);
         return Err(Refusal::NotFound);
     }

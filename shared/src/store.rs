@@ -873,18 +873,37 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if NATS failed or the log is not dense.
     pub async fn seek(&self, sid: &SessionId, id: u64) -> Result<Option<u64>, StoreError> {
-        Ok(self.bounds(sid, id).await?.map(|b| b.start.seq))
+        Ok(self.bounds(sid, id, None).await?.map(|b| b.start.seq))
     }
 
     /// For event `id` of a session (or the oldest one kept, if `id` is older): where it is and
     /// the newest event's id, `None` if the log has nothing at or after `id`. Binary search over
-    /// stream sequences with direct gets.
-    async fn bounds(&self, sid: &SessionId, id: u64) -> Result<Option<Bounds>, StoreError> {
+    /// stream sequences with direct gets; `head`, the newest event if the caller has read it,
+    /// saves reading it again (and every read when `id` is the head itself).
+    async fn bounds(
+        &self,
+        sid: &SessionId,
+        id: u64,
+        head: Option<&StoredEvent>,
+    ) -> Result<Option<Bounds>, StoreError> {
+        if let Some(head) = head
+            && head.id == id
+        {
+            // A log is trimmed only from its oldest end: its head is always there.
+            return Ok(Some(Bounds {
+                start: head.clone(),
+                last_id: head.id,
+            }));
+        }
         let Some(first) = self.direct(sid, Which::First).await? else {
             return Ok(None);
         };
-        let Some(last) = self.direct(sid, Which::Last).await? else {
-            return Ok(None);
+        let last = match head {
+            Some(head) => head.clone(),
+            None => match self.direct(sid, Which::Last).await? {
+                Some(last) => last,
+                None => return Ok(None),
+            },
         };
         if id > last.id {
             return Ok(None);
@@ -955,6 +974,24 @@ impl Store {
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read_page_to(sid, from, None, max, max_bytes).await
+    }
+
+    /// Like [`Store::read_page`], with the newest event already read by the caller (`head`,
+    /// e.g. a replay's end): it is not read again, neither to find the page's bounds nor as
+    /// the page's last event. A short new conversation's replay then costs one direct get per
+    /// event before the head.
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS failed or the log is corrupt.
+    pub async fn read_page_to(
+        &self,
+        sid: &SessionId,
+        from: u64,
+        head: Option<&StoredEvent>,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         let mut out = Vec::new();
         if max == 0 {
             return Ok(out);
@@ -964,7 +1001,7 @@ impl Store {
             bytes = bytes.saturating_add(ev.payload.len());
             bytes >= max_bytes
         };
-        let Some(Bounds { start, last_id }) = self.bounds(sid, from).await? else {
+        let Some(Bounds { start, last_id }) = self.bounds(sid, from, head).await? else {
             return Ok(out);
         };
         let start_seq = start.seq;
@@ -980,8 +1017,14 @@ impl Store {
                 return Ok(out);
             }
             while out.len() < want {
-                let Some(ev) = self.direct(sid, Which::NextFrom(seq)).await? else {
-                    break;
+                // The log is dense: the event after the head's predecessor is the head.
+                let known = head.filter(|h| out.last().is_some_and(|l| l.id + 1 == h.id));
+                let ev = match known {
+                    Some(head) => head.clone(),
+                    None => match self.direct(sid, Which::NextFrom(seq)).await? {
+                        Some(ev) => ev,
+                        None => break,
+                    },
                 };
                 seq = ev.seq + 1;
                 let done = full(&ev);

@@ -739,6 +739,20 @@ async fn rest_list_events_lifecycle_delete() {
     assert_eq!(code, 404);
     let (_, list) = c.get(0, "/api/conversations", None).await;
     assert_eq!(list["results"].as_array().unwrap().len(), 2);
+    // A socket right after a create is let in without a metadata read (the gateway wrote it);
+    // a delete in between takes that back at once.
+    let young = c.create(0, None, None).await;
+    let (code, _) = c
+        .delete(0, &format!("/api/conversations/{young}"), None)
+        .await;
+    assert_eq!(code, 200);
+    match c.connect(0, &young, None, None).await {
+        Err(SioError::ConnectRefused { message, .. }) => {
+            assert_eq!(message, "Conversation not found");
+        }
+        Err(e) => panic!("expected a refusal, got {e}"),
+        Ok(_) => panic!("a socket was let into a deleted conversation"),
+    }
 
     let (code, v) = c.get(0, "/readyz", None).await;
     assert_eq!((code, v), (200, json!({"nats": true, "redis": true})));
@@ -751,7 +765,7 @@ async fn rest_list_events_lifecycle_delete() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("oh_gateway_conversations_created_total 3"),
+        metrics.contains("oh_gateway_conversations_created_total 4"),
         "{metrics}"
     );
     // Not ready while Redis is down.

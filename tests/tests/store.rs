@@ -176,6 +176,64 @@ async fn byte_bounded_pages_cover_the_log_exactly_once() {
     }
 }
 
+/// A replay that has read the log's head passes it on (`read_page_to`): the page is the same,
+/// event for event, and the head is read neither to bound the page nor as its last event (a
+/// new conversation's replay costs one direct get per event before the head; none at all when
+/// the replay starts at the head).
+#[tokio::test]
+async fn a_page_read_to_a_known_head_is_the_same_and_reads_less() {
+    let nats = NatsServer::start().await;
+    let store = open(&nats).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let (a, b) = (SessionId::generate(), SessionId::generate());
+    for id in 0..10u64 {
+        append(&js, &a, id, "a").await;
+        append(&js, &b, id, "b").await;
+    }
+    let head = store.last_event(&a).await.unwrap().expect("head");
+    assert_eq!(head.id, 9);
+    let mut gets = client.subscribe("$JS.API.DIRECT.GET.>").await.unwrap();
+    client.flush().await.unwrap();
+    let mut counted = || {
+        let mut seen = 0usize;
+        while let Some(Some(_)) = futures::FutureExt::now_or_never(gets.next()) {
+            seen += 1;
+        }
+        seen
+    };
+    for from in [0u64, 1, 5, 8, 9] {
+        let plain = store.read_page(&a, from, 64, usize::MAX).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let plain_gets = counted();
+        let known = store
+            .read_page_to(&a, from, Some(&head), 64, usize::MAX)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let known_gets = counted();
+        let key = |v: &[shared::store::StoredEvent]| -> Vec<(u64, u64, Bytes)> {
+            v.iter().map(|e| (e.id, e.seq, e.payload.clone())).collect()
+        };
+        assert_eq!(key(&known), key(&plain), "from {from}");
+        assert_eq!(known.len(), usize::try_from(10 - from).unwrap());
+        // The head is read neither as the page's bound nor as its last event; a page that
+        // starts at the head reads nothing. From the first event: one get per event before
+        // the head (the first, then the next ones).
+        let expected = match from {
+            9 => 0,
+            _ => plain_gets - 2,
+        };
+        assert_eq!(
+            known_gets, expected,
+            "from {from} (plain read: {plain_gets})"
+        );
+        if from == 0 {
+            assert_eq!((plain_gets, known_gets), (11, 9));
+        }
+    }
+}
+
 #[tokio::test]
 async fn seek_and_read_over_interleaved_sessions() {
     let nats = NatsServer::start().await;

@@ -2,7 +2,9 @@
 //! observer connection subscribes to every subject (`>`) and sorts each message: JetStream API
 //! requests (`$JS.API.<call>`), acks (`$JS.ACK.`), and stream publishes (a message on a
 //! deployment subject `{ns}.<kind>...` that asks for an ack). Core-only traffic (status
-//! updates, the stream's republishes, replies) is counted apart and is not an operation.
+//! updates, the stream's republishes, replies) is not an operation, nor is a consumer's
+//! delivery of a stored message: it keeps its subject and carries its ack subject as reply
+//! (`$JS.ACK.…`), so it looks like a publish but is the answer to a pull already counted.
 //! The observer's own subscription costs the server a copy of every message: count in a run
 //! of its own, not in a timed one.
 
@@ -17,9 +19,9 @@ pub struct OpCounter {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// Which kind of broker operation a message on `subject` (with a reply subject or not) is;
+/// Which kind of broker operation a message on `subject` (with its reply subject, if any) is;
 /// `None` for traffic that is not one.
-pub fn kind(subject: &str, has_reply: bool) -> Option<String> {
+pub fn kind(subject: &str, reply: Option<&str>) -> Option<String> {
     if let Some(call) = subject.strip_prefix("$JS.API.") {
         // `DIRECT.GET.<stream>[.<subject>]`, `STREAM.MSG.GET.<stream>`,
         // `CONSUMER.MSG.NEXT.<stream>.<consumer>`, ...: the call without its arguments.
@@ -34,7 +36,8 @@ pub fn kind(subject: &str, has_reply: bool) -> Option<String> {
     if subject.starts_with("$JS.ACK.") {
         return Some("ack".to_owned());
     }
-    if subject.starts_with('$') || subject.starts_with("_INBOX.") || !has_reply {
+    let reply = reply?;
+    if subject.starts_with('$') || subject.starts_with("_INBOX.") || reply.starts_with("$JS.ACK.") {
         return None;
     }
     // `{ns}.<kind>.…` published with a reply subject: a JetStream publish.
@@ -69,7 +72,7 @@ impl OpCounter {
         let task = tokio::spawn(async move {
             let _client = client; // kept open while counting
             while let Some(m) = sub.next().await {
-                if let Some(k) = kind(m.subject.as_str(), m.reply.is_some()) {
+                if let Some(k) = kind(m.subject.as_str(), m.reply.as_deref()) {
                     let mut map = c.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     *map.entry(k).or_insert(0) += 1;
                 }
@@ -95,7 +98,7 @@ mod tests {
 
     #[test]
     fn messages_are_sorted_into_operations() {
-        let k = |s: &str, r: bool| kind(s, r);
+        let k = |s: &str, r: bool| kind(s, r.then_some("_INBOX.a.b"));
         assert_eq!(
             k("$JS.API.DIRECT.GET.t_events", true).as_deref(),
             Some("api DIRECT.GET")
@@ -126,5 +129,10 @@ mod tests {
         assert_eq!(k("t.st.abc", false), None);
         assert_eq!(k("t.act.abc.stored", false), None);
         assert_eq!(k("_INBOX.x.y", false), None);
+        // A pull consumer's delivery of a stored start request: not a second publish.
+        assert_eq!(
+            kind("t.work.abc", Some("$JS.ACK.t_work.workers.1.2.2.17.0")),
+            None
+        );
     }
 }
