@@ -2,8 +2,9 @@
 //!
 //! [`ScriptedLlm::start`] serves `POST /v1/chat/completions` on `127.0.0.1:<free port>`
 //! (the OS picks the port; no race) and answers each request with the next [`Reply`] of its
-//! script, in order. Every request body is recorded ([`ScriptedLlm::requests`]), and so is its
-//! `Authorization` header ([`ScriptedLlm::authorizations`]).
+//! script, in order. Every request body is recorded ([`ScriptedLlm::requests`]), and so are its
+//! `Authorization` header ([`ScriptedLlm::authorizations`]) and its framing
+//! ([`ScriptedLlm::framings`]).
 //!
 //! Successful replies are real-looking `chat.completion` objects: `id` (`chatcmpl-scripted-N`),
 //! `object`, `created`, `model` (echoed from the request), one choice with
@@ -85,8 +86,20 @@ struct Shared {
     script: Mutex<VecDeque<Reply>>,
     requests: Mutex<Vec<Value>>,
     authorizations: Mutex<Vec<Option<String>>>,
+    framings: Mutex<Vec<Framing>>,
     /// Numbers responses and tool calls.
     counter: AtomicU64,
+}
+
+/// How a request body was framed on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Framing {
+    /// The `Content-Length` header, if sent.
+    pub content_length: Option<u64>,
+    /// The `Transfer-Encoding` header (e.g. `chunked`), if sent.
+    pub transfer_encoding: Option<String>,
+    /// Bytes of body received.
+    pub received: u64,
 }
 
 impl Shared {
@@ -142,6 +155,11 @@ impl ScriptedLlm {
         self.shared.authorizations.lock().unwrap().clone()
     }
 
+    /// The framing of every request so far, in order.
+    pub fn framings(&self) -> Vec<Framing> {
+        self.shared.framings.lock().unwrap().clone()
+    }
+
     /// Appends a reply to the script.
     pub fn push(&self, reply: Reply) {
         self.shared.script.lock().unwrap().push_back(reply);
@@ -174,6 +192,17 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    shared.framings.lock().unwrap().push(Framing {
+        content_length: text(header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
+        transfer_encoding: text(header::TRANSFER_ENCODING),
+        received: body.len() as u64,
+    });
     let body: Value = serde_json::from_slice(&body)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
     let model = body

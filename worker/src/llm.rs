@@ -49,7 +49,7 @@ use tracing::{debug, warn};
 
 pub use config::{LlmConfig, ModelPrice, PriceParseError, PriceTable, Secret};
 pub use message::{
-    AssistantMessage, ChatMessage, ChatRequest, ChatResponse, Role, ToolCall, Usage,
+    AssistantMessage, ChatMessage, ChatRequest, ChatResponse, RequestBody, Role, ToolCall, Usage,
 };
 pub use metrics::{Cost, MAX_LIST_LEN, Metrics, ResponseLatency, TokenUsage};
 
@@ -314,35 +314,33 @@ impl Llm {
         on_retry: &(dyn Fn(RetryNotice) + Send + Sync),
         cancel: &CancellationToken,
     ) -> Result<ChatResponse, LlmError> {
-        let wire: Vec<String> = req.messages.iter().map(ChatMessage::wire_json).collect();
-        self.complete_wire(&wire, &req.tools, on_retry, cancel)
-            .await
+        let body = message::request_body(&self.model, &req.messages, &req.tools);
+        self.complete_body(&body, on_retry, cancel).await
     }
 
-    /// [`Llm::complete`] with the messages already rendered ([`ChatMessage::wire_json`]): an
-    /// agent that keeps its chat rendered sends a long conversation without rebuilding it.
+    /// [`Llm::complete`] with the body already built ([`RequestBody::new`] for this client's
+    /// [`Llm::model`]): an agent that keeps its chat rendered between steps sends a long
+    /// conversation without rebuilding or copying it.
     ///
     /// # Errors
     /// As [`Llm::complete`].
-    #[tracing::instrument(name = "complete", skip_all, fields(model = %self.model, messages = messages.len()))]
-    pub async fn complete_wire<S: AsRef<str> + Sync>(
+    #[tracing::instrument(name = "complete", skip_all, fields(model = %self.model, messages = body.messages()))]
+    pub async fn complete_body(
         &self,
-        messages: &[S],
-        tools: &[Value],
+        body: &RequestBody,
         on_retry: &(dyn Fn(RetryNotice) + Send + Sync),
         cancel: &CancellationToken,
     ) -> Result<ChatResponse, LlmError> {
-        let body = message::request_body(&self.model, messages, tools);
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            debug!(attempt, messages = messages.len(), "LLM request");
+            debug!(attempt, messages = body.messages(), "LLM request");
             // Cancel-safe: dropping the request future closes its connection.
             let started = Instant::now();
             let outcome = tokio::select! {
                 biased;
                 () = cancel.cancelled() => return Err(LlmError::Cancelled),
-                outcome = self.attempt(&body) => outcome,
+                outcome = self.attempt(body) => outcome,
             };
             let result = match &outcome {
                 Ok(_) => "ok",
@@ -400,14 +398,14 @@ impl Llm {
     }
 
     /// One request and its classification.
-    async fn attempt(&self, body: &bytes::Bytes) -> Result<ChatResponse, Failure> {
+    async fn attempt(&self, body: &RequestBody) -> Result<ChatResponse, Failure> {
         let start = Instant::now();
         let mut request = self
             .http
             .post(self.endpoint.clone())
             .timeout(self.timeout)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.clone());
+            .body(body.http());
         if let Some(key) = &self.api_key {
             // `bearer_auth` marks the header sensitive (kept out of reqwest's own Debug).
             request = request.bearer_auth(key.expose());

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use worker::llm::{
     ChatMessage, ChatRequest, ChatResponse, Llm, LlmConfig, LlmError, LlmRegistry, Metrics,
-    PriceTable, RetryNotice, Secret,
+    PriceTable, RequestBody, RetryNotice, Secret,
 };
 
 const KEY: &str = "sk-test-0123456789-do-not-leak";
@@ -425,6 +425,51 @@ async fn request_carries_model_messages_tools_and_key() {
         server.authorizations(),
         [Some(format!("Bearer {KEY}")), None]
     );
+}
+
+/// A body given in parts (as a long chat sends its kept messages) arrives as one JSON body
+/// framed by `Content-Length` (not chunked: some OpenAI-compatible servers refuse that), the
+/// same as one built whole.
+#[tokio::test]
+async fn a_body_in_parts_is_sent_whole_with_its_length() {
+    let server = ScriptedLlm::start(vec![]).await;
+    let cfg = config(&server.base_url());
+    let llm = llm(&cfg);
+    let cancel = CancellationToken::new();
+    let parts = vec![
+        bytes::Bytes::from(ChatMessage::system("You are a test.").wire_json()),
+        bytes::Bytes::from_static(b","),
+        bytes::Bytes::from(format!(
+            "{},{}",
+            ChatMessage::user("hi").wire_json(),
+            ChatMessage::user("again").wire_json()
+        )),
+        bytes::Bytes::new(),
+    ];
+    let tools = Value::Array(request().tools).to_string();
+    let body = RequestBody::new(llm.model(), parts, 3, Some(&tools));
+    llm.complete_body(&body, &|_| {}, &cancel).await.unwrap();
+    let (result, _) = call(&llm, &request(), &cancel).await;
+    result.unwrap();
+    let requests = server.requests();
+    assert_eq!(
+        requests[0],
+        json!({
+            "model": MODEL,
+            "messages": [
+                {"role": "system", "content": "You are a test."},
+                {"role": "user", "content": "hi"},
+                {"role": "user", "content": "again"},
+            ],
+            "tools": request().tools,
+            "tool_choice": "auto",
+        })
+    );
+    for f in server.framings() {
+        assert_eq!(f.transfer_encoding, None, "{f:?}");
+        assert_eq!(f.content_length, Some(f.received), "{f:?}");
+    }
+    assert_eq!(server.framings().len(), 2);
 }
 
 #[tokio::test]

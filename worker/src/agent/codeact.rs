@@ -15,10 +15,10 @@
 //! new owner after a failover continues with the calls that are left; a user message in
 //! between drops them (the model sees the new message instead).
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::{Bytes, BytesMut};
 use serde_json::{Value, json};
 use shared::event::{
     self, ActionView, EditArgs, Event, ObservationView, ReadArgs, RunArgs, Source, StatusLevel,
@@ -27,7 +27,9 @@ use shared::event::{
 use tokio_util::sync::CancellationToken;
 
 use super::StepError;
-use crate::llm::{AssistantMessage, ChatMessage, Llm, LlmError, RetryNotice, ToolCall};
+use crate::llm::{
+    AssistantMessage, ChatMessage, Llm, LlmError, RequestBody, RetryNotice, ToolCall,
+};
 
 /// Publishes status updates (live-only `oh_event`s) to the session's clients.
 pub(crate) type Notify = Arc<dyn Fn(StatusUpdate) + Send + Sync>;
@@ -86,6 +88,12 @@ impl CodeAct {
         ])
     }
 
+    /// [`CodeAct::tools`] as the JSON text of a request, rendered once.
+    fn tools_json(&self) -> &'static str {
+        static TOOLS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        TOOLS.get_or_init(|| self.tools().to_string())
+    }
+
     pub(crate) async fn step(
         &mut self,
         history: &[Event],
@@ -104,8 +112,8 @@ impl CodeAct {
             })
             .unwrap_or_else(|| self.system_prompt());
         self.chat.sync(history);
-        let messages = self.chat.wire(&system);
-        let tools = self.tools().as_array().cloned().unwrap_or_default();
+        let (parts, count) = self.chat.parts(&system);
+        let body = RequestBody::new(self.llm.model(), parts, count, Some(self.tools_json()));
         let notify = self.notify.clone();
         let on_retry = move |n: RetryNotice| {
             notify(StatusUpdate {
@@ -114,11 +122,7 @@ impl CodeAct {
                 message: format!("Retrying LLM request, {} / {}", n.attempt, n.max),
             });
         };
-        let resp = match self
-            .llm
-            .complete_wire(&messages, &tools, &on_retry, cancel)
-            .await
-        {
+        let resp = match self.llm.complete_body(&body, &on_retry, cancel).await {
             Ok(r) => r,
             Err(LlmError::Cancelled) => return Err(StepError::Cancelled),
             Err(e) => {
@@ -328,21 +332,28 @@ impl<'a> ToolArgs<'a> {
 pub(crate) fn to_messages(system: &str, history: &[Event]) -> Vec<String> {
     let mut chat = Chat::default();
     chat.sync(history);
-    chat.wire(system).into_iter().map(Cow::into_owned).collect()
+    chat.wire(system)
 }
 
-/// The chat sent to the model, kept up to date step by step: only the events added since the last step are
-/// converted, and each message is rendered to its wire JSON once, so a step's cost does not
-/// grow with the conversation's length (beyond sending it). A history that is not an
-/// extension of the one seen (another controller's) is converted again from the start.
+/// The chat sent to the model, kept up to date step by step: only the events added since the
+/// last step are converted, each message is rendered to its wire JSON once, and the rendered
+/// messages are kept joined in one buffer that each request sends as it is (a part of its
+/// body), so a step's cost does not grow with the conversation's length (beyond sending it).
+/// A history that is not an extension of the one seen (another controller's) is converted
+/// again from the start.
 #[derive(Debug, Default)]
 pub(crate) struct Chat {
     /// Events converted so far, and the id of the last of them.
     seen: usize,
     last_id: Option<u64>,
-    /// Each message's wire JSON, after the system prompt (without the synthetic answer of an
-    /// open call).
-    wire: Vec<String>,
+    /// The messages after the system prompt (without the synthetic answer of an open call),
+    /// their wire JSON joined by commas, as of the last request: shared with that request's
+    /// body while it is sent, appended to in place afterwards.
+    sent: Bytes,
+    /// Messages added since, each after a comma if anything comes before it.
+    added: String,
+    /// Messages in `sent` and `added`.
+    count: usize,
     /// Tool call (event id) → (call id, function name).
     call_of: HashMap<u64, (String, String)>,
     /// The newest tool call, while it has no answer.
@@ -364,14 +375,47 @@ impl Chat {
         self.last_id = history.last().and_then(|e| e.id);
     }
 
-    /// The wire JSON of the request's messages: `system`, the conversation, and the
-    /// synthetic answer of a call still open.
-    pub(crate) fn wire(&self, system: &str) -> Vec<Cow<'_, str>> {
-        let mut out = Vec::with_capacity(self.wire.len() + 2);
-        out.push(Cow::Owned(ChatMessage::system(system).wire_json()));
-        out.extend(self.wire.iter().map(|w| Cow::Borrowed(w.as_str())));
-        out.extend(self.pending_answer().map(|m| Cow::Owned(m.wire_json())));
-        out
+    /// The request's messages as parts of a [`RequestBody`], and how many: `system`, the
+    /// conversation, and the synthetic answer of a call still open.
+    pub(crate) fn parts(&mut self, system: &str) -> (Vec<Bytes>, usize) {
+        self.flush();
+        let mut parts = vec![Bytes::from(ChatMessage::system(system).wire_json())];
+        if self.count > 0 {
+            parts.push(Bytes::from_static(b","));
+            parts.push(self.sent.clone());
+        }
+        let mut count = 1 + self.count;
+        if let Some(m) = self.pending_answer() {
+            parts.push(Bytes::from(format!(",{}", m.wire_json())));
+            count += 1;
+        }
+        (parts, count)
+    }
+
+    /// Appends what was added to `sent`: in place once no request body holds `sent` any more
+    /// (the previous step's request is over by the next step), else into a copy.
+    fn flush(&mut self) {
+        if self.added.is_empty() {
+            return;
+        }
+        let mut buf = match std::mem::take(&mut self.sent).try_into_mut() {
+            Ok(buf) => buf,
+            Err(shared) => BytesMut::from(&shared[..]),
+        };
+        buf.extend_from_slice(self.added.as_bytes());
+        self.added.clear();
+        self.sent = buf.freeze();
+    }
+
+    /// Each message of the request, as its wire JSON (tests).
+    #[cfg(test)]
+    pub(crate) fn wire(&mut self, system: &str) -> Vec<String> {
+        let (parts, count) = self.parts(system);
+        let text = String::from_utf8(parts.concat()).unwrap();
+        let list: Vec<Box<serde_json::value::RawValue>> =
+            serde_json::from_str(&format!("[{text}]")).unwrap();
+        assert_eq!(list.len(), count, "{text}");
+        list.into_iter().map(|m| m.get().to_owned()).collect()
     }
 
     fn pending_answer(&self) -> Option<ChatMessage> {
@@ -385,7 +429,11 @@ impl Chat {
     }
 
     fn push_message(&mut self, m: ChatMessage) {
-        self.wire.push(m.wire_json());
+        if self.count > 0 {
+            self.added.push(',');
+        }
+        self.added.push_str(&m.wire_json());
+        self.count += 1;
     }
 
     fn close_open(&mut self) {

@@ -194,29 +194,108 @@ pub struct ChatResponse {
     pub latency: Duration,
 }
 
-/// The request body for `model`.
-pub(super) fn request_body<S: AsRef<str>>(model: &str, messages: &[S], tools: &[Value]) -> Bytes {
-    // Written by hand around the messages' own JSON (each rendered once by its owner, see
-    // `ChatMessage::wire_json`), so a long chat costs a copy, not a rebuild.
-    let size: usize = messages.iter().map(|m| m.as_ref().len() + 1).sum();
-    let mut out = String::with_capacity(size + 256);
-    out.push_str("{\"model\":");
-    out.push_str(&Value::from(model).to_string());
-    out.push_str(",\"messages\":[");
+/// A request body in parts, sent one after another as one body of known length
+/// (`Content-Length`, not chunked): a long chat's messages, kept by their owner between steps
+/// (see `codeact::Chat`), go out as they are instead of being copied into a new buffer on
+/// every request.
+#[derive(Debug, Clone)]
+pub struct RequestBody {
+    parts: Vec<Bytes>,
+    len: u64,
+    messages: usize,
+}
+
+impl RequestBody {
+    /// `{"model":…,"messages":[…],"tools":…,"tool_choice":"auto"}` around `messages`, the JSON
+    /// of `count` messages joined by commas, given in parts (in order, the commas included);
+    /// `tools_json`, the tools' JSON array, is left out when `None`.
+    pub fn new(model: &str, messages: Vec<Bytes>, count: usize, tools_json: Option<&str>) -> Self {
+        let head = format!("{{\"model\":{},\"messages\":[", Value::from(model));
+        let mut tail = String::from("]");
+        if let Some(tools) = tools_json {
+            tail.push_str(",\"tools\":");
+            tail.push_str(tools);
+            tail.push_str(",\"tool_choice\":\"auto\"");
+        }
+        tail.push('}');
+        let mut parts = Vec::with_capacity(messages.len() + 2);
+        parts.push(Bytes::from(head));
+        parts.extend(messages.into_iter().filter(|p| !p.is_empty()));
+        parts.push(Bytes::from(tail));
+        let len = parts.iter().map(|p| p.len() as u64).sum();
+        RequestBody {
+            parts,
+            len,
+            messages: count,
+        }
+    }
+
+    /// Messages in the chat.
+    pub fn messages(&self) -> usize {
+        self.messages
+    }
+
+    /// The body for one attempt (the parts are shared, not copied).
+    pub(super) fn http(&self) -> reqwest::Body {
+        reqwest::Body::wrap(Parts {
+            parts: self.parts.iter().cloned().collect(),
+            left: self.len,
+        })
+    }
+
+    /// The whole body in one buffer.
+    #[cfg(test)]
+    pub(super) fn joined(&self) -> Vec<u8> {
+        self.parts.concat()
+    }
+}
+
+/// [`RequestBody`]'s parts as an HTTP body: one data frame per part, exact size known.
+struct Parts {
+    parts: std::collections::VecDeque<Bytes>,
+    left: u64,
+}
+
+impl http_body::Body for Parts {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let next = self.parts.pop_front();
+        if let Some(part) = &next {
+            self.left = self.left.saturating_sub(part.len() as u64);
+        }
+        std::task::Poll::Ready(next.map(|p| Ok(http_body::Frame::data(p))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.left)
+    }
+}
+
+/// The request body of `messages` for `model` (each message rendered once, joined once).
+pub(super) fn request_body(model: &str, messages: &[ChatMessage], tools: &[Value]) -> RequestBody {
+    let mut joined = String::new();
     for (i, m) in messages.iter().enumerate() {
         if i > 0 {
-            out.push(',');
+            joined.push(',');
         }
-        out.push_str(m.as_ref());
+        joined.push_str(&m.wire_json());
     }
-    out.push(']');
-    if !tools.is_empty() {
-        out.push_str(",\"tools\":");
-        out.push_str(&Value::Array(tools.to_vec()).to_string());
-        out.push_str(",\"tool_choice\":\"auto\"");
-    }
-    out.push('}');
-    Bytes::from(out)
+    let tools_json = (!tools.is_empty()).then(|| Value::Array(tools.to_vec()).to_string());
+    RequestBody::new(
+        model,
+        vec![Bytes::from(joined)],
+        messages.len(),
+        tools_json.as_deref(),
+    )
 }
 
 /// What [`parse_response`] reads out of a response.
@@ -335,8 +414,9 @@ mod tests {
             ],
             tools: Vec::new(),
         };
-        let wire: Vec<String> = req.messages.iter().map(ChatMessage::wire_json).collect();
-        let body: Value = serde_json::from_slice(&request_body("m", &wire, &req.tools)).unwrap();
+        let body = request_body("m", &req.messages, &req.tools);
+        assert_eq!(body.messages(), 4);
+        let body: Value = serde_json::from_slice(&body.joined()).unwrap();
         assert_eq!(
             body,
             json!({"model": "m", "messages": [
@@ -352,8 +432,8 @@ mod tests {
             tools: vec![json!({"type": "function", "function": {"name": "finish"}})],
             ..req
         };
-        let body: Value =
-            serde_json::from_slice(&request_body("m", &wire, &with_tools.tools)).unwrap();
+        let body = request_body("m", &with_tools.messages, &with_tools.tools);
+        let body: Value = serde_json::from_slice(&body.joined()).unwrap();
         assert_eq!(body["tool_choice"], "auto");
         assert_eq!(body["tools"][0]["function"]["name"], "finish");
     }

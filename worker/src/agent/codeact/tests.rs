@@ -97,6 +97,48 @@ fn the_chat_kept_step_by_step_equals_the_whole_conversion() {
     }
 }
 
+/// A growing chat's buffer is appended to in place once the previous request's body is gone:
+/// over 2,000 steps it moves only when it grows (a handful of times), never once per step; a
+/// body still held keeps what it had (the append goes to a copy).
+#[test]
+fn the_chat_buffer_is_appended_in_place_not_copied_per_step() {
+    let mut chat = super::Chat::default();
+    let mut history = Vec::new();
+    let mut moves = 0;
+    let mut last_ptr = None;
+    for i in 0..2000u64 {
+        let mut ev = Event::message(shared::event::Source::User, format!("message {i}"), false);
+        ev.id = Some(i);
+        history.push(ev);
+        chat.sync(&history);
+        let (parts, count) = chat.parts("SYS");
+        assert_eq!(count, history.len() + 1);
+        let ptr = parts[2].as_ptr();
+        if last_ptr != Some(ptr) {
+            moves += 1;
+            last_ptr = Some(ptr);
+        }
+        // `parts` (the request body) is dropped here, as a step's request is.
+    }
+    assert!(moves <= 30, "the buffer moved {moves} times in 2,000 steps");
+    let (held, _) = chat.parts("SYS");
+    let mut ev = Event::message(shared::event::Source::User, "one more".to_owned(), false);
+    ev.id = Some(2000);
+    history.push(ev);
+    chat.sync(&history);
+    let (now, count) = chat.parts("SYS");
+    assert_eq!(count, 2002);
+    assert!(
+        !held[2].ends_with(b"one more\"}"),
+        "the held body is unchanged"
+    );
+    assert!(
+        now[2].ends_with(b"one more\"}"),
+        "{:?}",
+        &now[2][now[2].len() - 40..]
+    );
+}
+
 #[test]
 fn an_empty_history_is_the_system_prompt_alone() {
     let got: Vec<Value> = to_messages("SYS", &[]).iter().map(|w| compact(w)).collect();
