@@ -235,7 +235,15 @@ pub(crate) async fn enqueue(
     uid: &UserId,
     reason: StartReason,
 ) -> Result<bool, shared::store::StoreError> {
-    let req = StartRequest::new(sid, uid, reason);
+    enqueue_request(state, sid, StartRequest::new(sid, uid, reason)).await
+}
+
+/// [`enqueue`] for a request already built (a create's carries its metadata).
+pub(crate) async fn enqueue_request(
+    state: &AppState,
+    sid: &SessionId,
+    req: StartRequest,
+) -> Result<bool, shared::store::StoreError> {
     let queued = state.store.enqueue_start(&req).await?;
     if queued {
         let mut redis = state.redis.clone();

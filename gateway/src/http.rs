@@ -23,7 +23,7 @@ use shared::msg_id::ActionMsgId;
 use shared::quota::{Capped, Verdict};
 use shared::status::{self, SessionState, Status};
 use shared::store::{ConversationMeta, StoreError};
-use shared::wire::{Control, StartReason};
+use shared::wire::{Control, StartReason, StartRequest};
 use tracing::{error, info, warn};
 
 use crate::actions;
@@ -535,7 +535,9 @@ async fn store_new(
         let msg_id = ActionMsgId::initial(&sid);
         actions::send_stored_only(&state, &sid, &uid, payload, &msg_id).await?;
     }
-    actions::enqueue(&state, &sid, &uid, StartReason::Create).await?;
+    // The request carries the metadata: the claim does not read it back.
+    let req = StartRequest::create(&meta, &sid, &uid);
+    actions::enqueue_request(&state, &sid, req).await?;
     state.recent.created(&sid, &uid);
     metrics::counter!("oh_gateway_conversations_created_total").increment(1);
     Ok(Json(json!({

@@ -54,7 +54,7 @@ pub enum StartReason {
 }
 
 /// A request, on the session's work subject, for some worker to run the session.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StartRequest {
     /// The session to run.
     pub session_id: SessionIdWire,
@@ -64,6 +64,12 @@ pub struct StartRequest {
     pub reason: StartReason,
     /// When it was enqueued (ms since the Unix epoch).
     pub requested_at_ms: i64,
+    /// A create's metadata as the gateway stored it a moment before, so that the claim of a
+    /// conversation's first start does not read it back. Only on [`StartReason::Create`]
+    /// requests (a later start reads what is stored then); a worker uses it only if it names
+    /// the request's session and user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<crate::store::ConversationMeta>,
 }
 
 /// A [`SessionId`] as it travels in JSON (validated again on receipt).
@@ -102,7 +108,29 @@ impl StartRequest {
             user_id: uid.to_string(),
             reason,
             requested_at_ms: chrono::Utc::now().timestamp_millis(),
+            meta: None,
         }
+    }
+
+    /// A create's request, carrying the metadata just stored.
+    pub fn create(meta: &crate::store::ConversationMeta, sid: &SessionId, uid: &UserId) -> Self {
+        Self {
+            meta: Some(meta.clone()),
+            ..Self::new(sid, uid, StartReason::Create)
+        }
+    }
+
+    /// The metadata carried by a create's request, if it names `sid` and `uid`.
+    pub fn carried_meta(
+        &self,
+        sid: &SessionId,
+        uid: &UserId,
+    ) -> Option<&crate::store::ConversationMeta> {
+        self.meta.as_ref().filter(|m| {
+            self.reason == StartReason::Create
+                && m.conversation_id == sid.as_str()
+                && m.user_id == uid.as_str()
+        })
     }
 
     /// Decodes and validates a request received from NATS.
@@ -127,7 +155,7 @@ impl StartRequest {
 
     /// The JSON payload.
     pub fn encode(&self) -> bytes::Bytes {
-        // A struct of strings and integers always serializes.
+        // Strings, integers and lists of them always serialize.
         bytes::Bytes::from(serde_json::to_vec(self).unwrap_or_default())
     }
 }
@@ -157,5 +185,58 @@ impl Control {
             "start" => Some(Control::Start),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ConversationMeta;
+
+    fn meta(sid: &SessionId, uid: &UserId) -> ConversationMeta {
+        ConversationMeta {
+            conversation_id: sid.to_string(),
+            user_id: uid.to_string(),
+            title: "t".into(),
+            created_at: "2026-11-29T00:00:00Z".into(),
+            last_updated_at: "2026-11-29T00:00:00Z".into(),
+            trigger: "gui".into(),
+            selected_repository: Some("o/r".into()),
+            selected_branch: None,
+            git_provider: None,
+            pr_number: vec![],
+            conversation_instructions: Some("be brief".into()),
+            replay_blob: None,
+            llm: None,
+        }
+    }
+
+    #[test]
+    fn a_create_carries_its_metadata_and_only_for_its_own_session() {
+        let (sid, uid) = (SessionId::generate(), UserId::parse("alice").unwrap());
+        let req = StartRequest::create(&meta(&sid, &uid), &sid, &uid);
+        let (back, s2, u2) = StartRequest::decode(&req.encode()).unwrap();
+        assert_eq!((&back, &s2, &u2), (&req, &sid, &uid));
+        assert_eq!(back.carried_meta(&sid, &uid), Some(&meta(&sid, &uid)));
+        // Not for another session or user, nor on any other kind of request.
+        let other = SessionId::generate();
+        assert_eq!(back.carried_meta(&other, &uid), None);
+        assert_eq!(
+            back.carried_meta(&sid, &UserId::parse("eve").unwrap()),
+            None
+        );
+        let resume = StartRequest {
+            reason: StartReason::Resume,
+            ..back
+        };
+        assert_eq!(resume.carried_meta(&sid, &uid), None);
+        // Other requests carry none, and one written without the field reads as none.
+        let plain = StartRequest::new(&sid, &uid, StartReason::Start);
+        assert!(!String::from_utf8_lossy(&plain.encode()).contains("meta"));
+        let old = format!(
+            r#"{{"session_id":"{sid}","user_id":"alice","reason":"create","requested_at_ms":1}}"#
+        );
+        let (old, _, _) = StartRequest::decode(old.as_bytes()).unwrap();
+        assert_eq!(old.carried_meta(&sid, &uid), None);
     }
 }

@@ -284,9 +284,16 @@ async fn try_claim(
 ) -> Result<Claimed, ClaimError> {
     let mut redis = ctx.redis.clone();
     let mut phases = Phases::new();
-    let Some(meta) = ctx.store.get_meta(&uid, &sid).await? else {
-        ownership::unmark_should_run(&mut redis, ctx.store.names(), &uid, &sid).await?;
-        return Ok(Claimed::Skip("conversation deleted"));
+    // A create's request carries the metadata just stored (a delete withdraws the request).
+    let meta = match req.carried_meta(&sid, &uid) {
+        Some(meta) => meta.clone(),
+        None => match ctx.store.get_meta(&uid, &sid).await? {
+            Some(meta) => meta,
+            None => {
+                ownership::unmark_should_run(&mut redis, ctx.store.names(), &uid, &sid).await?;
+                return Ok(Claimed::Skip("conversation deleted"));
+            }
+        },
     };
     phases.mark("meta");
     let lease = match take_lease(ctx, req, &sid, &uid).await? {
