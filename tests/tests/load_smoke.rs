@@ -363,4 +363,14 @@ async fn smoke_long_conversation_measures_early_and_late_steps() {
         "{}",
         r.table()
     );
+    // Each step also up to the next request's head: one per step, never after its arrival.
+    for (head, whole) in [
+        ("step_early_head_ms", "step_early_ms"),
+        ("step_late_head_ms", "step_late_ms"),
+    ] {
+        let (h, w) = (&r.metrics[head], &r.metrics[whole]);
+        assert_eq!(h.n, w.n, "{}", r.table());
+        assert!(h.p50 <= w.p50 && h.max <= w.max, "{}", r.table());
+    }
+    assert!(r.extra.contains_key("step_late_over_early_head_p50"));
 }

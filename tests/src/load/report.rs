@@ -126,7 +126,7 @@ pub struct Report {
 }
 
 /// Metrics shown in the plot (the floor is drawn for reference).
-const PLOTTED: [Metric; 15] = [
+const PLOTTED: [Metric; 17] = [
     Metric::Reply,
     Metric::UserEcho,
     Metric::Ack,
@@ -142,6 +142,8 @@ const PLOTTED: [Metric; 15] = [
     Metric::JsAck,
     Metric::StepEarly,
     Metric::StepLate,
+    Metric::StepEarlyHead,
+    Metric::StepLateHead,
 ];
 
 impl Report {

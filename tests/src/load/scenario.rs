@@ -446,6 +446,7 @@ pub(crate) async fn long(ctx: &mut Ctx, llm: &super::stub_llm::StubLlm) -> Resul
     // (the long one's first steps come right after start-up): one turn each.
     ctx.set_phase("short");
     ctx.stats.reset(Metric::StepEarly);
+    ctx.stats.reset(Metric::StepEarlyHead);
     for _ in 0..3 {
         let short = build_conversation(ctx, 8).await?;
         let stored = ctx.rest.events(&ctx.gateways[0], &short.id).await?;
@@ -461,6 +462,10 @@ pub(crate) async fn long(ctx: &mut Ctx, llm: &super::stub_llm::StubLlm) -> Resul
     );
     if early.n > 0 && late.n > 0 && early.p50 > 0.0 {
         extra.insert("step_late_over_early_p50".into(), late.p50 / early.p50);
+        let (early, late) = (s(Metric::StepEarlyHead), s(Metric::StepLateHead));
+        if early.p50 > 0.0 {
+            extra.insert("step_late_over_early_head_p50".into(), late.p50 / early.p50);
+        }
     } else {
         ctx.report.notes.push(format!(
             "long: {} early and {} late steps measured (late needs a chat of {} messages: raise --long-events)",

@@ -46,11 +46,16 @@ pub enum Metric {
     StepEarly,
     /// long: the same with at least `--long-late-messages` messages in the chat.
     StepLate,
+    /// long: [`Metric::StepEarly`] up to the head of the next request (its body not read yet:
+    /// the agent's own work, without the body's transfer).
+    StepEarlyHead,
+    /// long: [`Metric::StepLate`] up to the head of the next request.
+    StepLateHead,
 }
 
 impl Metric {
     /// Every metric, in table order.
-    pub const ALL: [Metric; 16] = [
+    pub const ALL: [Metric; 18] = [
         Metric::Connect,
         Metric::Ack,
         Metric::UserEcho,
@@ -67,6 +72,8 @@ impl Metric {
         Metric::JsAck,
         Metric::StepEarly,
         Metric::StepLate,
+        Metric::StepEarlyHead,
+        Metric::StepLateHead,
     ];
 
     /// JSON key and table label.
@@ -88,6 +95,8 @@ impl Metric {
             Metric::JsAck => "floor_js_ack_ms",
             Metric::StepEarly => "step_early_ms",
             Metric::StepLate => "step_late_ms",
+            Metric::StepEarlyHead => "step_early_head_ms",
+            Metric::StepLateHead => "step_late_head_ms",
         }
     }
 }

@@ -8,7 +8,9 @@
 //! `tool` message), then a plain `echo: <user message>`, which ends the turn (the load
 //! client's reply). A request whose last message is a tool answer continues a turn: the time
 //! since this server's previous answer is one step's overhead, recorded as early (chat of at
-//! most [`EARLY_MESSAGES`] messages) or late (at least `late` messages).
+//! most [`EARLY_MESSAGES`] messages) or late (at least `late` messages), twice: up to the
+//! request's whole arrival (body read), and up to its head (the agent's own work, without the
+//! body's transfer and this server's reading of it).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -94,7 +96,12 @@ impl Drop for StubLlm {
     }
 }
 
-async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+async fn chat(State(shared): State<Arc<Shared>>, body: Body) -> Response {
+    // The request's head is here; its body (the whole chat) is still to be read.
+    let head = Instant::now();
+    let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
+        return (StatusCode::BAD_REQUEST, "body not read").into_response();
+    };
     let arrived = Instant::now();
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         return (StatusCode::BAD_REQUEST, "not JSON").into_response();
@@ -109,10 +116,13 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         let previous = shared.answered_at.lock().ok().and_then(|a| *a);
         if let Some(at) = previous {
             let overhead = arrived.saturating_duration_since(at);
+            let to_head = head.saturating_duration_since(at);
             if messages.len() <= EARLY_MESSAGES {
                 shared.stats.record(Metric::StepEarly, overhead);
+                shared.stats.record(Metric::StepEarlyHead, to_head);
             } else if messages.len() >= shared.late {
                 shared.stats.record(Metric::StepLate, overhead);
+                shared.stats.record(Metric::StepLateHead, to_head);
             }
         }
     }
@@ -139,18 +149,19 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     } else {
         "stop"
     };
-    let body = json!({
+    let answer = json!({
         "id": format!("chatcmpl-stub-{n}"), "object": "chat.completion", "created": 0,
         "model": req["model"].clone(),
         "choices": [{"index": 0, "message": message, "finish_reason": finish}],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-    });
+    })
+    .to_string();
+    // Freed before the answer leaves (and is stamped): dropping a long chat parsed into a
+    // `Value` takes this server milliseconds, which are not the agent's.
+    drop(req);
+    drop(body);
     if let Ok(mut at) = shared.answered_at.lock() {
         *at = Some(Instant::now());
     }
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], answer).into_response()
 }
