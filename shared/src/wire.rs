@@ -72,6 +72,9 @@ pub struct StartRequest {
     pub meta: Option<crate::store::ConversationMeta>,
 }
 
+/// Largest metadata (JSON bytes) a create's start request carries.
+pub const CARRIED_META_MAX: usize = 16 * 1024;
+
 /// A [`SessionId`] as it travels in JSON (validated again on receipt).
 pub type SessionIdWire = String;
 /// A [`UserId`] as it travels in JSON (validated again on receipt).
@@ -112,10 +115,13 @@ impl StartRequest {
         }
     }
 
-    /// A create's request, carrying the metadata just stored.
+    /// A create's request, carrying the metadata just stored if it is small (at most
+    /// [`CARRIED_META_MAX`] bytes of JSON: a request stays far below NATS' message limit;
+    /// larger metadata is read back by the claim).
     pub fn create(meta: &crate::store::ConversationMeta, sid: &SessionId, uid: &UserId) -> Self {
+        let small = serde_json::to_vec(meta).is_ok_and(|v| v.len() <= CARRIED_META_MAX);
         Self {
-            meta: Some(meta.clone()),
+            meta: small.then(|| meta.clone()),
             ..Self::new(sid, uid, StartReason::Create)
         }
     }
@@ -238,5 +244,11 @@ mod tests {
         );
         let (old, _, _) = StartRequest::decode(old.as_bytes()).unwrap();
         assert_eq!(old.carried_meta(&sid, &uid), None);
+        // Large metadata stays behind (the claim reads it).
+        let mut big = meta(&sid, &uid);
+        big.conversation_instructions = Some("x".repeat(CARRIED_META_MAX));
+        let req = StartRequest::create(&big, &sid, &uid);
+        assert_eq!(req.carried_meta(&sid, &uid), None);
+        assert!(req.encode().len() < 1024);
     }
 }
