@@ -183,7 +183,11 @@ async fn byte_bounded_pages_cover_the_log_exactly_once() {
 #[tokio::test]
 async fn a_page_read_to_a_known_head_is_the_same_and_reads_less() {
     let nats = NatsServer::start().await;
-    let store = open(&nats).await;
+    // The store's own connection: after each read it publishes a marker, which the observer
+    // sees after every request that connection sent before it (one publisher's messages
+    // reach a subscriber in order), so the count is exact however loaded the machine.
+    let reader = async_nats::connect(nats.url()).await.unwrap();
+    let store = Store::open(reader.clone(), names()).await.unwrap();
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = jetstream::new(client.clone());
     let (a, b) = (SessionId::generate(), SessionId::generate());
@@ -193,25 +197,36 @@ async fn a_page_read_to_a_known_head_is_the_same_and_reads_less() {
     }
     let head = store.last_event(&a).await.unwrap().expect("head");
     assert_eq!(head.id, 9);
-    let mut gets = client.subscribe("$JS.API.DIRECT.GET.>").await.unwrap();
+    let mut seen = client.subscribe(">").await.unwrap();
     client.flush().await.unwrap();
-    let mut counted = || {
-        let mut seen = 0usize;
-        while let Some(Some(_)) = futures::FutureExt::now_or_never(gets.next()) {
-            seen += 1;
+    let mut marker = 0u32;
+    let mut counted = async || {
+        marker += 1;
+        let subject = format!("marker.{marker}");
+        reader.publish(subject.clone(), Bytes::new()).await.unwrap();
+        reader.flush().await.unwrap();
+        let mut gets = 0usize;
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), seen.next())
+                .await
+                .expect("the marker arrives")
+                .expect("subscription open");
+            if m.subject.as_str() == subject {
+                return gets;
+            }
+            if m.subject.as_str().starts_with("$JS.API.DIRECT.GET.") {
+                gets += 1;
+            }
         }
-        seen
     };
     for from in [0u64, 1, 5, 8, 9] {
         let plain = store.read_page(&a, from, 64, usize::MAX).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let plain_gets = counted();
+        let plain_gets = counted().await;
         let known = store
             .read_page_to(&a, from, Some(&head), 64, usize::MAX)
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let known_gets = counted();
+        let known_gets = counted().await;
         let key = |v: &[shared::store::StoredEvent]| -> Vec<(u64, u64, Bytes)> {
             v.iter().map(|e| (e.id, e.seq, e.payload.clone())).collect()
         };
