@@ -219,6 +219,10 @@ async fn a_page_read_to_a_known_head_is_the_same_and_reads_less() {
             }
         }
     };
+    // The server may route the reader's first messages after a new subscription by what it
+    // had cached for that connection: one read and a marker settle it before counting.
+    store.last_event(&a).await.unwrap();
+    counted().await;
     for from in [0u64, 1, 5, 8, 9] {
         let plain = store.read_page(&a, from, 64, usize::MAX).await.unwrap();
         let plain_gets = counted().await;
