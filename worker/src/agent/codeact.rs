@@ -88,7 +88,8 @@ impl CodeAct {
         ])
     }
 
-    /// [`CodeAct::tools`] as the JSON text of a request, rendered once.
+    /// [`CodeAct::tools`] (the same for every CodeAct) as the JSON text of a request,
+    /// rendered once per process.
     fn tools_json(&self) -> &'static str {
         static TOOLS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         TOOLS.get_or_init(|| self.tools().to_string())
