@@ -21,7 +21,7 @@ use std::sync::{Arc, Weak};
 
 use futures::StreamExt;
 use serde_json::value::RawValue;
-use shared::event::Event;
+use shared::event::{Event, ReplayClass};
 use shared::id::SessionId;
 use shared::presence::{self, Presence};
 use shared::store::Store;
@@ -44,6 +44,48 @@ pub(crate) struct Live {
     pub(crate) id: u64,
     /// What to send live; `None` if OpenHands' live filter drops it.
     pub(crate) json: Option<Box<RawValue>>,
+    /// What a connect's replay does with it (used by a socket that watched its session from
+    /// birth, see `recent`, instead of reading the log).
+    pub(crate) replayed: Replayed,
+}
+
+/// How a connect's replay treats a live event (OpenHands' replay rule, see
+/// [`shared::event::ReplayClass`]), and the form it sends.
+#[derive(Debug)]
+pub(crate) enum Replayed {
+    /// Not replayed.
+    Skip,
+    /// Replayed as [`Live::json`] (the live copy is the stored event, byte for byte);
+    /// `state`: an `agent_state_changed` (only the last one is sent, last).
+    AsLive { state: bool },
+    /// Replayed as this stored form (a small event whose live copy differs).
+    Stored { state: bool, raw: Box<RawValue> },
+    /// Its stored form is not kept (larger than [`KEPT_STORED_MAX`]): a replay reads the log.
+    Unknown,
+}
+
+/// Largest stored event kept beside its different live copy for a replay from birth
+/// (agent state changes and short observations; a larger one sends that replay to the log).
+const KEPT_STORED_MAX: usize = 4096;
+
+impl Replayed {
+    fn of(parsed: Option<&Event>, live: Option<&RawValue>, stored: &[u8]) -> Self {
+        let class = parsed.map_or(ReplayClass::Emit, Event::replay_class);
+        let state = class == ReplayClass::State;
+        if class == ReplayClass::Skip {
+            Replayed::Skip
+        } else if live.is_some_and(|l| l.get().as_bytes() == stored) {
+            Replayed::AsLive { state }
+        } else if stored.len() <= KEPT_STORED_MAX
+            && let Some(raw) = std::str::from_utf8(stored)
+                .ok()
+                .and_then(|t| RawValue::from_string(t.to_owned()).ok())
+        {
+            Replayed::Stored { state, raw }
+        } else {
+            Replayed::Unknown
+        }
+    }
 }
 
 /// What a socket receives from its session's topic.
@@ -307,7 +349,8 @@ async fn pump(
                 continue;
             }
         };
-        let json = match Event::from_json(&payload) {
+        let parsed = Event::from_json(&payload);
+        let json = match &parsed {
             Ok(ev) => ev
                 .live_copy()
                 .and_then(|c| RawValue::from_string(c.to_json()).ok()),
@@ -318,8 +361,9 @@ async fn pump(
                     .and_then(|s| RawValue::from_string(s.to_owned()).ok())
             }
         };
+        let replayed = Replayed::of(parsed.as_ref().ok(), json.as_deref(), &payload);
         debug!(id, "live event");
         // No receiver means every socket left; the topic is about to be dropped.
-        let _ = tx.send(Feed::Event(Arc::new(Live { id, json })));
+        let _ = tx.send(Feed::Event(Arc::new(Live { id, json, replayed })));
     }
 }

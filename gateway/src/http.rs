@@ -530,15 +530,24 @@ async fn store_new(
         &body.suggested_task,
         &body.create_microagent,
     ); // accepted, not used yet
-    state.store.put_meta(&uid, &meta).await?;
+    // The session's live feed is joined before its start request is queued (beside the
+    // metadata write): it then holds every event of the session, and the creator's first
+    // socket replays from it without reading the log (see `recent`). Best effort.
+    let (stored, watch) = tokio::join!(state.store.put_meta(&uid, &meta), state.fanout.join(&sid));
+    stored?;
+    let watch = watch
+        .inspect_err(|e| warn!(session_id = %sid, error = %e, "joining a new conversation's feed failed; its socket will read the log"))
+        .ok();
+    let has_initial = initial.is_some();
     if let Some(payload) = initial {
         let msg_id = ActionMsgId::initial(&sid);
         actions::send_stored_only(&state, &sid, &uid, payload, &msg_id).await?;
     }
-    // The request carries the metadata: the claim does not read it back.
-    let req = StartRequest::create(&meta, &sid, &uid);
+    // The request carries the metadata (the claim does not read it back) and whether an
+    // action was stored before it (with none, the claim does not look).
+    let req = StartRequest::create(&meta, &sid, &uid, has_initial);
     actions::enqueue_request(&state, &sid, req).await?;
-    state.recent.created(&sid, &uid);
+    state.recent.created(&sid, &uid, watch);
     metrics::counter!("oh_gateway_conversations_created_total").increment(1);
     Ok(Json(json!({
         "status": "ok",

@@ -151,6 +151,9 @@ async fn start(
     tasks.spawn(fanout.clone().presence_loop(cancel.clone()));
     tasks.spawn(fanout.resync_loop(reconnected, cancel.clone()));
     tasks.spawn(limits::refresh_loop(state.clone(), cancel.clone()));
+    let expiring = state.clone();
+    let until = cancel.clone();
+    tasks.spawn(async move { expiring.recent.expire_loop(until).await });
     info!(gateway_id, "gateway connected to NATS and Redis");
     let router = app::router(
         state,

@@ -129,6 +129,12 @@ pub(crate) const METRICS: &[MetricDef] = &[
         None,
     ),
     def(
+        "oh_gateway_replays_from_birth_total",
+        Kind::Counter,
+        "First sockets of a conversation created through this gateway moments before, by where their replay came from: the feed joined at the create (`feed`, no log read) or the log (`log`: something was missing).",
+        Some(("source", &["feed", "log"])),
+    ),
+    def(
         "oh_gateway_msg_id_conflicts_total",
         Kind::Counter,
         "Actions refused for reusing a client msg_id with different content.",

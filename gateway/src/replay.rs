@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use crate::app::AppState;
-use crate::fanout::{Feed, Live};
+use crate::fanout::{Feed, Live, Replayed};
 use crate::sendbuf::Budget;
 
 /// Most events read from the log at once.
@@ -81,8 +81,7 @@ pub(crate) async fn forward(
     cancel: CancellationToken,
 ) {
     let mut budget = Budget::new(Arc::clone(&conn.drain), state.socket_buffer_bytes);
-    let (sid, latest) = (&conn.sid, conn.latest);
-    match run(&state, &socket, sid, latest, &cancel, &mut budget).await {
+    match run(&state, &socket, conn, &cancel, &mut budget).await {
         Ok(()) | Err(ForwardError::Gone) => {}
         Err(ForwardError::Slow) => {
             metrics::counter!("oh_gateway_slow_client_disconnects_total").increment(1);
@@ -110,29 +109,50 @@ pub(crate) async fn forward(
 async fn run(
     state: &AppState,
     socket: &SocketRef,
-    sid: &SessionId,
-    latest: i64,
+    conn: &crate::socket::Conn,
     cancel: &CancellationToken,
     budget: &mut Budget,
 ) -> Result<(), ForwardError> {
-    let (_topic, mut rx) = Box::pin(state.fanout.join(sid))
-        .await
-        .map_err(|e| ForwardError::Store(nats_err(e)))?;
+    let (sid, latest) = (&conn.sid, conn.latest);
     let started = Instant::now();
-    let head = Box::pin(state.store.last_event(sid)).await?;
-    let mut cursor = latest;
-    if let Some(head) = head
-        && i64::try_from(head.id).unwrap_or(i64::MAX) > latest
-    {
-        let from = u64::try_from(latest + 1).unwrap_or(0);
-        Box::pin(replay(state, socket, sid, from, &head, budget)).await?;
-        cursor = i64::try_from(head.id).unwrap_or(i64::MAX);
-    }
+    let mut cursor;
+    // Live items taken from the feed before the log was read (see `from_birth`).
+    let mut early = Vec::new();
+    let (_topic, mut rx) = match state.recent.take_watch(sid, &conn.uid) {
+        Some((topic, mut rx)) => {
+            match from_birth(&mut rx, latest) {
+                Birth::Replay(backlog) => {
+                    metrics::counter!("oh_gateway_replays_from_birth_total", "source" => "feed")
+                        .increment(1);
+                    cursor =
+                        Box::pin(replay_backlog(state, socket, &backlog, latest, budget)).await?;
+                }
+                Birth::ReadLog(taken) => {
+                    metrics::counter!("oh_gateway_replays_from_birth_total", "source" => "log")
+                        .increment(1);
+                    early = taken;
+                    cursor = Box::pin(replay_log(state, socket, sid, latest, budget)).await?;
+                }
+            }
+            (topic, rx)
+        }
+        None => {
+            let joined = Box::pin(state.fanout.join(sid))
+                .await
+                .map_err(|e| ForwardError::Store(nats_err(e)))?;
+            cursor = Box::pin(replay_log(state, socket, sid, latest, budget)).await?;
+            joined
+        }
+    };
     metrics::histogram!("oh_gateway_replay_seconds").record(started.elapsed());
+    let mut early = early.into_iter();
     loop {
-        let live = tokio::select! {
-            () = cancel.cancelled() => return Ok(()),
-            r = rx.recv() => r,
+        let live = match early.next() {
+            Some(item) => item,
+            None => tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                r = rx.recv() => r,
+            },
         };
         match live {
             Ok(Feed::Event(live)) => {
@@ -162,6 +182,115 @@ async fn run(
             Err(RecvError::Closed) => return Ok(()),
         }
     }
+}
+
+/// Reads the log's head and replays `(latest, head]`; returns the new cursor.
+async fn replay_log(
+    state: &AppState,
+    socket: &SocketRef,
+    sid: &SessionId,
+    latest: i64,
+    budget: &mut Budget,
+) -> Result<i64, ForwardError> {
+    let head = Box::pin(state.store.last_event(sid)).await?;
+    match head {
+        Some(head) if i64::try_from(head.id).unwrap_or(i64::MAX) > latest => {
+            let from = u64::try_from(latest + 1).unwrap_or(0);
+            Box::pin(replay(state, socket, sid, from, &head, budget)).await?;
+            Ok(i64::try_from(head.id).unwrap_or(i64::MAX))
+        }
+        _ => Ok(latest),
+    }
+}
+
+/// What a feed joined before its session's first event holds when the first socket comes.
+#[derive(Debug)]
+enum Birth {
+    /// Every event so far, in order from id 0, each with its replayed form at hand: replay
+    /// these (the log's head is the last of them) and read nothing.
+    Replay(Vec<Arc<Live>>),
+    /// Something is missing (a lag, a resync, a skipped id, a large event whose stored form
+    /// was not kept, or a client cursor): read the log as any connect does; the items taken
+    /// from the feed follow the replay as live ones (one may not be stored yet when the head
+    /// is read).
+    ReadLog(Vec<Result<Feed, RecvError>>),
+}
+
+/// Takes what a feed joined before its session's first event has received so far.
+fn from_birth(rx: &mut tokio::sync::broadcast::Receiver<Feed>, latest: i64) -> Birth {
+    use tokio::sync::broadcast::error::TryRecvError;
+    let mut taken = Vec::new();
+    let mut complete = latest == -1;
+    loop {
+        match rx.try_recv() {
+            Ok(item) => taken.push(Ok(item)),
+            Err(TryRecvError::Empty) => break,
+            Err(TryRecvError::Lagged(n)) => {
+                complete = false;
+                taken.push(Err(RecvError::Lagged(n)));
+            }
+            Err(TryRecvError::Closed) => {
+                complete = false;
+                taken.push(Err(RecvError::Closed));
+                break;
+            }
+        }
+    }
+    if !complete {
+        return Birth::ReadLog(taken);
+    }
+    let mut backlog: Vec<Arc<Live>> = Vec::with_capacity(taken.len());
+    for item in &taken {
+        match item {
+            Ok(Feed::Event(live)) => {
+                let next = backlog.last().map_or(0, |l| l.id + 1);
+                if live.id < next {
+                    continue; // a copy (an append retried)
+                }
+                if live.id != next || matches!(live.replayed, Replayed::Unknown) {
+                    return Birth::ReadLog(taken);
+                }
+                backlog.push(Arc::clone(live));
+            }
+            // Before the connect, as if the socket had come a moment later.
+            Ok(Feed::Status(_)) => {}
+            Ok(Feed::Resync) | Err(_) => return Birth::ReadLog(taken),
+        }
+    }
+    Birth::Replay(backlog)
+}
+
+/// Sends `backlog` (every event from id 0, see [`Birth::Replay`]) with the replay rule, as
+/// [`replay`] sends the same events read from the log; returns the new cursor.
+async fn replay_backlog(
+    state: &AppState,
+    socket: &SocketRef,
+    backlog: &[Arc<Live>],
+    latest: i64,
+    budget: &mut Budget,
+) -> Result<i64, ForwardError> {
+    let mut held_state: Option<&RawValue> = None;
+    for live in backlog {
+        let (state_change, raw) = match &live.replayed {
+            Replayed::Skip | Replayed::Unknown => continue,
+            Replayed::AsLive { state } => match &live.json {
+                Some(raw) => (*state, &**raw),
+                None => continue,
+            },
+            Replayed::Stored { state, raw } => (*state, &**raw),
+        };
+        if state_change {
+            held_state = Some(raw);
+        } else {
+            send(socket, raw, state.slow_client_timeout, budget).await?;
+        }
+    }
+    if let Some(raw) = held_state {
+        send(socket, raw, state.slow_client_timeout, budget).await?;
+    }
+    Ok(backlog
+        .last()
+        .map_or(latest, |l| i64::try_from(l.id).unwrap_or(i64::MAX)))
 }
 
 fn nats_err(e: async_nats::Error) -> shared::store::StoreError {

@@ -34,7 +34,7 @@ use crate::app::AppState;
 #[derive(Clone)]
 pub(crate) struct Conn {
     pub(crate) sid: SessionId,
-    uid: UserId,
+    pub(crate) uid: UserId,
     pub(crate) latest: i64,
     cancel: CancellationToken,
     /// Whether the connect handler has run (the socket gauge counts it once).

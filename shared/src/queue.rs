@@ -157,6 +157,13 @@ impl ActionFeed {
         Ok(self.first.is_some())
     }
 
+    /// Takes it that nothing was stored before the feed subscribed (a conversation's first
+    /// start whose create stored no action): no read until a republish shows a gap or the
+    /// worker's recheck finds something.
+    pub fn presume_none(&mut self) {
+        self.read_due = false;
+    }
+
     /// The next action. Cancel-safe: nothing is consumed until it returns (the cursor moves
     /// only then; a republish not yet taken stays in the subscription).
     ///

@@ -70,6 +70,12 @@ pub struct StartRequest {
     /// the request's session and user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta: Option<crate::store::ConversationMeta>,
+    /// A create's request whose create stored no action before it (no initial message):
+    /// the claim of that first start does not read the action stream for actions stored
+    /// before its feed subscribed. One a client sent in that window (the conversation is
+    /// still starting) is found by the next action's gap or the worker's recheck (within 2 s).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_actions: bool,
 }
 
 /// Largest metadata (JSON bytes) a create's start request carries.
@@ -112,18 +118,32 @@ impl StartRequest {
             reason,
             requested_at_ms: chrono::Utc::now().timestamp_millis(),
             meta: None,
+            no_actions: false,
         }
     }
 
     /// A create's request, carrying the metadata just stored if it is small (at most
     /// [`CARRIED_META_MAX`] bytes of JSON: a request stays far below NATS' message limit;
-    /// larger metadata is read back by the claim).
-    pub fn create(meta: &crate::store::ConversationMeta, sid: &SessionId, uid: &UserId) -> Self {
+    /// larger metadata is read back by the claim). `initial`: the create stored an initial
+    /// message (see [`Self::no_actions`]).
+    pub fn create(
+        meta: &crate::store::ConversationMeta,
+        sid: &SessionId,
+        uid: &UserId,
+        initial: bool,
+    ) -> Self {
         let small = serde_json::to_vec(meta).is_ok_and(|v| v.len() <= CARRIED_META_MAX);
         Self {
             meta: small.then(|| meta.clone()),
+            no_actions: !initial,
             ..Self::new(sid, uid, StartReason::Create)
         }
+    }
+
+    /// Whether the claim may skip its look for actions stored before its feed (a create's
+    /// request that says its create stored none, see [`Self::no_actions`]).
+    pub fn nothing_stored_before(&self) -> bool {
+        self.no_actions && self.reason == StartReason::Create
     }
 
     /// The metadata carried by a create's request, if it names `sid` and `uid`.
@@ -220,7 +240,8 @@ mod tests {
     #[test]
     fn a_create_carries_its_metadata_and_only_for_its_own_session() {
         let (sid, uid) = (SessionId::generate(), UserId::parse("alice").unwrap());
-        let req = StartRequest::create(&meta(&sid, &uid), &sid, &uid);
+        let req = StartRequest::create(&meta(&sid, &uid), &sid, &uid, false);
+        assert!(req.nothing_stored_before());
         let (back, s2, u2) = StartRequest::decode(&req.encode()).unwrap();
         assert_eq!((&back, &s2, &u2), (&req, &sid, &uid));
         assert_eq!(back.carried_meta(&sid, &uid), Some(&meta(&sid, &uid)));
@@ -236,6 +257,12 @@ mod tests {
             ..back
         };
         assert_eq!(resume.carried_meta(&sid, &uid), None);
+        assert!(
+            !resume.nothing_stored_before(),
+            "only a create's request says so"
+        );
+        let with_message = StartRequest::create(&meta(&sid, &uid), &sid, &uid, true);
+        assert!(!with_message.nothing_stored_before());
         // Other requests carry none, and one written without the field reads as none.
         let plain = StartRequest::new(&sid, &uid, StartReason::Start);
         assert!(!String::from_utf8_lossy(&plain.encode()).contains("meta"));
@@ -244,10 +271,14 @@ mod tests {
         );
         let (old, _, _) = StartRequest::decode(old.as_bytes()).unwrap();
         assert_eq!(old.carried_meta(&sid, &uid), None);
+        assert!(
+            !old.nothing_stored_before(),
+            "an older gateway's create: look"
+        );
         // Large metadata stays behind (the claim reads it).
         let mut big = meta(&sid, &uid);
         big.conversation_instructions = Some("x".repeat(CARRIED_META_MAX));
-        let req = StartRequest::create(&big, &sid, &uid);
+        let req = StartRequest::create(&big, &sid, &uid, false);
         assert_eq!(req.carried_meta(&sid, &uid), None);
         assert!(req.encode().len() < 1024);
     }

@@ -957,3 +957,121 @@ async fn half_sent_requests_are_closed_after_the_header_timeout() {
         .unwrap();
     assert_eq!(res.status().as_u16(), 200);
 }
+
+/// How many direct gets (`$JS.API.DIRECT.GET.*`) the observer has seen after settling.
+async fn direct_gets_after(seen: &mut async_nats::Subscriber, settle: Duration) -> usize {
+    use futures::StreamExt;
+    let mut n = 0;
+    while let Ok(Some(m)) = tokio::time::timeout(settle, seen.next()).await {
+        if m.subject.as_str().starts_with("$JS.API.DIRECT.GET.") {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// The create's gateway joins the new conversation's feed before its start request: its first
+/// socket replays what that feed received, reads nothing from the log, and gets exactly what a
+/// socket replaying from the log gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_right_after_its_create_replays_from_the_feed_without_reading_the_log() {
+    use futures::StreamExt;
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        ..ClusterOpts::default()
+    })
+    .await;
+    let observer = c.nats.connect().await;
+    let mut gets = observer.subscribe("$JS.API.DIRECT.GET.>").await.unwrap();
+    let mut events = observer
+        .subscribe(format!("{}.ev.*", c.namespace))
+        .await
+        .unwrap();
+    observer.flush().await.unwrap();
+    // Warm-up (and the observer's own check): a second socket reads the log.
+    let warm = c.create(0, Some("warm"), None).await;
+    let mut first = c.connect(0, &warm, None, None).await.expect("connect");
+    events_until(&mut first, T, |e| is_echo(e, "warm")).await;
+    let mut second = c.connect(0, &warm, None, None).await.expect("connect");
+    events_until(&mut second, T, |e| is_echo(e, "warm")).await;
+    assert!(
+        direct_gets_after(&mut gets, Duration::from_millis(500)).await > 0,
+        "a socket replaying from the log reads it, and the observer sees it"
+    );
+    while tokio::time::timeout(Duration::from_millis(100), events.next())
+        .await
+        .is_ok()
+    {}
+
+    // A conversation with no initial message: its claim reads nothing either (metadata
+    // carried, empty log presumed, no action stored before its request).
+    let sid = c.create(0, None, None).await;
+    let ready = format!("{}.ev.{sid}", c.namespace);
+    tokio::time::timeout(T, async {
+        while let Some(m) = events.next().await {
+            if m.subject.as_str() == ready
+                && String::from_utf8_lossy(&m.payload).contains("awaiting_user_input")
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the new session is ready");
+    // Its events are in the log before the first socket comes: they are replayed.
+    let mut a = c.connect(0, &sid, None, None).await.expect("connect a");
+    let got_a = events_until(&mut a, T, |e| is_state(e, "awaiting_user_input")).await;
+    assert_eq!(
+        direct_gets_after(&mut gets, Duration::from_millis(500)).await,
+        0,
+        "neither the claim nor the first socket read a stream"
+    );
+    let stored = c.all_events(0, &sid, None).await;
+    assert!(stored.len() >= 3, "system, state changes: {stored:?}");
+    check_client(&stored, -1, &got_a);
+    // A second socket replays the same from the log.
+    let mut b = c.connect(0, &sid, None, None).await.expect("connect b");
+    let got_b = events_until(&mut b, T, |e| is_state(e, "awaiting_user_input")).await;
+    assert_eq!(got_a, got_b, "the feed's replay is the log's");
+    // And the first socket goes on live.
+    let ack = say(&a, "after").await;
+    assert_eq!(ack["success"], true, "ack: {ack}");
+    let live = events_until(&mut a, T, |e| is_echo(e, "after")).await;
+    let mut all = got_a.clone();
+    all.extend(live);
+    check_client(&c.all_events(0, &sid, None).await, -1, &all);
+    let metrics = tests::http_client()
+        .get(format!("{}/metrics", c.url(0)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"oh_gateway_replays_from_birth_total{source="feed"} 2"#),
+        "{metrics}"
+    );
+}
+
+/// A conversation created with no message, whose client sends one before any worker has
+/// claimed it: the claim does not look for stored actions (its create said none), and the
+/// worker's recheck finds the message anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_before_the_first_claim_is_answered() {
+    let mut c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 0,
+        ..ClusterOpts::default()
+    })
+    .await;
+    let sid = c.create(0, None, None).await;
+    let a = c.connect(0, &sid, None, None).await.expect("connect");
+    let ack = say(&a, "early").await;
+    assert_eq!(ack["success"], true, "stored with no worker up: {ack}");
+    c.add_worker().await;
+    let mut a = a;
+    let got = events_until(&mut a, T, |e| is_echo(e, "early")).await;
+    check_client(&c.all_events(0, &sid, None).await, -1, &got);
+}

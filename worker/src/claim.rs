@@ -315,6 +315,7 @@ async fn try_claim(
     let mut claim = Claim {
         ctx,
         reason: req.reason,
+        nothing_stored_before: req.nothing_stored_before(),
         sid,
         uid,
         lease,
@@ -441,6 +442,8 @@ async fn take_lease(
 struct Claim<'a> {
     ctx: &'a Ctx,
     reason: StartReason,
+    /// The create stored no action before its request (see `StartRequest::no_actions`).
+    nothing_stored_before: bool,
     sid: SessionId,
     uid: UserId,
     lease: Lease,
@@ -472,7 +475,14 @@ impl Claim<'_> {
         // the feed; the look after the takeover reads what was stored before.
         let mut actions = self.ctx.store.action_feed(&self.sid).await?;
         let mut fenced = self.fence().await?;
-        let waiting = actions.look().await?;
+        // A conversation's first start whose create stored no action has nothing to look
+        // for (one sent while it starts comes by a gap or the recheck).
+        let waiting = if fenced.fresh && self.nothing_stored_before {
+            actions.presume_none();
+            false
+        } else {
+            actions.look().await?
+        };
         self.phases.mark("actions");
         let history = self.history(&mut fenced.journal, fenced.fresh).await?;
         self.phases.mark("history");
