@@ -40,7 +40,7 @@ fn gauges(page: &str) -> (f64, f64, f64) {
 
 /// Polls until the gauges satisfy `ok`; panics with the last values.
 async fn wait_gauges(http: &reqwest::Client, base: &str, ok: impl Fn((f64, f64, f64)) -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let got = gauges(&metrics(http, base).await);
         if ok(got) {
@@ -89,6 +89,11 @@ async fn socket_tasks_end_with_their_sockets_and_shutdown_joins_the_rest() {
             .expect("create answer");
         sids.push(v["conversation_id"].as_str().expect("id").to_owned());
     }
+    // Each create joined its conversation's feed for a first socket (see `recent`); with no
+    // socket coming, the watches are dropped after FRESH (10 s).
+    let subs = gauges(&metrics(&http, &base).await).1;
+    assert_eq!(subs, 3.0, "a feed joined per create");
+    wait_gauges(&http, &base, |(_, subs, _)| subs == 0.0).await;
     // Idle: the presence, resync and socket-closing tasks.
     let idle = gauge(&metrics(&http, &base).await, "oh_gateway_tasks");
     assert!(idle >= 3.0, "idle tasks {idle}");
