@@ -26,7 +26,7 @@ use shared::id::SessionId;
 use shared::presence::{self, Presence};
 use shared::store::Store;
 use shared::wire::HDR_AGENT_STATE;
-use tokio::sync::{Mutex, broadcast};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -148,7 +148,7 @@ pub(crate) struct Fanout {
     /// holds it for the session's life (heaptrack: ~15 KiB per idle session with a clone).
     store: Arc<Store>,
     presence: Presence,
-    topics: Arc<Mutex<HashMap<SessionId, Weak<Topic>>>>,
+    topics: Arc<std::sync::Mutex<Topics>>,
     /// The gateway's task tracker (see `app`).
     tasks: TaskTracker,
 }
@@ -171,10 +171,15 @@ impl Fanout {
         }
     }
 
-    async fn live_topics(&self) -> Vec<Arc<Topic>> {
+    fn table(&self) -> std::sync::MutexGuard<'_, Topics> {
         self.topics
             .lock()
-            .await
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn live_topics(&self) -> Vec<Arc<Topic>> {
+        self.table()
+            .map
             .values()
             .filter_map(Weak::upgrade)
             .collect()
@@ -195,13 +200,13 @@ impl Fanout {
             info!(
                 "NATS (re)connected or a subscription fell behind; resyncing live sockets from the log"
             );
-            self.resync_all().await;
+            self.resync_all();
         }
     }
 
     /// Tells every socket to re-read the log (after a NATS reconnect).
-    async fn resync_all(&self) {
-        let topics = self.live_topics().await;
+    fn resync_all(&self) {
+        let topics = self.live_topics();
         metrics::counter!("oh_gateway_resyncs_total").increment(topics.len() as u64);
         for t in topics {
             // No receiver: the topic is going away anyway.
@@ -219,7 +224,6 @@ impl Fanout {
             }
             let sids: Vec<SessionId> = self
                 .live_topics()
-                .await
                 .iter()
                 .map(|t| t.sid.clone())
                 .collect();
@@ -233,16 +237,21 @@ impl Fanout {
         &self,
         sid: &SessionId,
     ) -> Result<(Arc<Topic>, broadcast::Receiver<Feed>), async_nats::Error> {
-        let mut topics = self.topics.lock().await;
-        if let Some(t) = topics.get(sid).and_then(Weak::upgrade) {
-            let rx = t.tx.subscribe();
-            return Ok((t, rx));
+        if let Some(joined) = self.table().joined(sid) {
+            return Ok(joined);
         }
+        // Subscribed with no lock held: joins of other sessions do not wait for this one's
+        // round trip (they did, one after another, with 1,000 creates at once). Two joins of
+        // the same session may both subscribe; the second to finish drops its subscription.
         let sub = self
             .nats
             .subscribe(self.store.names().session_subjects(sid))
             .await?;
         self.nats.flush().await?;
+        let mut topics = self.table();
+        if let Some(joined) = topics.joined(sid) {
+            return Ok(joined); // `sub` is dropped: unsubscribed
+        }
         let (tx, rx) = broadcast::channel(16);
         let task = self.tasks.spawn(
             pump(Arc::clone(&self.store), sid.clone(), sub, tx.clone())
@@ -256,8 +265,7 @@ impl Fanout {
             tasks: self.tasks.clone(),
         });
         metrics::gauge!("oh_gateway_session_subscriptions").increment(1.0);
-        topics.retain(|_, w| w.strong_count() > 0);
-        topics.insert(sid.clone(), Arc::downgrade(&topic));
+        topics.insert(sid, &topic);
         drop(topics);
         // Off the connect path (one Redis round trip less before the replay): the refresh
         // loop rewrites every entry within PRESENCE_REFRESH anyway.
@@ -266,6 +274,34 @@ impl Fanout {
         self.tasks
             .spawn(async move { enter(&presence, std::slice::from_ref(&entered)).await });
         Ok((topic, rx))
+    }
+}
+
+/// The topics by session. Entries of ended topics are dropped in one pass once the map has
+/// doubled since the last pass (not on every join: a pass is O(sessions)).
+#[derive(Default)]
+struct Topics {
+    map: HashMap<SessionId, Weak<Topic>>,
+    prune_at: usize,
+}
+
+/// Fewest entries before ended ones are dropped.
+const PRUNE_FLOOR: usize = 1024;
+
+impl Topics {
+    /// A live topic of `sid`, with a new receiver.
+    fn joined(&self, sid: &SessionId) -> Option<(Arc<Topic>, broadcast::Receiver<Feed>)> {
+        let t = self.map.get(sid).and_then(Weak::upgrade)?;
+        let rx = t.tx.subscribe();
+        Some((t, rx))
+    }
+
+    fn insert(&mut self, sid: &SessionId, topic: &Arc<Topic>) {
+        if self.map.len() >= self.prune_at.max(PRUNE_FLOOR) {
+            self.map.retain(|_, w| w.strong_count() > 0);
+            self.prune_at = self.map.len() * 2;
+        }
+        self.map.insert(sid.clone(), Arc::downgrade(topic));
     }
 }
 

@@ -107,10 +107,10 @@ async fn socket_tasks_end_with_their_sockets_and_shutdown_joins_the_rest() {
         }
     };
     for round in 0..3 {
-        let mut clients = Vec::new();
-        for i in 0..12 {
-            clients.push(connect(sids[i % sids.len()].clone()).await);
-        }
+        // All at once: joins of the same session race (one subscription each is kept).
+        let clients =
+            futures::future::join_all((0..12).map(|i| connect(sids[i % sids.len()].clone())))
+                .await;
         // Per socket a forwarding task, per session a subscription pump (a socket is counted
         // by its connect handler, which may run just after the client saw CONNECT).
         wait_gauges(&http, &base, |(tasks, subs, sockets)| {
