@@ -17,6 +17,7 @@
 //! `{ns}:presence:{sid}`, which the owning worker reads to passivate sessions nobody watches.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 use futures::StreamExt;
@@ -60,7 +61,7 @@ pub(crate) enum Replayed {
     AsLive { state: bool },
     /// Replayed as this stored form (a small event whose live copy differs).
     Stored { state: bool, raw: Box<RawValue> },
-    /// Its stored form is not kept (larger than [`KEPT_STORED_MAX`]): a replay reads the log.
+    /// Not kept (no watch waits, or larger than [`KEPT_STORED_MAX`]): a replay reads the log.
     Unknown,
 }
 
@@ -101,10 +102,22 @@ pub(crate) enum Feed {
 
 pub(crate) struct Topic {
     tx: broadcast::Sender<Feed>,
+    /// A create's watch waits for its first socket: live events keep their stored form
+    /// ([`Replayed::Stored`]) until it comes ([`Topic::born`]); not after (the broadcast keeps
+    /// its last events for the topic's life).
+    watched: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
     presence: Presence,
     sid: SessionId,
     tasks: TaskTracker,
+}
+
+impl Topic {
+    /// The watch's first socket has taken what it needs: live events no longer keep their
+    /// stored form.
+    pub(crate) fn born(&self) {
+        self.watched.store(false, Ordering::Release);
+    }
 }
 
 impl Drop for Topic {
@@ -222,11 +235,7 @@ impl Fanout {
                 () = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let sids: Vec<SessionId> = self
-                .live_topics()
-                .iter()
-                .map(|t| t.sid.clone())
-                .collect();
+            let sids: Vec<SessionId> = self.live_topics().iter().map(|t| t.sid.clone()).collect();
             enter(&self.presence, &sids).await;
         }
     }
@@ -236,6 +245,23 @@ impl Fanout {
     pub(crate) async fn join(
         &self,
         sid: &SessionId,
+    ) -> Result<(Arc<Topic>, broadcast::Receiver<Feed>), async_nats::Error> {
+        self.join_as(sid, false).await
+    }
+
+    /// [`Self::join`] for a create's watch (see `recent`): until [`Topic::born`], live events
+    /// keep what a replay needs.
+    pub(crate) async fn watch(
+        &self,
+        sid: &SessionId,
+    ) -> Result<(Arc<Topic>, broadcast::Receiver<Feed>), async_nats::Error> {
+        self.join_as(sid, true).await
+    }
+
+    async fn join_as(
+        &self,
+        sid: &SessionId,
+        watch: bool,
     ) -> Result<(Arc<Topic>, broadcast::Receiver<Feed>), async_nats::Error> {
         if let Some(joined) = self.table().joined(sid) {
             return Ok(joined);
@@ -253,12 +279,19 @@ impl Fanout {
             return Ok(joined); // `sub` is dropped: unsubscribed
         }
         let (tx, rx) = broadcast::channel(16);
+        let watched = Arc::new(AtomicBool::new(watch));
         let task = self.tasks.spawn(
-            pump(Arc::clone(&self.store), sid.clone(), sub, tx.clone())
-                .instrument(info_span!("fanout", session_id = %sid)),
+            pump(
+                Arc::clone(&self.store),
+                sid.clone(),
+                sub,
+                (tx.clone(), Arc::clone(&watched)),
+            )
+            .instrument(info_span!("fanout", session_id = %sid)),
         );
         let topic = Arc::new(Topic {
             tx,
+            watched,
             task,
             presence: self.presence.clone(),
             sid: sid.clone(),
@@ -309,7 +342,7 @@ async fn pump(
     store: Arc<Store>,
     sid: SessionId,
     mut sub: async_nats::Subscriber,
-    tx: broadcast::Sender<Feed>,
+    (tx, watched): (broadcast::Sender<Feed>, Arc<AtomicBool>),
 ) {
     let status_subject = store.names().status_subject(&sid);
     let events_subject = store.names().events_subject(&sid);
@@ -397,9 +430,62 @@ async fn pump(
                     .and_then(|s| RawValue::from_string(s.to_owned()).ok())
             }
         };
-        let replayed = Replayed::of(parsed.as_ref().ok(), json.as_deref(), &payload);
+        let replayed = if watched.load(Ordering::Acquire) {
+            Replayed::of(parsed.as_ref().ok(), json.as_deref(), &payload)
+        } else {
+            Replayed::Unknown
+        };
         debug!(id, "live event");
         // No receiver means every socket left; the topic is about to be dropped.
         let _ = tx.send(Feed::Event(Arc::new(Live { id, json, replayed })));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The replayed form of a stored event, as the pump computes it.
+    fn replayed(stored: &str) -> Replayed {
+        let ev = Event::from_json(stored.as_bytes());
+        let live = ev
+            .as_ref()
+            .ok()
+            .and_then(Event::live_copy)
+            .map(|c| RawValue::from_string(c.to_json()).unwrap());
+        Replayed::of(ev.as_ref().ok(), live.as_deref(), stored.as_bytes())
+    }
+
+    fn stored(json: &str) -> String {
+        Event::from_json(json.as_bytes()).unwrap().to_json()
+    }
+
+    #[test]
+    fn a_live_event_keeps_its_stored_form_only_where_the_replay_needs_it() {
+        // An agent's event goes out live as stored: nothing kept beside it.
+        let agent = stored(
+            r#"{"id":1,"timestamp":"2026-01-01T00:00:00","source":"agent","message":"hi","action":"message","args":{"content":"hi"}}"#,
+        );
+        assert!(matches!(replayed(&agent), Replayed::AsLive { state: false }));
+        // An environment's state change goes out live as the agent's: the stored form is kept.
+        let state = stored(
+            r#"{"id":2,"timestamp":"2026-01-01T00:00:00","source":"environment","message":"","observation":"agent_state_changed","content":"","extras":{"agent_state":"loading","reason":""}}"#,
+        );
+        match replayed(&state) {
+            Replayed::Stored { state: true, raw } => assert_eq!(raw.get(), state),
+            other => panic!("{other:?}"),
+        }
+        // Not replayed at all.
+        let null = stored(
+            r#"{"id":3,"timestamp":"2026-01-01T00:00:00","source":"agent","message":"","observation":"null","content":"","extras":{}}"#,
+        );
+        assert!(matches!(replayed(&null), Replayed::Skip));
+        // A large one whose live copy differs is not kept: that replay reads the log.
+        let big = stored(&format!(
+            r#"{{"id":4,"timestamp":"2026-01-01T00:00:00","source":"environment","message":"","observation":"run","content":"{}","extras":{{"command":"ls","exit_code":0}}}}"#,
+            "x".repeat(KEPT_STORED_MAX)
+        ));
+        assert!(matches!(replayed(&big), Replayed::Unknown));
     }
 }

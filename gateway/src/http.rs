@@ -533,9 +533,10 @@ async fn store_new(
     // The session's live feed is joined before its start request is queued (beside the
     // metadata write): it then holds every event of the session, and the creator's first
     // socket replays from it without reading the log (see `recent`). Best effort.
-    let (stored, watch) = tokio::join!(state.store.put_meta(&uid, &meta), state.fanout.join(&sid));
+    let (stored, watch) = tokio::join!(state.store.put_meta(&uid, &meta), state.fanout.watch(&sid));
     stored?;
     let watch = watch
+        .map(crate::recent::Watch::new)
         .inspect_err(|e| warn!(session_id = %sid, error = %e, "joining a new conversation's feed failed; its socket will read the log"))
         .ok();
     let has_initial = initial.is_some();

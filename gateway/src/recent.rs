@@ -23,11 +23,44 @@ use shared::id::{SessionId, UserId};
 /// How long a create vouches for its conversation.
 pub(crate) const FRESH: Duration = Duration::from_secs(10);
 
-/// A session's live feed, joined before its first event could exist.
-pub(crate) type Watch = (
-    std::sync::Arc<crate::fanout::Topic>,
-    tokio::sync::broadcast::Receiver<crate::fanout::Feed>,
+/// A session's live feed, joined before its first event could exist. Dropped untaken (its
+/// entry expired, or deleted), it tells the topic to stop keeping events' stored forms.
+pub(crate) struct Watch(
+    Option<(
+        std::sync::Arc<crate::fanout::Topic>,
+        tokio::sync::broadcast::Receiver<crate::fanout::Feed>,
+    )>,
 );
+
+impl Watch {
+    pub(crate) fn new(
+        joined: (
+            std::sync::Arc<crate::fanout::Topic>,
+            tokio::sync::broadcast::Receiver<crate::fanout::Feed>,
+        ),
+    ) -> Self {
+        Self(Some(joined))
+    }
+
+    /// The topic and the receiver that has held every event since the create; the taker
+    /// calls [`crate::fanout::Topic::born`] once it has drained what it needs.
+    pub(crate) fn take(
+        mut self,
+    ) -> Option<(
+        std::sync::Arc<crate::fanout::Topic>,
+        tokio::sync::broadcast::Receiver<crate::fanout::Feed>,
+    )> {
+        self.0.take()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some((topic, _)) = &self.0 {
+            topic.born();
+        }
+    }
+}
 
 /// See the module doc. `W` is what a create leaves for the first socket ([`Watch`]).
 pub(crate) struct Recent<W = Watch>(Mutex<HashMap<SessionId, Entry<W>>>);

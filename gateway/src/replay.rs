@@ -38,6 +38,7 @@ use tracing::{debug, error, warn};
 
 use crate::app::AppState;
 use crate::fanout::{Feed, Live, Replayed};
+use crate::recent::Watch;
 use crate::sendbuf::Budget;
 
 /// Most events read from the log at once.
@@ -118,9 +119,15 @@ async fn run(
     let mut cursor;
     // Live items taken from the feed before the log was read (see `from_birth`).
     let mut early = Vec::new();
-    let (_topic, mut rx) = match state.recent.take_watch(sid, &conn.uid) {
+    let watch = state
+        .recent
+        .take_watch(sid, &conn.uid)
+        .and_then(Watch::take);
+    let (_topic, mut rx) = match watch {
         Some((topic, mut rx)) => {
-            match from_birth(&mut rx, latest) {
+            let birth = from_birth(&mut rx, latest);
+            topic.born();
+            match birth {
                 Birth::Replay(backlog) => {
                     metrics::counter!("oh_gateway_replays_from_birth_total", "source" => "feed")
                         .increment(1);

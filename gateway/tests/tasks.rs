@@ -109,8 +109,7 @@ async fn socket_tasks_end_with_their_sockets_and_shutdown_joins_the_rest() {
     for round in 0..3 {
         // All at once: joins of the same session race (one subscription each is kept).
         let clients =
-            futures::future::join_all((0..12).map(|i| connect(sids[i % sids.len()].clone())))
-                .await;
+            futures::future::join_all((0..12).map(|i| connect(sids[i % sids.len()].clone()))).await;
         // Per socket a forwarding task, per session a subscription pump (a socket is counted
         // by its connect handler, which may run just after the client saw CONNECT).
         wait_gauges(&http, &base, |(tasks, subs, sockets)| {
