@@ -467,7 +467,10 @@ mod tests {
         let agent = stored(
             r#"{"id":1,"timestamp":"2026-01-01T00:00:00","source":"agent","message":"hi","action":"message","args":{"content":"hi"}}"#,
         );
-        assert!(matches!(replayed(&agent), Replayed::AsLive { state: false }));
+        assert!(matches!(
+            replayed(&agent),
+            Replayed::AsLive { state: false }
+        ));
         // An environment's state change goes out live as the agent's: the stored form is kept.
         let state = stored(
             r#"{"id":2,"timestamp":"2026-01-01T00:00:00","source":"environment","message":"","observation":"agent_state_changed","content":"","extras":{"agent_state":"loading","reason":""}}"#,
