@@ -100,6 +100,9 @@ pub(crate) enum Feed {
     Status(Arc<Box<RawValue>>),
 }
 
+/// A session's topic and a receiver of its feed from the moment of the join.
+pub(crate) type Joined = (Arc<Topic>, broadcast::Receiver<Feed>);
+
 pub(crate) struct Topic {
     tx: broadcast::Sender<Feed>,
     /// A create's watch waits for its first socket: live events keep their stored form
@@ -242,27 +245,17 @@ impl Fanout {
 
     /// Joins the session's live feed. When this returns, the NATS subscription is registered
     /// at the server, so every event appended from now on will be received.
-    pub(crate) async fn join(
-        &self,
-        sid: &SessionId,
-    ) -> Result<(Arc<Topic>, broadcast::Receiver<Feed>), async_nats::Error> {
+    pub(crate) async fn join(&self, sid: &SessionId) -> Result<Joined, async_nats::Error> {
         self.join_as(sid, false).await
     }
 
     /// [`Self::join`] for a create's watch (see `recent`): until [`Topic::born`], live events
     /// keep what a replay needs.
-    pub(crate) async fn watch(
-        &self,
-        sid: &SessionId,
-    ) -> Result<(Arc<Topic>, broadcast::Receiver<Feed>), async_nats::Error> {
+    pub(crate) async fn watch(&self, sid: &SessionId) -> Result<Joined, async_nats::Error> {
         self.join_as(sid, true).await
     }
 
-    async fn join_as(
-        &self,
-        sid: &SessionId,
-        watch: bool,
-    ) -> Result<(Arc<Topic>, broadcast::Receiver<Feed>), async_nats::Error> {
+    async fn join_as(&self, sid: &SessionId, watch: bool) -> Result<Joined, async_nats::Error> {
         if let Some(joined) = self.table().joined(sid) {
             return Ok(joined);
         }
@@ -285,7 +278,8 @@ impl Fanout {
                 Arc::clone(&self.store),
                 sid.clone(),
                 sub,
-                (tx.clone(), Arc::clone(&watched)),
+                tx.clone(),
+                Arc::clone(&watched),
             )
             .instrument(info_span!("fanout", session_id = %sid)),
         );
@@ -323,7 +317,7 @@ const PRUNE_FLOOR: usize = 1024;
 
 impl Topics {
     /// A live topic of `sid`, with a new receiver.
-    fn joined(&self, sid: &SessionId) -> Option<(Arc<Topic>, broadcast::Receiver<Feed>)> {
+    fn joined(&self, sid: &SessionId) -> Option<Joined> {
         let t = self.map.get(sid).and_then(Weak::upgrade)?;
         let rx = t.tx.subscribe();
         Some((t, rx))
@@ -342,7 +336,8 @@ async fn pump(
     store: Arc<Store>,
     sid: SessionId,
     mut sub: async_nats::Subscriber,
-    (tx, watched): (broadcast::Sender<Feed>, Arc<AtomicBool>),
+    tx: broadcast::Sender<Feed>,
+    watched: Arc<AtomicBool>,
 ) {
     let status_subject = store.names().status_subject(&sid);
     let events_subject = store.names().events_subject(&sid);

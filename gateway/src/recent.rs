@@ -20,36 +20,23 @@ use std::time::{Duration, Instant};
 
 use shared::id::{SessionId, UserId};
 
+use crate::fanout::Joined;
+
 /// How long a create vouches for its conversation.
 pub(crate) const FRESH: Duration = Duration::from_secs(10);
 
 /// A session's live feed, joined before its first event could exist. Dropped untaken (its
 /// entry expired, or deleted), it tells the topic to stop keeping events' stored forms.
-pub(crate) struct Watch(
-    Option<(
-        std::sync::Arc<crate::fanout::Topic>,
-        tokio::sync::broadcast::Receiver<crate::fanout::Feed>,
-    )>,
-);
+pub(crate) struct Watch(Option<Joined>);
 
 impl Watch {
-    pub(crate) fn new(
-        joined: (
-            std::sync::Arc<crate::fanout::Topic>,
-            tokio::sync::broadcast::Receiver<crate::fanout::Feed>,
-        ),
-    ) -> Self {
+    pub(crate) fn new(joined: Joined) -> Self {
         Self(Some(joined))
     }
 
     /// The topic and the receiver that has held every event since the create; the taker
     /// calls [`crate::fanout::Topic::born`] once it has drained what it needs.
-    pub(crate) fn take(
-        mut self,
-    ) -> Option<(
-        std::sync::Arc<crate::fanout::Topic>,
-        tokio::sync::broadcast::Receiver<crate::fanout::Feed>,
-    )> {
+    pub(crate) fn take(mut self) -> Option<Joined> {
         self.0.take()
     }
 }
