@@ -126,7 +126,9 @@ pub(crate) fn router(
         // a buffer of its own size, only read in 1 KiB steps. 4 KiB (the default) × 10k
         // idle sockets was 40 MiB (heaptrack, BENCHMARKS.md `many`).
         .ws_read_buffer_size(1024)
-        .connect_timeout(Duration::from_secs(10))
+        // A namespace connect completes when its middleware has (see `socket`): its reads
+        // of the log are tried again for up to 12 s while NATS fails transiently.
+        .connect_timeout(Duration::from_secs(20))
         .build_layer();
     crate::socket::register(&io, cancel.clone());
     // On shutdown, close every socket (clients reconnect to another gateway and resume by

@@ -135,6 +135,12 @@ pub(crate) const METRICS: &[MetricDef] = &[
         Some(("source", &["feed", "log"])),
     ),
     def(
+        "oh_gateway_log_read_retries_total",
+        Kind::Counter,
+        "Replay reads of the event log tried again after a transient JetStream failure (a timeout, a leader election).",
+        None,
+    ),
+    def(
         "oh_gateway_msg_id_conflicts_total",
         Kind::Counter,
         "Actions refused for reusing a client msg_id with different content.",

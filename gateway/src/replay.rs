@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use serde_json::value::RawValue;
 use shared::event::{Event, ReplayClass};
 use shared::id::SessionId;
-use shared::store::StoredEvent;
+use shared::store::{StoreError, StoredEvent};
 use socketioxide::extract::SocketRef;
 use socketioxide::{SendError, SocketError};
 use tokio::sync::broadcast::error::RecvError;
@@ -53,7 +53,7 @@ enum ForwardError {
     #[error("client too slow; disconnected")]
     Slow,
     #[error("event log unavailable: {0}")]
-    Store(#[from] shared::store::StoreError),
+    Store(#[from] StoreError),
 }
 
 /// What a slow client reads (if it reads on) before it is disconnected.
@@ -199,7 +199,7 @@ async fn replay_log(
     latest: i64,
     budget: &mut Budget,
 ) -> Result<i64, ForwardError> {
-    let head = Box::pin(state.store.last_event(sid)).await?;
+    let head = patient(socket, || Box::pin(state.store.last_event(sid))).await?;
     match head {
         Some(head) if i64::try_from(head.id).unwrap_or(i64::MAX) > latest => {
             let from = u64::try_from(latest + 1).unwrap_or(0);
@@ -300,8 +300,8 @@ async fn replay_backlog(
         .map_or(latest, |l| i64::try_from(l.id).unwrap_or(i64::MAX)))
 }
 
-fn nats_err(e: async_nats::Error) -> shared::store::StoreError {
-    shared::store::StoreError::Nats {
+fn nats_err(e: async_nats::Error) -> StoreError {
+    StoreError::Nats {
         op: "subscribe",
         source: e,
     }
@@ -322,7 +322,7 @@ async fn replay(
     let mut after = None;
     while next <= to {
         let want = usize::try_from(to - next + 1).unwrap_or(CHUNK).min(CHUNK);
-        let batch = page(state, sid, next, after, want, Some(head)).await?;
+        let batch = patient(socket, || page(state, sid, next, after, want, Some(head))).await?;
         if batch.is_empty() {
             break;
         }
@@ -358,7 +358,7 @@ async fn page(
     after: Option<u64>,
     want: usize,
     head: Option<&StoredEvent>,
-) -> Result<Vec<StoredEvent>, shared::store::StoreError> {
+) -> Result<Vec<StoredEvent>, StoreError> {
     match after {
         None => {
             let store = &state.store;
@@ -371,6 +371,48 @@ async fn page(
 /// How long a catch-up keeps retrying a log that does not answer (e.g. JetStream still
 /// recovering after a NATS restart) before the client is disconnected to resume by replay.
 const CATCH_UP_PATIENCE: Duration = Duration::from_secs(15);
+
+/// Runs a log read that sends nothing, again while it fails transiently (JetStream busy or
+/// recovering: a direct get or a page consumer's create timed out with a thousand replays
+/// starting at once, or a leader is being elected); no new try starts after `patience`, then
+/// the caller fails (a socket is disconnected to resume by replay, a connect refused). Nothing
+/// was sent from a failed read, so a retry neither repeats nor skips an event. `None` when
+/// `alive` turned false meanwhile (the client left).
+pub(crate) async fn patiently<T, F>(
+    patience: Duration,
+    alive: impl Fn() -> bool,
+    mut read: impl FnMut() -> F,
+) -> Option<Result<T, StoreError>>
+where
+    F: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match read().await {
+            Err(e) if e.is_transient() && started.elapsed() < patience => {
+                if !alive() {
+                    return None;
+                }
+                metrics::counter!("oh_gateway_log_read_retries_total").increment(1);
+                debug!(error = %e, "event log read failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            other => return Some(other),
+        }
+    }
+}
+
+/// [`patiently`] for a socket's forwarding task.
+async fn patient<T, F>(socket: &SocketRef, read: impl FnMut() -> F) -> Result<T, ForwardError>
+where
+    F: std::future::Future<Output = Result<T, StoreError>>,
+{
+    Ok(patiently(CATCH_UP_PATIENCE, || socket.connected(), read)
+        .await
+        .ok_or(ForwardError::Gone)??)
+}
 
 /// Sends what the live feed missed with the live filter ([`shared::event::Event::live_copy`]): the events after `cursor` up to
 /// `to` (a gap before a live event), or up to the log's head (`None`: after a NATS reconnect
@@ -388,7 +430,9 @@ async fn catch_up(
     let mut pause = Duration::from_millis(100);
     loop {
         match fill(state, socket, sid, cursor, to, budget).await {
-            Err(ForwardError::Store(e)) if started.elapsed() < CATCH_UP_PATIENCE => {
+            Err(ForwardError::Store(e))
+                if e.is_transient() && started.elapsed() < CATCH_UP_PATIENCE =>
+            {
                 if !socket.connected() {
                     return Err(ForwardError::Gone);
                 }

@@ -79,6 +79,13 @@ impl StoreError {
             StoreError::Corrupt { .. } | StoreError::Unsupported { .. } => false,
         }
     }
+
+    /// Whether trying again may succeed: NATS did not answer or refused for now (a timeout,
+    /// a lost connection, a stream or consumer leader being elected). Stored data of the wrong
+    /// shape or a deployment that cannot fence stays as it is.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Nats { .. } | StoreError::Setup { .. })
+    }
 }
 
 pub(crate) fn nats(op: &'static str) -> impl FnOnce(async_nats::Error) -> StoreError {

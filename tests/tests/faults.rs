@@ -916,6 +916,93 @@ async fn slow_client_is_disconnected_and_resumes_by_replay() {
     );
 }
 
+/// A replay whose log read fails (nats-server frozen past the JetStream request timeout) is
+/// tried again until the log answers: the client that connected meanwhile gets its exact
+/// replay and the live events after it, not an error. (A reconnect storm on a busy cluster
+/// timed such reads out, and each of those clients got an error and a disconnect.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_whose_log_read_times_out_is_tried_again() {
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        ..opts()
+    })
+    .await;
+    let created = Instant::now();
+    let sid = c.create(0, Some("m0"), None).await;
+    // A holds the session's feed on the gateway, so B's join needs no NATS round trip; and
+    // B connects within 10 s of the create through the creating gateway, which vouches for
+    // the conversation without reading its metadata. So B's first NATS request is the
+    // replay's read of the log.
+    let mut a = c.connect(0, &sid, None, None).await.unwrap();
+    events_until(&mut a, T, |e| is_echo(e, "m0")).await;
+    assert!(
+        created.elapsed() < Duration::from_secs(8),
+        "the first turn took {:?}: too late for the create to vouch for B",
+        created.elapsed()
+    );
+    let nats = c.nats.pid().expect("nats-server pid");
+    tests::proc::send_signal(nats, SIGSTOP).unwrap();
+    let frozen = Instant::now();
+    // B connects with no cursor: its connect reads nothing, its replay reads the log. C
+    // connects with cursor 0: its connect reads the log's head (to refuse a cursor beyond it).
+    let client = |cursor: Option<i64>| {
+        let mut o = tests::sio::ConnectOpts::new(c.url(0))
+            .query("conversation_id", sid.clone())
+            .timeout(Duration::from_secs(30));
+        if let Some(l) = cursor {
+            o = o.query("latest_event_id", l.to_string());
+        }
+        tokio::spawn(async move {
+            let mut s = SioClient::connect(o).await.expect("connect");
+            // Until the turn's closing state change, which a replay holds back and sends last.
+            let mut got: Vec<Value> = Vec::new();
+            while !got.iter().any(|e| is_echo(e, "after"))
+                || !got
+                    .last()
+                    .is_some_and(|e| is_state(e, "awaiting_user_input"))
+            {
+                got.extend(
+                    events_until(&mut s, Duration::from_secs(60), |e| {
+                        is_echo(e, "after") || is_state(e, "awaiting_user_input")
+                    })
+                    .await,
+                );
+            }
+            got
+        })
+    };
+    let b = client(None);
+    let c0 = client(Some(0));
+    // Longer than the JetStream request timeout (5 s): the reads fail at least once.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    tests::proc::send_signal(nats, SIGCONT).unwrap();
+    say_reliably(&a, "after", "r1").await;
+    let got = b.await.expect("client B");
+    let got_c = c0.await.expect("client C");
+    let took = frozen.elapsed();
+    let stored = c.all_events(0, &sid, None).await;
+    // `check_client` refuses an event without an id: the error a failed replay sends.
+    for e in &stored {
+        eprintln!(
+            "DEBUG {} {} {} {}",
+            e["id"], e["action"], e["observation"], e["extras"]["agent_state"]
+        );
+    }
+    check_client(&stored, -1, &got);
+    check_client(&stored, 0, &got_c);
+    let gateway = format!("127.0.0.1:{}", c.gateway_port(0));
+    let retries = counter_sum(&[gateway], "oh_gateway_log_read_retries_total").await;
+    assert!(retries >= 1.0, "no log read was retried{}", c.logs());
+    println!(
+        "nats-server frozen 7 s: B's replay of {} events and C's of {} arrived after {} retried reads, {:.1} s after the freeze",
+        got.len(),
+        got_c.len(),
+        retries,
+        took.as_secs_f64()
+    );
+}
+
 /// A Socket.IO client over a raw websocket whose TCP receive buffer is tiny, so that when it
 /// stops reading the server's send queue fills quickly.
 struct RawSlowClient {
