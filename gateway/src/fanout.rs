@@ -56,11 +56,14 @@ pub(crate) struct Live {
 pub(crate) enum Replayed {
     /// Not replayed.
     Skip,
-    /// Replayed as [`Live::json`] (the live copy is the stored event, byte for byte);
-    /// `state`: an `agent_state_changed` (only the last one is sent, last).
-    AsLive { state: bool },
+    /// Replayed as [`Live::json`] (the live copy is the stored event, byte for byte), by the
+    /// rule for `class` (`Emit` or `State`).
+    AsLive { class: ReplayClass },
     /// Replayed as this stored form (a small event whose live copy differs).
-    Stored { state: bool, raw: Box<RawValue> },
+    Stored {
+        class: ReplayClass,
+        raw: Box<RawValue>,
+    },
     /// Not kept (no watch waits, or larger than [`KEPT_STORED_MAX`]): a replay reads the log.
     Unknown,
 }
@@ -72,17 +75,16 @@ const KEPT_STORED_MAX: usize = 4096;
 impl Replayed {
     fn of(parsed: Option<&Event>, live: Option<&RawValue>, stored: &[u8]) -> Self {
         let class = parsed.map_or(ReplayClass::Emit, Event::replay_class);
-        let state = class == ReplayClass::State;
         if class == ReplayClass::Skip {
             Replayed::Skip
         } else if live.is_some_and(|l| l.get().as_bytes() == stored) {
-            Replayed::AsLive { state }
+            Replayed::AsLive { class }
         } else if stored.len() <= KEPT_STORED_MAX
             && let Some(raw) = std::str::from_utf8(stored)
                 .ok()
                 .and_then(|t| RawValue::from_string(t.to_owned()).ok())
         {
-            Replayed::Stored { state, raw }
+            Replayed::Stored { class, raw }
         } else {
             Replayed::Unknown
         }
@@ -464,14 +466,19 @@ mod tests {
         );
         assert!(matches!(
             replayed(&agent),
-            Replayed::AsLive { state: false }
+            Replayed::AsLive {
+                class: ReplayClass::Emit
+            }
         ));
         // An environment's state change goes out live as the agent's: the stored form is kept.
         let state = stored(
             r#"{"id":2,"timestamp":"2026-01-01T00:00:00","source":"environment","message":"","observation":"agent_state_changed","content":"","extras":{"agent_state":"loading","reason":""}}"#,
         );
         match replayed(&state) {
-            Replayed::Stored { state: true, raw } => assert_eq!(raw.get(), state),
+            Replayed::Stored {
+                class: ReplayClass::State,
+                raw,
+            } => assert_eq!(raw.get(), state),
             other => panic!("{other:?}"),
         }
         // Not replayed at all.

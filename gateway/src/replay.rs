@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
-use shared::event::{Event, ReplayClass};
+use shared::event::{Event, ReplayClass, ReplayRule};
 use shared::id::SessionId;
 use shared::store::{StoreError, StoredEvent};
 use socketioxide::extract::SocketRef;
@@ -276,23 +276,21 @@ async fn replay_backlog(
     latest: i64,
     budget: &mut Budget,
 ) -> Result<i64, ForwardError> {
-    let mut held_state: Option<&RawValue> = None;
+    let mut rule = ReplayRule::default();
     for live in backlog {
-        let (state_change, raw) = match &live.replayed {
+        let (class, raw): (_, &RawValue) = match &live.replayed {
             Replayed::Skip | Replayed::Unknown => continue,
-            Replayed::AsLive { state } => match &live.json {
-                Some(raw) => (*state, &**raw),
+            Replayed::AsLive { class } => match &live.json {
+                Some(raw) => (*class, raw),
                 None => continue,
             },
-            Replayed::Stored { state, raw } => (*state, &**raw),
+            Replayed::Stored { class, raw } => (*class, raw),
         };
-        if state_change {
-            held_state = Some(raw);
-        } else {
+        if let Some(raw) = rule.take(class, raw) {
             send(socket, raw, state.slow_client_timeout, budget).await?;
         }
     }
-    if let Some(raw) = held_state {
+    if let Some(raw) = rule.finish() {
         send(socket, raw, state.slow_client_timeout, budget).await?;
     }
     Ok(backlog
@@ -316,7 +314,7 @@ async fn replay(
     head: &StoredEvent,
     budget: &mut Budget,
 ) -> Result<(), ForwardError> {
-    let mut held_state: Option<Box<RawValue>> = None;
+    let mut rule = ReplayRule::default();
     let to = head.id;
     let mut next = from;
     let mut after = None;
@@ -333,16 +331,15 @@ async fn replay(
             next = ev.id + 1;
             after = Some(ev.seq);
             let Some(raw) = raw_of(ev) else { continue };
-            match Event::from_json(&ev.payload).map(|e| e.replay_class()) {
-                Ok(ReplayClass::Skip) => {}
-                Ok(ReplayClass::State) => held_state = Some(raw),
-                Ok(ReplayClass::Emit) | Err(_) => {
-                    send(socket, &raw, state.slow_client_timeout, budget).await?
-                }
+            // An event that does not parse is sent as stored.
+            let class =
+                Event::from_json(&ev.payload).map_or(ReplayClass::Emit, |e| e.replay_class());
+            if let Some(raw) = rule.take(class, raw) {
+                send(socket, &raw, state.slow_client_timeout, budget).await?;
             }
         }
     }
-    if let Some(raw) = held_state {
+    if let Some(raw) = rule.finish() {
         send(socket, &raw, state.slow_client_timeout, budget).await?;
     }
     Ok(())

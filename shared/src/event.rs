@@ -695,22 +695,51 @@ pub fn replay_items(trajectory: Vec<Event>) -> Result<Vec<Event>, EventError> {
     Ok(items)
 }
 
-/// The events connect-replay sends for a range of stored events, in order (OpenHands'
-/// replay rule):
-/// skipped events left out, every event but `agent_state_changed` in the given order, then
-/// the last `agent_state_changed` of the range (if any). `events` is the range to replay
-/// (ids `>= latest_event_id + 1`, in id order).
-pub fn replay_order(events: &[Event]) -> Vec<&Event> {
-    let mut out = Vec::with_capacity(events.len());
-    let mut last_state = None;
-    for event in events {
-        match event.replay_class() {
-            ReplayClass::Skip => {}
-            ReplayClass::State => last_state = Some(event),
-            ReplayClass::Emit => out.push(event),
+/// OpenHands' replay rule as it goes, for a replay that sends while it reads: skipped events
+/// are left out, every other event but `agent_state_changed` is sent at once in id order, and
+/// the range's last `agent_state_changed` is held and sent after all others. `T` is what the
+/// caller sends (an event, its raw JSON).
+#[derive(Debug)]
+pub struct ReplayRule<T> {
+    held: Option<T>,
+}
+
+impl<T> Default for ReplayRule<T> {
+    fn default() -> Self {
+        ReplayRule { held: None }
+    }
+}
+
+impl<T> ReplayRule<T> {
+    /// Takes the next event of the range (of class `class`): returns it if it is to be sent
+    /// now; a state change is held instead (replacing the one held before), a skipped event
+    /// dropped.
+    pub fn take(&mut self, class: ReplayClass, item: T) -> Option<T> {
+        match class {
+            ReplayClass::Skip => None,
+            ReplayClass::State => {
+                self.held = Some(item);
+                None
+            }
+            ReplayClass::Emit => Some(item),
         }
     }
-    out.extend(last_state);
+
+    /// The held state change, sent last (after the range's last event was taken).
+    pub fn finish(self) -> Option<T> {
+        self.held
+    }
+}
+
+/// The events connect-replay sends for a range of stored events, in order ([`ReplayRule`]).
+/// `events` is the range to replay (ids `>= latest_event_id + 1`, in id order).
+pub fn replay_order(events: &[Event]) -> Vec<&Event> {
+    let mut rule = ReplayRule::default();
+    let mut out: Vec<&Event> = events
+        .iter()
+        .filter_map(|e| rule.take(e.replay_class(), e))
+        .collect();
+    out.extend(rule.finish());
     out
 }
 
