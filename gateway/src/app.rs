@@ -126,8 +126,9 @@ pub(crate) fn router(
         // a buffer of its own size, only read in 1 KiB steps. 4 KiB (the default) × 10k
         // idle sockets was 40 MiB (heaptrack, BENCHMARKS.md `many`).
         .ws_read_buffer_size(1024)
-        // A namespace connect completes when its middleware has (see `socket`): its reads
-        // of the log are tried again for up to 12 s while NATS fails transiently.
+        // From the Engine.IO open to the namespace connect, middleware included (see
+        // `socket`: its reads are tried again for up to 10 s while NATS fails transiently).
+        // An open that never sends CONNECT is held this long (socketioxide's default: 45 s).
         .connect_timeout(Duration::from_secs(20))
         .build_layer();
     crate::socket::register(&io, cancel.clone());

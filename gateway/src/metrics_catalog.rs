@@ -137,8 +137,8 @@ pub(crate) const METRICS: &[MetricDef] = &[
     def(
         "oh_gateway_log_read_retries_total",
         Kind::Counter,
-        "Replay reads of the event log tried again after a transient JetStream failure (a timeout, a leader election).",
-        None,
+        "Reads of the event log tried again after a transient JetStream failure (a timeout, a leader election), by path: a connect's checks, a replay, a live catch-up.",
+        Some(("read", &["connect", "replay", "catch_up"])),
     ),
     def(
         "oh_gateway_msg_id_conflicts_total",

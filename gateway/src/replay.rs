@@ -305,7 +305,7 @@ fn nats_err(e: async_nats::Error) -> StoreError {
     }
 }
 
-/// Replays ids `from..=head.id` with the replay rule ([`shared::event::replay_order`]).
+/// Replays ids `from..=head.id` with the replay rule ([`ReplayRule`]).
 async fn replay(
     state: &AppState,
     socket: &SocketRef,
@@ -369,44 +369,73 @@ async fn page(
 /// recovering after a NATS restart) before the client is disconnected to resume by replay.
 const CATCH_UP_PATIENCE: Duration = Duration::from_secs(15);
 
-/// Runs a log read that sends nothing, again while it fails transiently (JetStream busy or
-/// recovering: a direct get or a page consumer's create timed out with a thousand replays
-/// starting at once, or a leader is being elected); no new try starts after `patience`, then
-/// the caller fails (a socket is disconnected to resume by replay, a connect refused). Nothing
-/// was sent from a failed read, so a retry neither repeats nor skips an event. `None` when
-/// `alive` turned false meanwhile (the client left).
+/// How long a log read is tried again while JetStream fails transiently (a request timed out
+/// with a thousand replays starting at once, a leader being elected, NATS reconnecting), with
+/// jittered backoff so reads that failed together do not come back together. No new try
+/// starts after the deadline; a try itself is bounded by the JetStream request timeout.
+/// Errors that would recur (corrupt data, an unusable deployment) are not tried again.
+pub(crate) struct Patience {
+    until: Instant,
+    pause: Duration,
+    /// The counter's `read` label: which path retried.
+    read: &'static str,
+}
+
+impl Patience {
+    pub(crate) fn new(within: Duration, read: &'static str) -> Self {
+        Patience {
+            until: Instant::now() + within,
+            pause: Duration::from_millis(100),
+            read,
+        }
+    }
+
+    /// Whether `e` may go away if the read is tried again after the next pause.
+    fn allows(&self, e: &StoreError) -> bool {
+        e.is_transient() && Instant::now() + self.pause * 3 / 2 < self.until
+    }
+
+    /// Counts a retry and waits the (jittered) pause before it.
+    async fn wait(&mut self, e: &StoreError) {
+        metrics::counter!("oh_gateway_log_read_retries_total", "read" => self.read).increment(1);
+        debug!(error = %e, read = self.read, "event log read failed; retrying");
+        tokio::time::sleep(self.pause.mul_f64(rand::random_range(0.5..1.5))).await;
+        self.pause = (self.pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Runs a log read that sends nothing, again while `patience` allows (then the caller fails:
+/// a socket is disconnected to resume by replay, a connect is refused). Nothing was sent from
+/// a failed read, so a retry neither repeats nor skips an event. `None` when `alive` turned
+/// false meanwhile (the client left).
 pub(crate) async fn patiently<T, F>(
-    patience: Duration,
+    patience: &mut Patience,
     alive: impl Fn() -> bool,
     mut read: impl FnMut() -> F,
 ) -> Option<Result<T, StoreError>>
 where
     F: std::future::Future<Output = Result<T, StoreError>>,
 {
-    let started = Instant::now();
-    let mut pause = Duration::from_millis(100);
     loop {
         match read().await {
-            Err(e) if e.is_transient() && started.elapsed() < patience => {
+            Err(e) if patience.allows(&e) => {
                 if !alive() {
                     return None;
                 }
-                metrics::counter!("oh_gateway_log_read_retries_total").increment(1);
-                debug!(error = %e, "event log read failed; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
+                patience.wait(&e).await;
             }
             other => return Some(other),
         }
     }
 }
 
-/// [`patiently`] for a socket's forwarding task.
+/// [`patiently`] for a replay's read, [`CATCH_UP_PATIENCE`] each.
 async fn patient<T, F>(socket: &SocketRef, read: impl FnMut() -> F) -> Result<T, ForwardError>
 where
     F: std::future::Future<Output = Result<T, StoreError>>,
 {
-    Ok(patiently(CATCH_UP_PATIENCE, || socket.connected(), read)
+    let mut patience = Patience::new(CATCH_UP_PATIENCE, "replay");
+    Ok(patiently(&mut patience, || socket.connected(), read)
         .await
         .ok_or(ForwardError::Gone)??)
 }
@@ -423,19 +452,16 @@ async fn catch_up(
     to: Option<u64>,
     budget: &mut Budget,
 ) -> Result<(), ForwardError> {
-    let started = Instant::now();
-    let mut pause = Duration::from_millis(100);
+    // `fill` sends as it reads; `cursor` follows every event sent, so a retry goes on from
+    // the first event not sent.
+    let mut patience = Patience::new(CATCH_UP_PATIENCE, "catch_up");
     loop {
         match fill(state, socket, sid, cursor, to, budget).await {
-            Err(ForwardError::Store(e))
-                if e.is_transient() && started.elapsed() < CATCH_UP_PATIENCE =>
-            {
+            Err(ForwardError::Store(e)) if patience.allows(&e) => {
                 if !socket.connected() {
                     return Err(ForwardError::Gone);
                 }
-                debug!(error = %e, "event log not available yet; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
+                patience.wait(&e).await;
             }
             other => return other,
         }

@@ -29,7 +29,7 @@ use tracing::{Instrument, debug, error, info_span};
 
 use crate::actions::{self, SendError};
 use crate::app::AppState;
-use crate::replay::patiently;
+use crate::replay::{Patience, patiently};
 
 /// What the connect middleware learned, for the connect handler.
 #[derive(Clone)]
@@ -75,9 +75,10 @@ impl From<StoreError> for Refusal {
 }
 
 /// How long a connect's reads are tried again while NATS fails transiently (the client
-/// waits rather than being refused). Within the Socket.IO connect timeout (20 s, see `app`)
-/// even when the last try takes a whole JetStream request timeout (5 s).
-const CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(12);
+/// waits rather than being refused): no new try starts later than this after the first, so
+/// the middleware ends within this plus one JetStream request timeout (5 s) and a Redis round
+/// trip, inside the gateway's Socket.IO connect timeout (20 s, see `app`).
+const CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a client reads when the server failed; the detail is in the log.
 pub(crate) const INTERNAL_ERROR: &str = "internal error; try again";
@@ -181,24 +182,21 @@ async fn authorize(
             .filter(|n| *n >= -1)
             .ok_or(Refusal::BadCursor)?,
     };
-    // A conversation this gateway created moments ago is known to exist (see `recent`).
     // Reads are tried again while NATS fails transiently (a reconnect storm, an election):
-    // the client waits rather than being refused.
+    // the client waits rather than being refused, within one deadline for the connect.
+    let mut patience = Patience::new(CONNECT_PATIENCE, "connect");
+    // A conversation this gateway created moments ago is known to exist (see `recent`).
     if !state.recent.fresh(&sid, &uid)
-        && patiently(
-            CONNECT_PATIENCE,
-            || true,
-            || state.store.get_meta(&uid, &sid),
-        )
-        .await
-        .ok_or(Refusal::Server)??
-        .is_none()
+        && patiently(&mut patience, || true, || state.store.get_meta(&uid, &sid))
+            .await
+            .ok_or(Refusal::Server)??
+            .is_none()
     {
         metrics::counter!("oh_gateway_connect_refused_total", "reason" => "not_found").increment(1);
         return Err(Refusal::NotFound);
     }
     if latest >= 0 {
-        let head = patiently(CONNECT_PATIENCE, || true, || state.store.last_event(&sid))
+        let head = patiently(&mut patience, || true, || state.store.last_event(&sid))
             .await
             .ok_or(Refusal::Server)??
             .map_or(-1, |h| i64::try_from(h.id).unwrap_or(i64::MAX));

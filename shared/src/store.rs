@@ -348,6 +348,25 @@ pub struct StoredEvent {
     pub payload: Bytes,
 }
 
+/// A page reader's ephemeral consumer, deleted on drop off the reader's path (a delete is a
+/// meta-group round trip on a cluster; the page is read by then). Best effort: one left
+/// behind (no runtime, NATS unreachable) goes away by itself when inactive.
+struct PageConsumer {
+    events: jetstream::stream::Stream,
+    name: String,
+}
+
+impl Drop for PageConsumer {
+    fn drop(&mut self) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (events, name) = (self.events.clone(), std::mem::take(&mut self.name));
+            rt.spawn(async move {
+                let _ = events.delete_consumer(&name).await;
+            });
+        }
+    }
+}
+
 /// Handles to every stream and bucket of one namespace. Cheap to clone (one `Arc`): sessions,
 /// feeds and tasks each keep one.
 #[derive(Clone)]
@@ -1160,13 +1179,13 @@ impl Store {
             })
             .await
             .map_err(|e| nats("page consumer")(boxed(e)))?;
+        // Deleted when this read ends, however it ends (read, failed or dropped).
+        let _delete = PageConsumer {
+            events: self.0.events.clone(),
+            name: consumer.cached_info().name.clone(),
+        };
         if consumer.cached_info().num_pending == 0 {
             // Nothing stored after the start: do not wait for what does not exist yet.
-            let _ = self
-                .0
-                .events
-                .delete_consumer(&consumer.cached_info().name)
-                .await;
             return Ok(out);
         }
         // A batch must fit the largest message (the server refuses a pull whose byte limit is
@@ -1210,13 +1229,6 @@ impl Store {
                 break;
             }
         }
-        drop(msgs);
-        // Best effort: an ephemeral consumer left behind goes away by itself when inactive.
-        let _ = self
-            .0
-            .events
-            .delete_consumer(&consumer.cached_info().name)
-            .await;
         Ok(out)
     }
 

@@ -916,9 +916,9 @@ async fn slow_client_is_disconnected_and_resumes_by_replay() {
     );
 }
 
-/// A replay whose log read fails (nats-server frozen past the JetStream request timeout) is
-/// tried again until the log answers: the client that connected meanwhile gets its exact
-/// replay and the live events after it, not an error. (A reconnect storm on a busy cluster
+/// A connect or replay whose log read fails (nats-server frozen past the JetStream request
+/// timeout) is tried again until the log answers: the clients that connected meanwhile get
+/// their exact replay and the live events after it, not an error. (A reconnect storm on a busy cluster
 /// timed such reads out, and each of those clients got an error and a disconnect.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_whose_log_read_times_out_is_tried_again() {
@@ -974,31 +974,41 @@ async fn a_replay_whose_log_read_times_out_is_tried_again() {
     };
     let b = client(None);
     let c0 = client(Some(0));
-    // Longer than the JetStream request timeout (5 s): the reads fail at least once.
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    // Frozen until both reads failed (each after the JetStream request timeout, 5 s) and
+    // were tried again: C's connect check and B's replay.
+    let gateway = format!("127.0.0.1:{}", c.gateway_port(0));
+    let retried = |read: &'static str| {
+        let gateway = gateway.clone();
+        async move {
+            let name = format!("oh_gateway_log_read_retries_total{{read=\"{read}\"}}");
+            counter_sum(&[gateway], &name).await
+        }
+    };
+    while retried("connect").await < 1.0 || retried("replay").await < 1.0 {
+        assert!(
+            frozen.elapsed() < Duration::from_secs(15),
+            "the reads were not tried again while NATS was frozen{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     tests::proc::send_signal(nats, SIGCONT).unwrap();
+    let thawed = frozen.elapsed();
     say_reliably(&a, "after", "r1").await;
     let got = b.await.expect("client B");
     let got_c = c0.await.expect("client C");
     let took = frozen.elapsed();
     let stored = c.all_events(0, &sid, None).await;
     // `check_client` refuses an event without an id: the error a failed replay sends.
-    for e in &stored {
-        eprintln!(
-            "DEBUG {} {} {} {}",
-            e["id"], e["action"], e["observation"], e["extras"]["agent_state"]
-        );
-    }
     check_client(&stored, -1, &got);
     check_client(&stored, 0, &got_c);
-    let gateway = format!("127.0.0.1:{}", c.gateway_port(0));
-    let retries = counter_sum(&[gateway], "oh_gateway_log_read_retries_total").await;
-    assert!(retries >= 1.0, "no log read was retried{}", c.logs());
     println!(
-        "nats-server frozen 7 s: B's replay of {} events and C's of {} arrived after {} retried reads, {:.1} s after the freeze",
+        "nats-server frozen {:.1} s: B's replay of {} events and C's of {} arrived after {} + {} retried reads (replay + connect), {:.1} s after the freeze",
+        thawed.as_secs_f64(),
         got.len(),
         got_c.len(),
-        retries,
+        retried("replay").await,
+        retried("connect").await,
         took.as_secs_f64()
     );
 }

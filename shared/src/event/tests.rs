@@ -742,3 +742,20 @@ fn timestamps_look_like_python_isoformat() {
     assert!(now.len() == 19 || now.len() == 26, "{now}");
     assert_eq!(&now[10..11], "T");
 }
+
+#[test]
+fn the_replay_rule_holds_the_last_state_change_and_sends_it_last() {
+    use ReplayClass::{Emit, Skip, State};
+    let mut rule = ReplayRule::default();
+    let sent: Vec<u32> = [(State, 1), (Emit, 2), (Skip, 3), (State, 4), (Emit, 5)]
+        .into_iter()
+        .filter_map(|(class, n)| rule.take(class, n))
+        .collect();
+    assert_eq!(sent, [2, 5]);
+    assert_eq!(rule.finish(), Some(4));
+    // Nothing held: nothing sent last.
+    let mut rule = ReplayRule::default();
+    assert_eq!(rule.take(Emit, 1), Some(1));
+    assert_eq!(rule.take(Skip, 2), None);
+    assert_eq!(rule.finish(), None);
+}
