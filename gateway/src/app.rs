@@ -49,6 +49,8 @@ pub(crate) struct Inner {
     pub(crate) gateway_id: String,
     /// This gateway's sockets in the per-user socket sets.
     pub(crate) held_sockets: crate::limits::HeldSockets,
+    /// Connects past the middleware not yet confirmed by `on_connect` (see `socket`).
+    pub(crate) unconfirmed: crate::socket::Unconfirmed,
     /// Conversations created here moments ago (their connect reads less).
     pub(crate) recent: crate::recent::Recent,
     /// Every task the gateway spawns; `run` closes it and waits (bounded) on shutdown.
@@ -97,6 +99,7 @@ impl AppState {
             limits: args.limits(),
             gateway_id: gateway_id.to_owned(),
             held_sockets: crate::limits::HeldSockets::default(),
+            unconfirmed: crate::socket::Unconfirmed::default(),
             recent: crate::recent::Recent::default(),
             tasks,
         }))

@@ -151,6 +151,7 @@ async fn start(
     tasks.spawn(fanout.clone().presence_loop(cancel.clone()));
     tasks.spawn(fanout.resync_loop(reconnected, cancel.clone()));
     tasks.spawn(limits::refresh_loop(state.clone(), cancel.clone()));
+    tasks.spawn(socket::confirm_loop(state.clone(), cancel.clone()));
     let expiring = state.clone();
     let until = cancel.clone();
     tasks.spawn(async move { expiring.recent.expire_loop(until).await });

@@ -135,6 +135,12 @@ pub(crate) const METRICS: &[MetricDef] = &[
         Some(("source", &["feed", "log"])),
     ),
     def(
+        "oh_gateway_connects_abandoned_total",
+        Kind::Counter,
+        "Connects whose client left while the connect middleware waited (socketioxide never completed them); their socket slot and drain were given back.",
+        None,
+    ),
+    def(
         "oh_gateway_log_read_retries_total",
         Kind::Counter,
         "Reads of the event log tried again after a transient JetStream failure (a timeout, a leader election), by path: a connect's checks, a replay, a live catch-up.",

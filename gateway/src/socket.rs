@@ -13,8 +13,10 @@
 //! A socket's tasks (resume check, forwarding) are spawned on the gateway's tracker and end
 //! with the socket (its token, cancelled on disconnect) or on shutdown.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use shared::event::{ack_payload, error_payload};
@@ -79,6 +81,76 @@ impl From<StoreError> for Refusal {
 /// the middleware ends within this plus one JetStream request timeout (5 s) and a Redis round
 /// trip, inside the gateway's Socket.IO connect timeout (20 s, see `app`).
 const CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long after its middleware a connect must have reached `on_connect` (socketioxide runs
+/// it right after the CONNECT packet; a socket that never does was dropped) before what it
+/// took is given back.
+const CONNECT_CONFIRM: Duration = Duration::from_secs(10);
+
+/// Connects past the middleware that have not reached `on_connect` yet. A client that left
+/// while the middleware waited (e.g. on a log read while NATS recovers) gets no CONNECT:
+/// socketioxide drops that socket and runs neither `on_connect` nor `on_disconnect`, so what
+/// the middleware took (the socket's drain, its slot in the user's socket set, refreshed as
+/// long as it is held) is given back here after [`CONNECT_CONFIRM`].
+#[derive(Default)]
+pub(crate) struct Unconfirmed(Mutex<HashMap<String, Taken>>);
+
+struct Taken {
+    at: Instant,
+    uid: UserId,
+    member: String,
+}
+
+impl Unconfirmed {
+    fn insert(&self, socket: String, uid: &UserId, member: String) {
+        if let Ok(mut m) = self.0.lock() {
+            let uid = uid.clone();
+            m.insert(
+                socket,
+                Taken {
+                    at: Instant::now(),
+                    uid,
+                    member,
+                },
+            );
+        }
+    }
+
+    fn confirm(&self, socket: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(socket);
+        }
+    }
+
+    fn expired(&self) -> Vec<(String, Taken)> {
+        let Ok(mut m) = self.0.lock() else {
+            return Vec::new();
+        };
+        let old: Vec<String> = m
+            .iter()
+            .filter(|(_, t)| t.at.elapsed() >= CONNECT_CONFIRM)
+            .map(|(k, _)| k.clone())
+            .collect();
+        old.into_iter()
+            .filter_map(|k| m.remove(&k).map(|t| (k, t)))
+            .collect()
+    }
+}
+
+/// Gives back what unconfirmed connects took, every [`CONNECT_CONFIRM`], until `cancel`.
+pub(crate) async fn confirm_loop(state: AppState, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(CONNECT_CONFIRM) => {}
+        }
+        for (socket, t) in state.unconfirmed.expired() {
+            metrics::counter!("oh_gateway_connects_abandoned_total").increment(1);
+            debug!(%socket, user_id = %t.uid, "connect never completed; what it took is given back");
+            release(&state, &socket, &t.uid, &t.member).await;
+        }
+    }
+}
 
 /// What a client reads when the server failed; the detail is in the log.
 pub(crate) const INTERNAL_ERROR: &str = "internal error; try again";
@@ -204,21 +276,23 @@ async fn authorize(
             return Err(Refusal::CursorAhead { latest, head });
         }
     }
+    let member = socket_member(&state, &s);
     if let Some(cap) = state.limits.max_sockets {
-        let member = socket_member(&state, &s);
         if !crate::limits::admit(&state, shared::quota::Capped::Sockets, &uid, &member, cap).await {
             return Err(Refusal::TooManySockets(cap));
         }
-        state.held_sockets.insert(member, uid.clone());
+        state.held_sockets.insert(member.clone(), uid.clone());
     }
     let drain = Arc::new(crate::sendbuf::Drain::for_socket(s.req_parts()));
     state.drains.insert(s.id.to_string(), Arc::clone(&drain));
+    let counted = Arc::new(AtomicBool::new(false));
+    state.unconfirmed.insert(s.id.to_string(), &uid, member);
     s.extensions.insert(Conn {
         sid,
         uid,
         latest,
         cancel: CancellationToken::new(),
-        counted: Arc::new(AtomicBool::new(false)),
+        counted,
         drain,
     });
     // Handlers go on here, before the CONNECT packet is sent: socketioxide runs the connect
@@ -236,6 +310,7 @@ fn on_connect(s: SocketRef, State(state): State<AppState>, shutdown: Cancellatio
         let _ = s.disconnect();
         return;
     };
+    state.unconfirmed.confirm(&s.id.to_string());
     if !conn.counted.swap(true, Ordering::Relaxed) {
         metrics::gauge!("oh_gateway_sockets").increment(1.0);
     }
@@ -267,16 +342,27 @@ fn socket_member(state: &AppState, s: &SocketRef) -> String {
     format!("{}:{}", state.gateway_id, s.id)
 }
 
+/// Gives back what a connect took: its drain, and its slot in the user's socket set.
+async fn release(state: &AppState, socket: &str, uid: &UserId, member: &str) {
+    state.drains.remove(socket);
+    if state.limits.max_sockets.is_some() {
+        state.held_sockets.remove(member);
+        let set = shared::quota::Capped::Sockets;
+        crate::limits::release(state, set, uid, member).await;
+    }
+}
+
 async fn on_disconnect(s: SocketRef, State(state): State<AppState>) {
     if let Some(conn) = s.extensions.get::<Conn>() {
         conn.cancel.cancel();
-        state.drains.remove(&s.id.to_string());
-        if state.limits.max_sockets.is_some() {
-            let member = socket_member(&state, &s);
-            state.held_sockets.remove(&member);
-            let set = shared::quota::Capped::Sockets;
-            crate::limits::release(&state, set, &conn.uid, &member).await;
-        }
+        state.unconfirmed.confirm(&s.id.to_string());
+        release(
+            &state,
+            &s.id.to_string(),
+            &conn.uid,
+            &socket_member(&state, &s),
+        )
+        .await;
         // Counted once by whichever of connect and disconnect comes first.
         if conn.counted.swap(true, Ordering::Relaxed) {
             metrics::gauge!("oh_gateway_sockets").decrement(1.0);

@@ -1013,6 +1013,89 @@ async fn a_replay_whose_log_read_times_out_is_tried_again() {
     );
 }
 
+/// A client that leaves while its connect waits on the log (nats-server frozen) is never
+/// connected (socketioxide drops a socket whose CONNECT cannot be sent, running neither
+/// handler): what its connect took, the user's only socket slot here, is given back, so the
+/// user's next connect is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_abandoned_while_it_waited_gives_its_socket_slot_back() {
+    let c = Cluster::start(ClusterOpts {
+        gateways: 1,
+        workers: 1,
+        gateway_env: vec![("OH_MAX_SOCKETS_PER_USER", "1".to_owned())],
+        ..opts()
+    })
+    .await;
+    let sid = c.create(0, None, None).await;
+    c.wait_info(0, &sid, None, T, |v| {
+        v["agent_state"] == "awaiting_user_input"
+    })
+    .await;
+    let gateway = format!("127.0.0.1:{}", c.gateway_port(0));
+    let nats = c.nats.pid().expect("nats-server pid");
+    tests::proc::send_signal(nats, SIGSTOP).unwrap();
+    let frozen = Instant::now();
+    // With a cursor, the connect reads the log's head: it waits while NATS is frozen.
+    let leaving = tokio::spawn(SioClient::connect(
+        tests::sio::ConnectOpts::new(c.url(0))
+            .query("conversation_id", sid.clone())
+            .query("latest_event_id", "0")
+            .timeout(Duration::from_secs(60)),
+    ));
+    while counter_sum(
+        std::slice::from_ref(&gateway),
+        "oh_gateway_log_read_retries_total{read=\"connect\"}",
+    )
+    .await
+        < 1.0
+    {
+        assert!(
+            frozen.elapsed() < Duration::from_secs(15),
+            "the connect's read was not tried again{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The client leaves (its connection closes), then the log answers and the middleware
+    // takes the user's slot for a socket that will never be connected.
+    leaving.abort();
+    let _ = leaving.await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tests::proc::send_signal(nats, SIGCONT).unwrap();
+    let thawed = Instant::now();
+    // The abandoned connect's next try comes within its backoff (≤ 3 s): let it take the slot.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut refused = 0;
+    let mut next = loop {
+        match c.connect(0, &sid, None, None).await {
+            Ok(s) => break s,
+            Err(SioError::ConnectRefused { message, .. }) if message.contains("Too many") => {
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected connect error: {e:?}"),
+        }
+        assert!(
+            thawed.elapsed() < Duration::from_secs(40),
+            "the abandoned connect's slot was never given back ({refused} refusals){}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(refused >= 1, "the abandoned connect never held the slot");
+    let abandoned = counter_sum(&[gateway], "oh_gateway_connects_abandoned_total").await;
+    assert!(
+        abandoned >= 1.0,
+        "no connect counted as abandoned{}",
+        c.logs()
+    );
+    // The admitted socket is a working one.
+    events_until(&mut next, T, |e| is_state(e, "awaiting_user_input")).await;
+    println!(
+        "abandoned connect: slot back {:.1} s after NATS answered ({refused} refusals meanwhile)",
+        thawed.elapsed().as_secs_f64()
+    );
+}
+
 /// A Socket.IO client over a raw websocket whose TCP receive buffer is tiny, so that when it
 /// stops reading the server's send queue fills quickly.
 struct RawSlowClient {
