@@ -80,7 +80,7 @@ impl From<StoreError> for Refusal {
 /// waits rather than being refused): no new try starts later than this after the first, so
 /// the middleware ends within this plus one JetStream request timeout (5 s) and a Redis round
 /// trip, inside the gateway's Socket.IO connect timeout (20 s, see `app`).
-const CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
 
 /// How long after its middleware a connect must have reached `on_connect` (socketioxide runs
 /// it right after the CONNECT packet; a socket that never does was dropped) before what it
@@ -285,14 +285,13 @@ async fn authorize(
     }
     let drain = Arc::new(crate::sendbuf::Drain::for_socket(s.req_parts()));
     state.drains.insert(s.id.to_string(), Arc::clone(&drain));
-    let counted = Arc::new(AtomicBool::new(false));
     state.unconfirmed.insert(s.id.to_string(), &uid, member);
     s.extensions.insert(Conn {
         sid,
         uid,
         latest,
         cancel: CancellationToken::new(),
-        counted,
+        counted: Arc::new(AtomicBool::new(false)),
         drain,
     });
     // Handlers go on here, before the CONNECT packet is sent: socketioxide runs the connect
